@@ -1,0 +1,208 @@
+"""Command line: `lictrain train|eval|compress|decompress|demo|list`.
+
+User errors (bad path, unknown config key, corrupt file, ...) end as one line `error: ...` on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import LictrainError
+
+log = logging.getLogger("lictrain")
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not break a progress bar that may be on screen."""
+
+    def emit(self, record):
+        from tqdm import tqdm
+
+        msg = self.format(record)
+        tqdm.write(msg, file=sys.stderr)
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record):
+        msg = record.getMessage()
+        return f"{record.levelname.lower()}: {msg}" if record.levelno >= logging.WARNING else msg
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(_Formatter())
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file, or a name in configs/ (e.g. demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=2e-4 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lictrain", description="Train, evaluate and code learned image compression models."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (YAML config + --set overrides)",
+                       description="Train a model. The resolved config is written to RUN_DIR/config.yaml.")
+    _add_config_args(p)
+    p.add_argument("--run-dir", help="where checkpoints and logs go (config key run_dir)")
+    p.add_argument("--optimizer", help="shortcut for --set optim.name=NAME")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR exactly where its last checkpoint left it "
+                        "(its saved config is used; --set may change e.g. train.steps)")
+
+    p = sub.add_parser("eval", help="evaluate checkpoints with real bitstreams",
+                       description="Real compress/decompress of every image: bpp from bytes, PSNR and MS-SSIM on "
+                                   "8-bit RGB. Writes per_image.csv and results.json (CompressAI's format).")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint files or run folders, one per R-D point")
+    p.add_argument("--data", default="samples:val", help="image folder, or samples / samples:val (default)")
+    p.add_argument("--out", help="output folder (default: <first run folder>/eval)")
+    p.add_argument("--name", help="curve name in results.json")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--max-images", type=int, help="evaluate on the first N images only")
+
+    p = sub.add_parser("compress", help="compress one image into a .lic file")
+    p.add_argument("image")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+
+    p = sub.add_parser("decompress", help="decompress a .lic file into a PNG")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", required=True, help="output image (.png, .bmp, .tif or .webp)")
+    p.add_argument("--checkpoint", required=True, help="the checkpoint the file was compressed with")
+
+    p = sub.add_parser("demo", help="the main job: train the tiny preset on the bundled photos, evaluate, plot",
+                       description="Trains configs/demo.yaml on scikit-image's bundled photos, evaluates with real "
+                                   "bitstreams and writes a loss-curve plot and results JSON under runs/demo/. "
+                                   "A finished demo run is reused; an interrupted one resumes.")
+    _add_config_args(p)
+    p.add_argument("--run-dir", default="runs/demo")
+
+    sub.add_parser("list", help="list models, presets, optimizers and methods")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from .checkpoint import checkpoint_config, load_checkpoint
+    from .config import load_config, set_key, validate, parse_override
+    from .train import train
+
+    if args.resume:
+        if args.config:
+            raise LictrainError("--resume uses the run's saved config; give changes with --set, not --config")
+        ckpt = load_checkpoint(Path(args.resume) / "checkpoint.pt")
+        cfg = checkpoint_config(ckpt)
+        cfg.run_dir = str(args.resume)
+        for o in args.overrides:
+            set_key(cfg, *parse_override(o))
+        validate(cfg)
+    else:
+        overrides = list(args.overrides)
+        if args.run_dir:
+            overrides.append(f"run_dir={args.run_dir}")
+        if args.optimizer:
+            overrides.append(f"optim.name={args.optimizer}")
+        cfg = load_config(args.config, overrides)
+    result = train(cfg, resume=bool(args.resume))
+    log.info("done: %d steps, %.1f s training time, checkpoint %s", result.step, result.train_time,
+             Path(result.run_dir) / "checkpoint.pt")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate
+
+    out = args.out or str(Path(args.checkpoints[0]).with_suffix("").parent / "eval"
+                          if Path(args.checkpoints[0]).is_file() else Path(args.checkpoints[0]) / "eval")
+    summary = evaluate(args.checkpoints, args.data, out, use_ema=not args.raw, name=args.name,
+                       max_images=args.max_images)
+    print(format_results_table(summary))
+    print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'per_image.csv'}")
+    return 0
+
+
+def format_results_table(summary: dict) -> str:
+    r = summary["results"]
+    lines = ["| lambda | bpp | bpp (est.) | PSNR-RGB (dB) | MS-SSIM | enc (s) | dec (s) |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for i in range(len(r["bpp"])):
+        lines.append(f"| {r['lmbda'][i]:g} | {r['bpp'][i]:.4f} | {r['bpp_estimated'][i]:.4f} | "
+                     f"{r['psnr-rgb'][i]:.2f} | {r['ms-ssim-rgb'][i]:.4f} | {r['encoding_time'][i]:.3f} | "
+                     f"{r['decoding_time'][i]:.3f} |")
+    return "\n".join(lines)
+
+
+def cmd_compress(args) -> int:
+    from .evaluate import compress_file
+
+    info = compress_file(args.checkpoint, args.image, args.output)
+    print(f"{args.output}: {info['bytes']} bytes, {info['bpp']:.4f} bpp (file size, header included)")
+    return 0
+
+
+def cmd_decompress(args) -> int:
+    from .evaluate import decompress_file
+
+    info = decompress_file(args.checkpoint, args.file, args.output)
+    print(f"{args.output}: {info['width']}x{info['height']}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.config or "demo", args.overrides, args.run_dir)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .methods import METHODS
+    from .models import ALIASES, MODELS
+    from .optim import OPTIMIZERS, WRAPPERS
+
+    print("models (presets):")
+    for name, spec in MODELS.items():
+        alias = [a for a, t in ALIASES.items() if t == name]
+        presets = ", ".join(f"{k} {v}" for k, v in spec.presets.items())
+        print(f"  {name}{' (alias ' + ', '.join(alias) + ')' if alias else ''}: {spec.description}\n    {presets}")
+    print("optimizers:")
+    for name, spec in OPTIMIZERS.items():
+        print(f"  {name}: {spec.description}; defaults {spec.defaults}")
+    if WRAPPERS:
+        print("optimizer wrappers (name+wrapper): " + ", ".join(WRAPPERS))
+    print("methods: " + ", ".join(METHODS))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compress": cmd_compress, "decompress": cmd_decompress,
+            "demo": cmd_demo, "list": cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    _setup_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except LictrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,259 @@
+"""Run configuration: typed dataclasses, loaded from YAML plus `--set key=value` overrides.
+
+Every key a user can write is a dataclass field below, so an unknown key or a value of the wrong type is caught
+before anything runs, with a one-line error naming the key and listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import LictrainError
+
+LAMBDAS_MSE = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483)  # CompressAI's six quality points (MSE)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mbt2018-mean"
+    preset: str = "tiny"
+
+
+@dataclass
+class DataConfig:
+    train: str = "samples:train"  # a folder of images, or samples / samples:train / samples:val
+    val: str = "samples:val"
+    crop: int = 256  # training crop side (images smaller than this are reflection-padded)
+    batch_size: int = 8
+    val_crop: int | None = None  # centre-crop validation images to this side (None: whole images)
+    val_max_images: int | None = None  # validate on the first N images only (None: all)
+    workers: int = 0  # DataLoader worker processes
+    cache_mb: int = 2048  # decode training images once and keep them in RAM when they fit in this budget
+
+
+@dataclass
+class LossConfig:
+    lmbda: float = 0.0130
+    metric: str = "mse"  # mse | ms-ssim
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # see lictrain.optim.OPTIMIZERS
+    lr: float = 1e-4
+    options: dict = field(default_factory=dict)  # extra keyword arguments for the optimizer (betas, weight_decay, ...)
+    aux_lr: float = 1e-3  # Adam on the entropy bottlenecks' quantiles (CompressAI's auxiliary loss)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "standard"  # see lictrain.methods.METHODS
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    clip_max_norm: float = 1.0  # 0 disables clipping (the norm is still checked for NaN/Inf)
+    ema_decay: float = 0.999  # 0 disables the EMA; validation and the saved model use the EMA weights
+    warmup_steps: int = 0  # linear learning-rate warm-up
+    val_every: int = 100
+    ckpt_every: int = 500
+    log_every: int = 10  # training-loss lines in metrics.jsonl
+    plateau_patience: int = 10  # ReduceLROnPlateau on the validation loss, counted in validations
+    plateau_factor: float = 0.5
+    min_lr: float = 0.0
+    max_consecutive_skips: int = 10  # stop after this many non-finite steps in a row
+    tensorboard: bool = False
+    progress: bool = True  # progress bar (only drawn on a terminal)
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def valid_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """All dotted keys a config may set, e.g. ['run_dir', ..., 'optim.lr', ...]."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            keys += valid_keys(t, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _coerce(value: Any, t: Any, key: str) -> Any:
+    """Check `value` against the annotation `t`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(t)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except LictrainError:
+                pass
+        raise LictrainError(f"config key '{key}': {value!r} is not a valid {t}")
+    if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if t is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if t is bool and isinstance(value, bool):
+        return value
+    if t is str and isinstance(value, str):
+        return value
+    if t is dict and isinstance(value, dict):
+        return value
+    name = getattr(t, "__name__", str(t))
+    raise LictrainError(f"config key '{key}': {value!r} is not a valid {name}")
+
+
+def _apply(cfg: Any, data: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for k, v in data.items():
+        key = prefix + str(k)
+        if k not in names:
+            raise LictrainError(f"unknown config key '{key}'; valid keys: {', '.join(valid_keys())}")
+        t = hints[k]
+        if dataclasses.is_dataclass(t):
+            if not isinstance(v, dict):
+                raise LictrainError(f"config key '{key}' must be a mapping of {', '.join(valid_keys(t))}")
+            _apply(getattr(cfg, k), v, key + ".")
+        else:
+            setattr(cfg, k, _coerce(v, t, key))
+
+
+def set_key(cfg: RunConfig, key: str, value: Any) -> None:
+    """Set one dotted key, e.g. set_key(cfg, 'optim.lr', 2e-4)."""
+    parts = key.split(".")
+    nested: dict = {parts[-1]: value}
+    for p in reversed(parts[:-1]):
+        nested = {p: nested}
+    _apply(cfg, nested)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'optim.lr=2e-4' -> ('optim.lr', 0.0002); values are read as YAML scalars."""
+    if "=" not in text:
+        raise LictrainError(f"--set expects key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_numeric(value):  # YAML 1.1 reads '1e-4' as a string
+        value = float(value)
+    return key.strip(), value
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of one in the repository's configs/ folder ('demo', 'mini')."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise LictrainError(f"config not found: {name_or_path}")
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = (), base: dict | None = None) -> RunConfig:
+    """Defaults, then `base`, then the YAML file, then `--set` overrides, each checked."""
+    cfg = RunConfig()
+    if base:
+        _apply(cfg, base)
+    if path is not None:
+        p = resolve_config_path(path)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise LictrainError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise LictrainError(f"config {p} must be a mapping of keys to values")
+        data = {k: _yaml_numbers(v) for k, v in data.items()}
+        _apply(cfg, data)
+    for o in overrides:
+        key, value = parse_override(o)
+        set_key(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _yaml_numbers(v: Any) -> Any:
+    """YAML 1.1 reads '1e-4' (no dot) as a string; read such strings as the numbers users meant."""
+    if isinstance(v, dict):
+        return {k: _yaml_numbers(x) for k, x in v.items()}
+    if isinstance(v, str) and _looks_numeric(v) and any(c in v for c in "eE") and not v.lower().startswith("inf"):
+        return float(v)
+    return v
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range checks that types alone cannot express."""
+    checks = [
+        (cfg.data.crop >= 16, "data.crop must be at least 16"),
+        (cfg.data.batch_size >= 1, "data.batch_size must be at least 1"),
+        (cfg.data.workers >= 0, "data.workers must be >= 0"),
+        (cfg.loss.lmbda > 0, "loss.lmbda must be positive"),
+        (cfg.loss.metric in ("mse", "ms-ssim"), f"loss.metric must be mse or ms-ssim, got '{cfg.loss.metric}'"),
+        (cfg.loss.metric != "ms-ssim" or cfg.data.crop >= 161, "loss.metric ms-ssim needs data.crop >= 161"),
+        (cfg.optim.lr > 0, "optim.lr must be positive"),
+        (cfg.train.steps >= 0, "train.steps must be >= 0"),
+        (cfg.train.val_every >= 1, "train.val_every must be at least 1"),
+        (cfg.train.ckpt_every >= 1, "train.ckpt_every must be at least 1"),
+        (cfg.train.log_every >= 1, "train.log_every must be at least 1"),
+        (0 <= cfg.train.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
+        (cfg.train.clip_max_norm >= 0, "train.clip_max_norm must be >= 0"),
+        (0 < cfg.train.plateau_factor < 1, "train.plateau_factor must be in (0, 1)"),
+        (cfg.train.max_consecutive_skips >= 1, "train.max_consecutive_skips must be at least 1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise LictrainError(msg)
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    cfg = RunConfig()
+    _apply(cfg, d)
+    return cfg
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,196 @@
+"""Evaluation with real bitstreams, and single-image compress / decompress.
+
+For each image: replicate-pad to the model's stride, `compress` (CompressAI's entropy coder), `decompress`, crop back.
+bpp counts the bytes of the entropy-coded strings (as CompressAI's own evaluation does; the file format's ~60-byte
+header is reported separately); PSNR and MS-SSIM are computed on the 8-bit RGB reconstruction against the 8-bit
+original. Results go to a per-image CSV and a summary JSON in CompressAI's results format, one R-D point per
+checkpoint, so several lambdas form one curve.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import bitstream
+from .checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint, weights_fingerprint
+from .data import EvalImages, crop_to, load_rgb, pad_to_multiple, to_tensor
+from .errors import LictrainError
+from .losses import MS_SSIM_MIN_SIDE, bpp_from_likelihoods, ms_ssim_value
+from .models import canonical_name, downsampling
+
+
+@dataclass
+class ImageResult:
+    image: str
+    lmbda: float
+    height: int
+    width: int
+    bytes: int
+    bpp: float
+    bpp_estimated: float
+    psnr_rgb: float
+    ms_ssim_rgb: float
+    encoding_time: float
+    decoding_time: float
+
+
+def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(0, 1).mul(255).round()
+
+
+def psnr_8bit(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    mse = torch.mean((quantize_8bit(x) - quantize_8bit(x_hat)) ** 2).item()
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+class Codec:
+    """A trained model ready for entropy coding (update() done once), plus its identity for the file header."""
+
+    def __init__(self, ckpt: dict, use_ema: bool = True):
+        cfg = checkpoint_config(ckpt)
+        self.model = model_from_checkpoint(ckpt, use_ema=use_ema)
+        self.model.update(force=True)
+        self.name = canonical_name(cfg.model.name)
+        self.preset, self.metric, self.lmbda = cfg.model.preset, cfg.loss.metric, cfg.loss.lmbda
+        self.multiple = downsampling(cfg.model.name)
+        self.fingerprint = weights_fingerprint(self.model)
+
+    @torch.no_grad()  # required: some models (ELIC) fail in compress() with autograd on
+    def compress(self, x: torch.Tensor) -> bitstream.Bitstream:
+        h, w = x.shape[-2:]
+        out = self.model.compress(pad_to_multiple(x.unsqueeze(0), self.multiple))
+        header = dict(model=self.name, preset=self.preset, metric=self.metric, lmbda=float(self.lmbda),
+                      height=int(h), width=int(w), fingerprint=self.fingerprint)
+        return bitstream.Bitstream(header, out["strings"], out["shape"])
+
+    @torch.no_grad()
+    def decompress(self, bs: bitstream.Bitstream, source: str = "input") -> torch.Tensor:
+        hd = bs.header
+        if (hd["model"], hd["preset"]) != (self.name, self.preset) or hd["fingerprint"] != self.fingerprint:
+            raise LictrainError(
+                f"{source} was encoded with another model ({hd['model']}/{hd['preset']}, lmbda={hd['lmbda']}); "
+                f"this checkpoint is {self.name}/{self.preset}, lmbda={self.lmbda}"
+            )
+        try:
+            x_hat = self.model.decompress(bs.strings, bs.shape)["x_hat"]
+        except Exception as e:  # a structurally valid file whose payload does not fit the model
+            raise LictrainError(f"{source} could not be decoded: {str(e).splitlines()[0][:200]}") from None
+        return crop_to(x_hat, hd["height"], hd["width"])[0].clamp(0, 1)
+
+    @torch.no_grad()
+    def estimated_bpp(self, x: torch.Tensor) -> float:
+        h, w = x.shape[-2:]
+        out = self.model(pad_to_multiple(x.unsqueeze(0), self.multiple))
+        return bpp_from_likelihoods(out["likelihoods"], h * w).item()
+
+
+def evaluate_image(codec: Codec, x: torch.Tensor, name: str) -> tuple[ImageResult, torch.Tensor]:
+    h, w = x.shape[-2:]
+    t0 = time.perf_counter()
+    bs = codec.compress(x)
+    t1 = time.perf_counter()
+    x_hat = codec.decompress(bs)
+    t2 = time.perf_counter()
+    nbytes = bs.payload_bytes()
+    ms = float("nan")
+    if min(h, w) >= MS_SSIM_MIN_SIDE:
+        ms = ms_ssim_value(quantize_8bit(x_hat)[None] / 255, quantize_8bit(x)[None] / 255).item()
+    res = ImageResult(
+        image=name, lmbda=codec.lmbda, height=h, width=w, bytes=nbytes, bpp=nbytes * 8 / (h * w),
+        bpp_estimated=codec.estimated_bpp(x), psnr_rgb=psnr_8bit(x, x_hat), ms_ssim_rgb=ms,
+        encoding_time=t1 - t0, decoding_time=t2 - t1,
+    )
+    return res, x_hat
+
+
+def evaluate(
+    checkpoints: list[str | Path], data: str, out_dir: str | Path, use_ema: bool = True, name: str | None = None,
+    progress: bool = True, max_images: int | None = None,
+) -> dict:
+    """Evaluate one checkpoint per R-D point on an image folder; write per_image.csv and results.json."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    dataset = EvalImages(data, max_images=max_images)
+    codecs = sorted((Codec(load_checkpoint(c), use_ema) for c in checkpoints), key=lambda c: c.lmbda)
+    rows: list[ImageResult] = []
+    points = []
+    for codec in codecs:
+        per = []
+        for i in tqdm(range(len(dataset)), desc=f"eval lmbda={codec.lmbda}", disable=None if progress else True):
+            res, _ = evaluate_image(codec, dataset[i], dataset.name(i))
+            per.append(res)
+        rows += per
+        points.append({k: float(np.mean([getattr(r, k) for r in per]))
+                       for k in ("bpp", "bpp_estimated", "psnr_rgb", "ms_ssim_rgb", "encoding_time", "decoding_time")})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "per_image.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    c0 = codecs[0]
+    summary = {
+        "name": name or f"{c0.name}-{c0.preset}",
+        "description": f"lictrain evaluation on {data} ({len(dataset)} images), real bitstreams, "
+        f"{'EMA' if use_ema else 'raw'} weights",
+        "results": {
+            "lmbda": [c.lmbda for c in codecs],
+            "bpp": [p["bpp"] for p in points],
+            "bpp_estimated": [p["bpp_estimated"] for p in points],
+            "psnr-rgb": [p["psnr_rgb"] for p in points],
+            "ms-ssim-rgb": [p["ms_ssim_rgb"] for p in points],
+            "encoding_time": [p["encoding_time"] for p in points],
+            "decoding_time": [p["decoding_time"] for p in points],
+        },
+    }
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def compress_file(checkpoint: str, image: str, output: str) -> dict:
+    codec = Codec(load_checkpoint(checkpoint))
+    path = Path(image)
+    if not path.is_file():
+        raise LictrainError(f"image not found: {image}")
+    try:
+        x = to_tensor(load_rgb(path))
+    except Exception as e:
+        raise LictrainError(f"cannot read image {image}: {str(e).splitlines()[0][:120]}") from None
+    data = bitstream.encode(codec.compress(x))
+    _write_atomic(Path(output), data)
+    h, w = x.shape[-2:]
+    return {"bytes": len(data), "bpp": len(data) * 8 / (h * w)}
+
+
+def decompress_file(checkpoint: str, file: str, output: str) -> dict:
+    path = Path(file)
+    if not path.is_file():
+        raise LictrainError(f"file not found: {file}")
+    bs = bitstream.decode(path.read_bytes(), source=str(path))
+    codec = Codec(load_checkpoint(checkpoint))
+    x_hat = codec.decompress(bs, source=str(path))
+    arr = quantize_8bit(x_hat).byte().permute(1, 2, 0).numpy()
+    out = Path(output)
+    if out.suffix.lower() not in (".png", ".bmp", ".tif", ".tiff", ".webp"):
+        raise LictrainError(f"output must be a lossless image (.png, .bmp, .tif, .webp), got '{out.suffix}'")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp" + out.suffix)
+    Image.fromarray(arr).save(tmp, **({"lossless": True} if out.suffix.lower() == ".webp" else {}))
+    tmp.replace(out)
+    return {"height": arr.shape[0], "width": arr.shape[1]}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)

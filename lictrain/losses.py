@@ -1,0 +1,87 @@
+"""The rate-distortion loss, returning rate and distortion separately so methods can treat them as two objectives.
+
+    loss = R + lmbda * D
+    R = bits per pixel from the likelihoods of all latents
+    D = 255^2 * MSE  (metric 'mse': the papers' "lmbda * 255^2 * MSE + bpp")
+    D = 1 - MS-SSIM  (metric 'ms-ssim': CompressAI's convention)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pytorch_msssim import ms_ssim
+
+from .errors import LictrainError
+
+MS_SSIM_MIN_SIDE = 161  # pytorch-msssim's 5 scales with an 11-pixel window need more than 160 pixels a side
+
+
+@dataclass
+class RDTerms:
+    """One batch's differentiable rate and distortion, and the weight between them."""
+
+    rate: torch.Tensor  # bpp
+    distortion: torch.Tensor  # D as defined above
+    lmbda: float
+    mse: torch.Tensor  # detached, on the [0, 1] scale, for PSNR logging
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.rate + self.lmbda * self.distortion
+
+    @property
+    def weighted_distortion(self) -> torch.Tensor:
+        return self.lmbda * self.distortion
+
+
+def _iter_likelihoods(likelihoods):
+    if isinstance(likelihoods, torch.Tensor):
+        yield likelihoods
+    elif isinstance(likelihoods, dict):
+        for v in likelihoods.values():
+            yield from _iter_likelihoods(v)
+    elif isinstance(likelihoods, (list, tuple)):
+        for v in likelihoods:
+            yield from _iter_likelihoods(v)
+
+
+def bpp_from_likelihoods(likelihoods, num_pixels: int) -> torch.Tensor:
+    """Sum over all latents of -log2(p), per pixel of the batch (num_pixels = N * H * W)."""
+    total = sum(torch.log(lk).sum() for lk in _iter_likelihoods(likelihoods))
+    return total / (-math.log(2) * num_pixels)
+
+
+def ms_ssim_value(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Standard 5-scale MS-SSIM of images in [0, 1] (mean over the batch); a clear error for small images."""
+    side = min(a.shape[-2:])
+    if side < MS_SSIM_MIN_SIDE:
+        raise LictrainError(f"MS-SSIM needs images of at least {MS_SSIM_MIN_SIDE} pixels a side, got {side}")
+    return ms_ssim(a.float(), b.float(), data_range=1.0, size_average=True)
+
+
+class RateDistortionLoss(nn.Module):
+    def __init__(self, lmbda: float, metric: str = "mse"):
+        super().__init__()
+        if metric not in ("mse", "ms-ssim"):
+            raise LictrainError(f"unknown distortion metric '{metric}'; valid: mse, ms-ssim")
+        self.lmbda, self.metric = float(lmbda), metric
+
+    def forward(self, output: dict, target: torch.Tensor) -> RDTerms:
+        n, _, h, w = target.shape
+        rate = bpp_from_likelihoods(output["likelihoods"], n * h * w)
+        x_hat = output["x_hat"]
+        mse = F.mse_loss(x_hat.float(), target.float())
+        if self.metric == "mse":
+            distortion = (255.0**2) * mse
+        else:
+            distortion = 1.0 - ms_ssim_value(x_hat, target)
+        return RDTerms(rate=rate, distortion=distortion, lmbda=self.lmbda, mse=mse.detach())
+
+
+def psnr_from_mse(mse: float, peak: float = 1.0) -> float:
+    return float("inf") if mse <= 0 else 10.0 * math.log10(peak**2 / mse)

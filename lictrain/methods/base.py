@@ -1,0 +1,67 @@
+"""The method interface: how one training step turns its rate and distortion terms into a parameter update.
+
+The loop (train.py) owns everything shared: data, forward pass, NaN guard, clipping, the optimizer step, EMA,
+LR schedule, validation, checkpoints and logs. Per step it calls, in order:
+
+    hooks' before_backward(ctx)       read-only probes (e.g. gradient-conflict analysis): may compute their own
+                                      gradients with torch.autograd.grad(..., retain_graph=True), never touch .grad
+    method.backward(ctx) -> logs      must leave the update direction in p.grad of ctx.params
+    (loop: finite check, clipping, optimizer.step())
+    method.after_step(ctx) -> logs    may act on parameters between steps (CMD-LIC's embedding, re-masking)
+    hooks' after_step(ctx)
+
+Methods plug in without a copy of the loop:
+- standard: backward of R + lmbda*D.
+- Balanced R-D: two gradients from the shared graph (autograd.grad on R and on lmbda*D), weighted sum into .grad.
+- CMD-LIC (STDET): after_step at epoch boundaries records trajectories, embeds and freezes parameters.
+- SMA is an optimizer wrapper ("adam+sma"), not a method: it composes with every method.
+A method's state_dict() goes into checkpoints so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..losses import RDTerms
+
+
+@dataclass
+class StepContext:
+    step: int  # the step being taken (0-based count of completed optimizer steps before it)
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter]  # the main optimizer's parameters (quantiles excluded)
+    terms: RDTerms | None = None
+    extras: dict = field(default_factory=dict)  # room for method/hook cooperation within one step
+
+
+class Method:
+    name = "method"
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+        """Called once, after the model and optimizer exist and before any step (and before a resume loads state)."""
+
+    def backward(self, ctx: StepContext) -> dict[str, float]:
+        raise NotImplementedError
+
+    def after_step(self, ctx: StepContext) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class StepHook:
+    """A read-only observer of training steps; it must not change the trajectory."""
+
+    def before_backward(self, ctx: StepContext) -> dict[str, float] | None:
+        return None
+
+    def after_step(self, ctx: StepContext) -> dict[str, float] | None:
+        return None

@@ -1,0 +1,72 @@
+"""Optimizer registry: one table of optimizers with their defaults, plus wrappers applied by name.
+
+`build_optimizer("adam", params, lr)` builds Adam with the defaults below; `options` override them. A name such as
+"soap+sma" applies the registered wrapper "sma" around "soap" (wrappers arrive with the CMD-LIC work).
+
+The entropy bottlenecks' `quantiles` never go to these optimizers: they are trained by CompressAI's auxiliary loss
+with their own Adam (see `split_parameters` and train.py), exactly as CompressAI's reference training script does.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from ..errors import LictrainError
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    cls: Callable[..., torch.optim.Optimizer]
+    defaults: dict = field(default_factory=dict)
+    description: str = ""
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "adam": OptimizerSpec(torch.optim.Adam, dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0), "Adam (the LIC baseline)"),
+    "adamw": OptimizerSpec(torch.optim.AdamW, dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2), "AdamW"),
+    "sgd": OptimizerSpec(torch.optim.SGD, dict(momentum=0.9, weight_decay=0.0), "SGD with momentum"),
+    "adagrad": OptimizerSpec(torch.optim.Adagrad, dict(eps=1e-10, weight_decay=0.0), "Adagrad"),
+}
+
+# name -> function(optimizer, **options) returning a wrapped optimizer
+WRAPPERS: dict[str, Callable[..., torch.optim.Optimizer]] = {}
+
+
+def split_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """(main, aux): trainable parameters for the main optimizer, and the entropy bottlenecks' quantiles."""
+    main, aux = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (aux if name.endswith("quantiles") else main).append((name, p))
+    return main, aux
+
+
+def build_optimizer(name: str, params: Iterable, lr: float, options: dict | None = None) -> torch.optim.Optimizer:
+    base, *wrappers = name.split("+")
+    if base not in OPTIMIZERS:
+        raise LictrainError(f"unknown optimizer '{base}'; valid optimizers: {', '.join(OPTIMIZERS)}")
+    for w in wrappers:
+        if w not in WRAPPERS:
+            valid = ", ".join(WRAPPERS) or "none yet"
+            raise LictrainError(f"unknown optimizer wrapper '{w}' in '{name}'; valid wrappers: {valid}")
+    options = dict(options or {})
+    wrapper_options = {w: options.pop(w, {}) for w in wrappers}
+    spec = OPTIMIZERS[base]
+    kwargs = {**spec.defaults, **options}
+    accepted = set(inspect.signature(spec.cls).parameters) - {"params", "self"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise LictrainError(
+            f"optimizer '{base}' has no option {', '.join(unknown)}; valid options: {', '.join(sorted(accepted - {'lr'}))}"
+        )
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}  # YAML lists -> betas tuples
+    opt = spec.cls(params, lr=lr, **kwargs)
+    for w in wrappers:
+        opt = WRAPPERS[w](opt, **wrapper_options[w])
+    return opt

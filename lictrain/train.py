@@ -1,0 +1,335 @@
+"""The one training loop. Methods (methods/) and hooks plug into it; nothing else copies it.
+
+Read top to bottom: set-up (model, optimizers, EMA, data, method), optional resume, then the loop:
+forward -> R and D -> hooks -> method.backward -> finite check -> clip -> optimizer.step -> method.after_step ->
+auxiliary (quantile) step -> EMA -> logs; every `val_every` steps a validation of the EMA model, every `ckpt_every`
+an atomic checkpoint.
+
+Timing is honest and comparable across runs: `train_time` counts only the training steps (data loading included,
+validation, checkpointing and logging of validation excluded), measured in segments between validations, with a
+device synchronisation at each segment boundary on GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from tqdm import tqdm
+
+from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
+from .config import RunConfig, dump_config
+from .data import EvalImages, ImageList, crop_to, pad_to_multiple, train_loader
+from .ema import EMA
+from .errors import LictrainError
+from .losses import RateDistortionLoss, psnr_from_mse
+from .methods import StepContext, StepHook, build_method
+from .models import build_model, downsampling
+from .optim import build_optimizer, split_parameters
+
+log = logging.getLogger("lictrain")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    train_time: float
+    skipped_steps: int
+    skipped_images: int
+    last_val: dict
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise LictrainError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LictrainError(f"device '{name}' requested but CUDA is not available")
+    return dev
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def validate(model, dataset: EvalImages, criterion: RateDistortionLoss, device, multiple: int) -> dict:
+    """Mean over images of the R-D loss, bpp (estimated from likelihoods) and PSNR, in eval mode (no noise)."""
+    was_training = model.training
+    model.eval()
+    sums = dict(loss=0.0, bpp=0.0, mse=0.0, psnr=0.0)
+    for i in range(len(dataset)):
+        x = dataset[i].unsqueeze(0).to(device)
+        h, w = x.shape[-2:]
+        out = model(pad_to_multiple(x, multiple))
+        out["x_hat"] = crop_to(out["x_hat"], h, w)
+        terms = criterion(out, x)  # bits of the padded latents, per pixel of the original image
+        sums["loss"] += terms.loss.item()
+        sums["bpp"] += terms.rate.item()
+        sums["mse"] += terms.mse.item()
+        sums["psnr"] += psnr_from_mse(terms.mse.item())
+    model.train(was_training)
+    return {k: v / len(dataset) for k, v in sums.items()}
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line) and, optionally, TensorBoard."""
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None):
+        self.path = path
+        self.file = open(path, "a", buffering=1)
+        self.tb = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(tensorboard_dir))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            kind = record["kind"]
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "kind"):
+                    self.tb.add_scalar(f"{kind}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+    @staticmethod
+    def truncate_after(path: Path, step: int) -> None:
+        """Drop lines logged after `step` (written after the checkpoint a run resumes from)."""
+        if not path.exists():
+            return
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+@contextmanager
+def _graceful_interrupt():
+    """First Ctrl-C asks the loop to stop at the next step boundary (and checkpoint); a second one aborts."""
+    flag = {"stop": False}
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            if flag["stop"]:
+                raise KeyboardInterrupt
+            flag["stop"] = True
+            log.warning("interrupt: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: no signal handling
+        previous = None
+    try:
+        yield flag
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _is_finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()) -> RunResult:
+    run_dir = Path(cfg.run_dir)
+    ckpt_path = run_dir / "checkpoint.pt"
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume and not ckpt_path.exists():
+        raise LictrainError(f"nothing to resume: {ckpt_path} does not exist")
+    if not resume and ckpt_path.exists():
+        raise LictrainError(f"{run_dir} already holds a run; pass --resume to continue it or choose another run_dir")
+
+    # ---- set-up -------------------------------------------------------------------------------------------------
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model.name, cfg.model.preset).to(device)
+    multiple = downsampling(cfg.model.name)
+    if cfg.data.crop % multiple:
+        raise LictrainError(f"data.crop must be a multiple of {multiple} for {cfg.model.name}, got {cfg.data.crop}")
+    main_named, aux_named = split_parameters(model)
+    params = [p for _, p in main_named]
+    optimizer = build_optimizer(cfg.optim.name, params, cfg.optim.lr, cfg.optim.options)
+    aux_optimizer = torch.optim.Adam([p for _, p in aux_named], lr=cfg.optim.aux_lr) if aux_named else None
+    for g in optimizer.param_groups:
+        g["initial_lr"] = g["lr"]
+    scheduler = ReduceLROnPlateau(
+        optimizer, mode="min", factor=cfg.train.plateau_factor, patience=cfg.train.plateau_patience,
+        min_lr=cfg.train.min_lr,
+    )
+    ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    method = build_method(cfg.method.name, cfg.method.options)
+    method.attach(model, optimizer, params)
+    criterion = RateDistortionLoss(cfg.loss.lmbda, cfg.loss.metric)
+    train_images = ImageList.scan(cfg.data.train, cfg.data.cache_mb)
+    val_set = EvalImages(cfg.data.val, cfg.data.val_crop, cfg.data.val_max_images)
+
+    st = dict(step=0, images_seen=0, train_time=0.0, skipped_steps=0, consecutive_skips=0)
+    if resume:
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if aux_optimizer is not None:
+            aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        method.load_state_dict(ckpt["method"])
+        st.update(ckpt["state"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        MetricsLog.truncate_after(metrics_path, st["step"])
+        log.info("resuming %s at step %d", run_dir, st["step"])
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path.unlink(missing_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    mlog = MetricsLog(metrics_path, run_dir / "tb" if cfg.train.tensorboard else None)
+
+    def save_checkpoint() -> None:
+        save_atomic(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": cfg.to_dict(),
+                "model": model.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "optimizer": optimizer.state_dict(),
+                "aux_optimizer": aux_optimizer.state_dict() if aux_optimizer is not None else None,
+                "scheduler": scheduler.state_dict(),
+                "method": method.state_dict(),
+                "state": dict(st),
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                },
+            },
+            ckpt_path,
+        )
+
+    def run_validation(step_scheduler: bool) -> dict:
+        val = validate(ema.model if ema is not None else model, val_set, criterion, device, multiple)
+        if step_scheduler and st["step"] > cfg.train.warmup_steps:
+            scheduler.step(val["loss"])
+        record = {"kind": "val", "step": st["step"], "images_seen": st["images_seen"],
+                  "train_time": st["train_time"], "lr": optimizer.param_groups[0]["lr"], **val}
+        mlog.write(record)
+        say(f"step {st['step']:>7d}  val loss {val['loss']:.4f}  bpp {val['bpp']:.4f}  PSNR {val['psnr']:.2f} dB  "
+            f"train time {st['train_time']:.1f}s")
+        return val
+
+    total = cfg.train.steps
+    bar = tqdm(total=total, initial=st["step"], desc="train", dynamic_ncols=True,
+               disable=None if cfg.train.progress else True)
+    say = bar.write if not bar.disable else log.info
+    last_val: dict = {}
+    if st["step"] == 0 and not resume:
+        last_val = run_validation(step_scheduler=False)  # the untrained starting point of every curve
+
+    loader = train_loader(train_images, cfg.data.crop, cfg.data.batch_size, cfg.seed, st["step"], cfg.data.workers)
+    batches = iter(loader)
+    window: dict[str, list] = {"loss": [], "bpp": [], "mse": []}
+    grad_norm = torch.zeros(())
+    tick = time.perf_counter()
+    try:
+        with _graceful_interrupt() as interrupt:
+            while st["step"] < total:
+                x = next(batches).to(device, non_blocking=True)
+                step = st["step"]
+                if cfg.train.warmup_steps and step < cfg.train.warmup_steps:
+                    for g in optimizer.param_groups:
+                        g["lr"] = g["initial_lr"] * (step + 1) / cfg.train.warmup_steps
+                model.train()
+                terms = criterion(model(x), x)
+                ctx = StepContext(step=step, model=model, optimizer=optimizer, params=params, terms=terms)
+                logs: dict = {}
+                for h in hooks:
+                    logs.update(h.before_backward(ctx) or {})
+                skipped = not _is_finite(terms.loss.detach())
+                if not skipped:
+                    logs.update(method.backward(ctx))
+                    clip = cfg.train.clip_max_norm if cfg.train.clip_max_norm > 0 else math.inf
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                    skipped = not _is_finite(grad_norm)
+                if skipped:
+                    st["skipped_steps"] += 1
+                    st["consecutive_skips"] += 1
+                else:
+                    optimizer.step()
+                    st["consecutive_skips"] = 0
+                    logs.update(method.after_step(ctx))
+                optimizer.zero_grad(set_to_none=True)
+                if aux_optimizer is not None:
+                    aux_loss = model.aux_loss()
+                    if _is_finite(aux_loss.detach()):
+                        aux_loss.backward()
+                        aux_optimizer.step()
+                    aux_optimizer.zero_grad(set_to_none=True)
+                if ema is not None and not skipped:
+                    ema.update(model)
+                for h in hooks:
+                    logs.update(h.after_step(ctx) or {})
+                st["step"] += 1
+                st["images_seen"] += x.shape[0]
+                bar.update(1)
+                if not skipped:
+                    for k, v in (("loss", terms.loss), ("bpp", terms.rate), ("mse", terms.mse)):
+                        window[k].append(v.detach())
+
+                if st["consecutive_skips"] >= cfg.train.max_consecutive_skips:
+                    mlog.close()
+                    kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists() else "no checkpoint yet"
+                    raise LictrainError(
+                        f"stopped at step {st['step']}: {st['consecutive_skips']} consecutive steps with a non-finite "
+                        f"loss or gradient ({kept}); try a lower optim.lr or train.clip_max_norm"
+                    )
+
+                at_end = st["step"] == total or interrupt["stop"]
+                if st["step"] % cfg.train.log_every == 0 or at_end:
+                    if window["loss"]:
+                        mean = {k: torch.stack(v).mean().item() for k, v in window.items()}
+                        record = {"kind": "train", "step": st["step"], "loss": mean["loss"], "bpp": mean["bpp"],
+                                  "psnr": psnr_from_mse(mean["mse"]), "grad_norm": float(grad_norm),
+                                  "lr": optimizer.param_groups[0]["lr"], "skipped_steps": st["skipped_steps"], **logs}
+                        mlog.write(record)
+                        bar.set_postfix(loss=f"{mean['loss']:.3f}", bpp=f"{mean['bpp']:.3f}",
+                                        psnr=f"{record['psnr']:.2f}", lr=f"{record['lr']:.1e}")
+                        window = {k: [] for k in window}
+                regular_val = st["step"] % cfg.train.val_every == 0
+                regular_ckpt = st["step"] % cfg.train.ckpt_every == 0
+                if regular_val or regular_ckpt or at_end:
+                    _sync(device)
+                    st["train_time"] += time.perf_counter() - tick
+                    if regular_val or at_end:
+                        last_val = run_validation(step_scheduler=regular_val)
+                    if regular_ckpt or at_end:
+                        save_checkpoint()
+                    tick = time.perf_counter()
+                if interrupt["stop"]:
+                    say(f"interrupted at step {st['step']}; continue with: lictrain train --resume {run_dir}")
+                    break
+    finally:
+        bar.close()
+        if not mlog.file.closed:
+            mlog.close()
+
+    result = RunResult(run_dir, st["step"], st["train_time"], st["skipped_steps"], len(train_images.skipped), last_val)
+    summary = {"step": result.step, "train_time": result.train_time, "skipped_steps": result.skipped_steps,
+               "skipped_images": [str(p) for p, _ in train_images.skipped + val_set.skipped], "last_val": last_val}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return result

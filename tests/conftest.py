@@ -1,0 +1,57 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lictrain.config import load_config
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _lictrain_logs_propagate():
+    """Let caplog see lictrain's warnings even after a CLI test replaced its handlers."""
+    logger = logging.getLogger("lictrain")
+    logger.propagate = True
+    logger.setLevel(logging.INFO)
+    yield
+
+
+def smooth_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth colour image (gradients plus a few blobs), compressible like a photo rather than like noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for c in range(3):
+        fx, fy, ph = rng.uniform(0.01, 0.08, 2).tolist() + [rng.uniform(0, 6)]
+        img[..., c] = 0.5 + 0.35 * np.sin(fx * xx + ph) * np.cos(fy * yy)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A folder of small generated images: RGB, grey, RGBA, palette, one smaller than a crop, one corrupt."""
+    d = tmp_path / "imgs"
+    (d / "sub").mkdir(parents=True)
+    Image.fromarray(smooth_image(80, 96, 1)).save(d / "a.png")
+    Image.fromarray(smooth_image(72, 72, 2)).save(d / "sub" / "b.jpg", quality=95)
+    Image.fromarray(smooth_image(70, 90, 3)[..., 0]).save(d / "grey.png")
+    rgba = np.concatenate([smooth_image(66, 66, 4), np.full((66, 66, 1), 128, np.uint8)], axis=2)
+    Image.fromarray(rgba, "RGBA").save(d / "rgba.png")
+    Image.fromarray(smooth_image(64, 80, 5)).convert("P").save(d / "palette.png")
+    Image.fromarray(smooth_image(20, 30, 6)).save(d / "small.png")
+    good = (d / "a.png").read_bytes()
+    (d / "corrupt.png").write_bytes(good[: len(good) // 3])
+    (d / "notes.txt").write_text("not an image")
+    return d
+
+
+def tiny_config(tmp_path, *overrides, name="run"):
+    """A seconds-long training config on the bundled sample photos."""
+    return load_config(None, [
+        f"run_dir={tmp_path / name}", "model.name=mbt2018-mean", "model.preset=tiny", "data.crop=64",
+        "data.batch_size=4", "data.val_crop=128", "train.progress=false", "optim.lr=1e-3", "train.log_every=1",
+        *overrides,
+    ])

@@ -1,0 +1,67 @@
+import pytest
+
+from lictrain.config import RunConfig, load_config, parse_override, valid_keys
+from lictrain.errors import LictrainError
+
+
+def test_unknown_key_is_named_and_valid_keys_listed():
+    with pytest.raises(LictrainError) as e:
+        load_config(None, ["optim.learning_rate=1e-4"])
+    msg = str(e.value)
+    assert "optim.learning_rate" in msg and "optim.lr" in msg and "\n" not in msg
+
+
+def test_unknown_section_key_in_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  stepz: 10\n")
+    with pytest.raises(LictrainError, match="train.stepz"):
+        load_config(str(p))
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.steps=ten", "train.steps"),
+    ("train.steps=1.5", "train.steps"),
+    ("optim.lr=-1", "optim.lr"),
+    ("loss.metric=l1", "loss.metric"),
+    ("train.progress=maybe", "train.progress"),
+    ("data=5", "data"),
+    ("nonsense", "key=value"),
+])
+def test_bad_values_are_one_line_errors(override, needle):
+    with pytest.raises(LictrainError, match=needle) as e:
+        load_config(None, [override])
+    assert "\n" not in str(e.value)
+
+
+def test_yaml_scientific_notation_reads_as_float(tmp_path):
+    # YAML 1.1 reads 1e-4 (no dot) as a string; users mean a number.
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: 1e-4\nloss:\n  lmbda: 0.0067\n")
+    cfg = load_config(str(p), ["train.clip_max_norm=2e-1"])
+    assert cfg.optim.lr == 1e-4 and cfg.loss.lmbda == 0.0067 and cfg.train.clip_max_norm == 0.2
+    assert parse_override("data.val_crop=null") == ("data.val_crop", None)
+
+
+def test_overrides_apply_after_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("seed: 3\ntrain: {steps: 10}\n")
+    cfg = load_config(str(p), ["train.steps=20", "optim.options={betas: [0.8, 0.9]}"])
+    assert (cfg.seed, cfg.train.steps) == (3, 20)
+    assert cfg.optim.options == {"betas": [0.8, 0.9]}
+    assert RunConfig().train.steps != 20  # defaults untouched
+
+
+def test_msssim_needs_large_crops():
+    with pytest.raises(LictrainError, match="161"):
+        load_config(None, ["loss.metric=ms-ssim", "data.crop=64"])
+    load_config(None, ["loss.metric=ms-ssim", "data.crop=192"])
+
+
+def test_missing_config_file():
+    with pytest.raises(LictrainError, match="config not found"):
+        load_config("/no/such/file.yaml")
+
+
+def test_valid_keys_cover_nested_sections():
+    keys = valid_keys()
+    assert {"run_dir", "model.name", "optim.lr", "train.ema_decay", "data.crop"} <= set(keys)

@@ -1,0 +1,128 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from lictrain.data import (
+    SAMPLES_TRAIN, SAMPLES_VAL, EvalImages, ImageList, TrainCrops, crop_to, load_rgb, pad_to_multiple, random_crop,
+    resolve_image_files, train_loader,
+)
+from lictrain.errors import LictrainError
+
+
+def test_corrupt_file_is_skipped_counted_and_warned(image_folder, caplog):
+    with caplog.at_level(logging.WARNING, logger="lictrain"):
+        images = ImageList.scan(str(image_folder))
+    assert [p.name for p, _ in images.skipped] == ["corrupt.png"]
+    assert len(images) == 6  # the .txt file is not an image at all
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "corrupt.png" in warnings[0].getMessage()
+
+
+def test_corrupt_file_skipped_without_cache_too(image_folder):
+    images = ImageList.scan(str(image_folder), cache_mb=0)
+    assert images.cached is None and [p.name for p, _ in images.skipped] == ["corrupt.png"]
+
+
+def test_modes_become_rgb(image_folder):
+    grey = load_rgb(image_folder / "grey.png")
+    assert grey.shape == (70, 90, 3) and np.array_equal(grey[..., 0], grey[..., 1])
+    rgba = load_rgb(image_folder / "rgba.png")
+    from tests.conftest import smooth_image
+
+    assert rgba.shape == (66, 66, 3) and np.array_equal(rgba, smooth_image(66, 66, 4))  # alpha dropped, not blended
+    assert load_rgb(image_folder / "palette.png").shape == (64, 80, 3)
+
+
+def test_small_image_is_reflection_padded():
+    img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    out = random_crop(img, 4, np.random.default_rng(0), flip=False)
+    assert out.shape == (4, 4, 3)
+    rows = [0, 1, 0, 1]  # reflect of 2 rows padded by 2: r0 r1 | r0 r1
+    cols = [0, 1, 2, 1]  # reflect of 3 cols padded by 1: c0 c1 c2 | c1
+    assert np.array_equal(out, img[np.ix_(rows, cols)])
+
+
+def test_crops_cover_the_crop_size_and_range(image_folder):
+    images = ImageList.scan(str(image_folder))
+    ds = TrainCrops(images, 32, seed=0)
+    for k in range(20):
+        x = ds[k]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+        assert 0.0 <= x.min() and x.max() <= 1.0
+
+
+def test_each_epoch_visits_every_image_once(image_folder):
+    images = ImageList.scan(str(image_folder))
+    ds = TrainCrops(images, 32, seed=5)
+    n = len(images)
+    for epoch in range(3):
+        assert sorted(ds.image_index(epoch * n + i) for i in range(n)) == list(range(n))
+    first = [ds.image_index(i) for i in range(n)]
+    second = [ds.image_index(n + i) for i in range(n)]
+    assert first != second  # reshuffled each epoch (for this seed)
+
+
+def _batches(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_deterministic_given_seed_workers_and_start_step(image_folder):
+    images = ImageList.scan(str(image_folder))
+    a = _batches(train_loader(images, 32, 3, seed=1), 4)
+    b = _batches(train_loader(images, 32, 3, seed=1, workers=2), 4)
+    c = _batches(train_loader(images, 32, 3, seed=1, start_step=2), 2)
+    d = _batches(train_loader(images, 32, 3, seed=2), 1)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert torch.equal(a[2], c[0]) and torch.equal(a[3], c[1])
+    assert not torch.equal(a[0], d[0])
+
+
+def test_ranks_draw_disjoint_blocks_of_the_global_batch(image_folder):
+    images = ImageList.scan(str(image_folder))
+    whole = _batches(train_loader(images, 32, 4, seed=1), 2)
+    r0 = _batches(train_loader(images, 32, 2, seed=1, rank=0, world=2), 2)
+    r1 = _batches(train_loader(images, 32, 2, seed=1, rank=1, world=2), 2)
+    for s in range(2):
+        assert torch.equal(torch.cat([r0[s], r1[s]]), whole[s])
+
+
+def test_missing_and_empty_folders_are_one_line_errors(tmp_path):
+    with pytest.raises(LictrainError, match="not found"):
+        resolve_image_files(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LictrainError, match="no images"):
+        resolve_image_files(str(tmp_path / "empty"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(LictrainError, match="no readable images"):
+        ImageList.scan(str(tmp_path / "bad"))
+
+
+def test_samples_are_bundled_colour_photos_split_without_overlap():
+    train, val = resolve_image_files("samples:train"), resolve_image_files("samples:val")
+    assert {p.name for p in train} == set(SAMPLES_TRAIN) and {p.name for p in val} == set(SAMPLES_VAL)
+    assert not {p.name for p in train} & {p.name for p in val}
+    for p in train + val:
+        assert load_rgb(p).shape[2] == 3 and min(load_rgb(p).shape[:2]) >= 256
+
+
+def test_eval_images_sorted_cropped_and_limited(image_folder):
+    ds = EvalImages(str(image_folder))
+    names = [ds.name(i) for i in range(len(ds))]
+    assert names == sorted(names, key=lambda n: str(next(p for p in ds.images.files if p.name == n)))
+    assert ds[0].shape == (3, 80, 96)
+    ds = EvalImages(str(image_folder), crop=40, max_images=2)
+    assert len(ds) == 2 and ds[0].shape == (3, 40, 40)
+
+
+def test_pad_to_multiple_replicates_and_crops_back():
+    x = torch.rand(1, 3, 30, 41)
+    p = pad_to_multiple(x, 16)
+    assert p.shape == (1, 3, 32, 48)
+    assert torch.equal(p[..., 30:, :41], x[..., 29:30, :].expand(-1, -1, 2, -1))
+    assert torch.equal(p[..., :30, 41:], x[..., :, 40:41].expand(-1, -1, -1, 7))
+    assert torch.equal(crop_to(p, 30, 41), x)

@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from lictrain.errors import LictrainError
+from lictrain.losses import RateDistortionLoss
+from lictrain.models import MODELS, build_model, downsampling
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_tiny_presets_train_one_step(name):
+    torch.manual_seed(0)
+    model = build_model(name, "tiny")
+    x = torch.rand(2, 3, 64, 64)
+    out = model(x)
+    assert out["x_hat"].shape == x.shape
+    terms = RateDistortionLoss(0.01)(out, x)
+    terms.loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if not n.endswith("quantiles")]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)  # every weight takes part in R + lambda D
+    assert 64 % downsampling(name) == 0
+
+
+def test_paper_presets_have_published_widths():
+    # Published widths: mean-scale hyperprior N=192, M=320; ELIC N=192, M=320 with groups 16,16,32,64,192.
+    m = build_model("mbt2018-mean", "paper")
+    assert m.g_a[0].out_channels == 192 and m.g_a[-1].out_channels == 320
+    elic = build_model("elic", "paper")
+    assert elic.groups == [16, 16, 32, 64, 192]
+    assert build_model("elic2022-official", "tiny").groups == [2, 2, 4, 8, 24]
+    assert build_model("cheng2020-anchor", "paper").g_a[0].conv1.out_channels == 192
+
+
+def test_unknown_model_or_preset_lists_valid_ones():
+    with pytest.raises(LictrainError, match="valid models: bmshj2018-factorized"):
+        build_model("resnet50")
+    with pytest.raises(LictrainError, match="valid presets: paper, small, tiny"):
+        build_model("mbt2018", "huge")

@@ -1,0 +1,168 @@
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import lictrain.train as train_mod
+from lictrain.checkpoint import load_checkpoint
+from lictrain.errors import LictrainError
+from lictrain.methods import StepHook
+from lictrain.models import build_model
+from lictrain.train import train
+from tests.conftest import tiny_config
+
+
+def read_jsonl(path):
+    return [json.loads(ln) for ln in path.read_text().splitlines()]
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        elif isinstance(a[k], dict):
+            assert_same_state(a[k], b[k])
+        elif isinstance(a[k], (list, tuple)):
+            assert len(a[k]) == len(b[k])
+            for x, y in zip(a[k], b[k]):
+                assert_same_state({"_": x}, {"_": y})
+        elif k not in ("train_time",):
+            assert a[k] == b[k], k
+
+
+def test_validation_loss_drops_on_samples(tmp_path):
+    cfg = tiny_config(tmp_path, "train.steps=300", "train.val_every=100", "data.batch_size=8")
+    train(cfg)
+    val = {r["step"]: r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "val"}
+    assert set(val) == {0, 100, 200, 300}
+    assert val[300]["loss"] < 0.9 * val[100]["loss"] < 0.2 * val[0]["loss"]
+    assert val[300]["psnr"] > val[100]["psnr"]
+    for r in val.values():
+        assert r["images_seen"] == 8 * r["step"]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    common = ("train.val_every=3", "train.ckpt_every=3", "train.ema_decay=0.9", "train.warmup_steps=2")
+    train(tiny_config(tmp_path, "train.steps=6", *common, name="straight"))
+    train(tiny_config(tmp_path, "train.steps=3", *common, name="split"))
+    train(tiny_config(tmp_path, "train.steps=6", *common, name="split"), resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    for key in ("model", "ema", "optimizer", "aux_optimizer", "scheduler", "state"):
+        assert_same_state(a[key], b[key])
+    # the log of the resumed run reads like the straight one (same steps, same values)
+    la = [r for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl")]
+    lb = [r for r in read_jsonl(tmp_path / "split" / "metrics.jsonl")]
+    assert [(r["kind"], r["step"], r["loss"]) for r in la] == [(r["kind"], r["step"], r["loss"]) for r in lb]
+
+
+def test_interrupt_checkpoints_and_resumes_exactly(tmp_path):
+    class CtrlC(StepHook):
+        def after_step(self, ctx):
+            if ctx.step == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    common = ("train.val_every=100", "train.ckpt_every=100")
+    train(tiny_config(tmp_path, "train.steps=5", *common, name="straight"))
+    res = train(tiny_config(tmp_path, "train.steps=5", *common, name="cut"), hooks=(CtrlC(),))
+    assert res.step == 2 and load_checkpoint(tmp_path / "cut")["state"]["step"] == 2
+    train(tiny_config(tmp_path, "train.steps=5", *common, name="cut"), resume=True)
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "cut")
+    assert_same_state(a["model"], b["model"])
+
+
+def _nan_model_factory(nan_steps):
+    """build_model whose reconstruction is NaN during the given training forward passes."""
+    calls = {"n": 0}
+
+    def factory(name, preset):
+        model = build_model(name, preset)
+
+        def hook(module, inputs, output):
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] - 1 in nan_steps:
+                    return output * float("nan")
+            return output
+
+        model.g_s.register_forward_hook(hook)
+        return model
+
+    return factory
+
+
+def test_nan_loss_skips_the_step_and_never_reaches_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "build_model", _nan_model_factory({0}))
+    res = train(tiny_config(tmp_path, "train.steps=1", "train.ema_decay=0"))
+    assert res.skipped_steps == 1
+    torch.manual_seed(0)
+    initial = build_model("mbt2018-mean", "tiny").state_dict()
+    final = load_checkpoint(tmp_path / "run")["model"]
+    for k, v in initial.items():
+        if not k.endswith("quantiles"):  # the auxiliary quantile step does not depend on the image
+            assert torch.equal(v, final[k]), k
+
+
+def test_isolated_nan_steps_are_counted_and_training_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "build_model", _nan_model_factory({2, 3, 7}))
+    res = train(tiny_config(tmp_path, "train.steps=10", "train.max_consecutive_skips=3"))
+    assert res.step == 10 and res.skipped_steps == 3
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    train_lines = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert train_lines[-1]["skipped_steps"] == 3
+
+
+def test_consecutive_nan_steps_stop_the_run_and_keep_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "build_model", _nan_model_factory(set(range(4, 100))))
+    with pytest.raises(LictrainError, match="3 consecutive") as e:
+        train(tiny_config(tmp_path, "train.steps=20", "train.ckpt_every=4", "train.max_consecutive_skips=3"))
+    assert "checkpoint" in str(e.value) and "\n" not in str(e.value)
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt["state"]["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_training_time_excludes_validation(tmp_path, monkeypatch):
+    real_validate = train_mod.validate
+
+    def slow_validate(*args, **kwargs):
+        time.sleep(0.5)
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "validate", slow_validate)
+    t0 = time.perf_counter()
+    train(tiny_config(tmp_path, "train.steps=6", "train.val_every=2"))
+    wall = time.perf_counter() - t0
+    val = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "val"]
+    times = [r["train_time"] for r in val]
+    assert len(val) == 4 and times == sorted(times) and times[0] == 0.0
+    assert wall - times[-1] > 4 * 0.5  # the four validations' sleeps are outside the training time
+
+
+def test_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, "train.steps=1")
+    train(cfg)
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with pytest.raises(LictrainError, match="already holds a run"):
+        train(cfg)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    with pytest.raises(LictrainError, match="nothing to resume"):
+        train(tiny_config(tmp_path, name="other"), resume=True)
+
+
+def test_crop_must_fit_the_model_stride(tmp_path):
+    with pytest.raises(LictrainError, match="multiple of 64"):
+        train(tiny_config(tmp_path, "data.crop=96"))
+
+
+def test_run_folder_contents(tmp_path):
+    train(tiny_config(tmp_path, "train.steps=2", "train.tensorboard=true"))
+    run = tmp_path / "run"
+    assert {"checkpoint.pt", "config.yaml", "metrics.jsonl", "summary.json", "tb"} <= {p.name for p in run.iterdir()}
+    assert "mbt2018-mean" in (run / "config.yaml").read_text()
+    assert not list(run.glob("*.tmp"))
