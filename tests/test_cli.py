@@ -1,0 +1,74 @@
+import subprocess
+import sys
+
+import pytest
+
+from lictrain.cli import main
+
+
+def run(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_lists_the_commands():
+    p = subprocess.run([sys.executable, "-m", "lictrain", "--help"], capture_output=True, text=True, check=True)
+    for cmd in ("train", "eval", "compress", "decompress", "demo", "list"):
+        assert cmd in p.stdout
+    for cmd in ("train", "eval", "compress", "decompress", "demo"):
+        sub = subprocess.run([sys.executable, "-m", "lictrain", cmd, "--help"], capture_output=True, text=True)
+        assert sub.returncode == 0 and "usage: lictrain " + cmd in sub.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+    (["train", "--set", "train.steps=abc"], "train.steps"),
+    (["train", "--config", "/no/such.yaml"], "config not found"),
+    (["train", "--set", "model.name=vgg"], "unknown model 'vgg'"),
+    (["train", "--optimizer", "lion", "--set", "train.steps=1"], "unknown optimizer 'lion'"),
+    (["train", "--set", "data.train=/no/such/folder"], "image folder not found"),
+    (["train", "--resume", "/no/such/run"], "checkpoint not found"),
+    (["eval", "/no/such/run"], "checkpoint not found"),
+    (["decompress", "/no/such.lic", "-o", "x.png", "--checkpoint", "/no/run"], "not found"),
+])
+def test_user_errors_are_one_line(args, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(args, capsys)
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: ") and needle in lines[-1]
+    assert "Traceback" not in err
+
+
+def test_optimizer_options_are_checked(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["train", "--set", "optim.options={momentom: 0.9}", "--optimizer", "sgd"], capsys)
+    assert code == 2 and "momentom" in err and "momentum" in err
+
+
+def test_train_then_resume_longer_from_the_command_line(capsys, tmp_path):
+    base = ["--set", "data.crop=64", "--set", "data.batch_size=2", "--set", "data.val_crop=64",
+            "--set", "train.progress=false", "--set", "train.val_every=2"]
+    assert main(["train", "--run-dir", str(tmp_path / "r"), "--set", "train.steps=2", *base]) == 0
+    assert main(["train", "--resume", str(tmp_path / "r"), "--set", "train.steps=4"]) == 0
+    from lictrain.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "r")["state"]["step"] == 4
+
+
+def test_demo_prints_table_writes_plot_and_reuses_a_finished_run(capsys, tmp_path):
+    args = ["demo", "--run-dir", str(tmp_path / "demo"), "--set", "train.steps=20", "--set", "train.val_every=10"]
+    code, out, _ = run(args, capsys)
+    assert code == 0
+    assert "| lambda | bpp |" in out and "PSNR" in out
+    png = tmp_path / "demo" / "loss_curve.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert (tmp_path / "demo" / "eval" / "results.json").exists()
+    code, out, err = run(args, capsys)
+    assert code == 0 and "reusing the finished run" in err
+
+
+def test_list_shows_registries(capsys):
+    code, out, _ = run(["list"], capsys)
+    assert code == 0 and "elic" in out and "adam" in out and "standard" in out
