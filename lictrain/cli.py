@@ -122,8 +122,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate
 
-    out = args.out or str(Path(args.checkpoints[0]).with_suffix("").parent / "eval"
-                          if Path(args.checkpoints[0]).is_file() else Path(args.checkpoints[0]) / "eval")
+    first = Path(args.checkpoints[0])
+    out = args.out or str((first.parent if first.is_file() else first) / "eval")
     summary = evaluate(args.checkpoints, args.data, out, use_ema=not args.raw, name=args.name,
                        max_images=args.max_images)
     print(format_results_table(summary))

@@ -28,6 +28,9 @@ from .losses import MS_SSIM_MIN_SIDE, bpp_from_likelihoods, ms_ssim_value
 from .models import canonical_name, downsampling
 
 
+LOSSLESS_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
 @dataclass
 class ImageResult:
     image: str
@@ -55,14 +58,18 @@ def psnr_8bit(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 class Codec:
     """A trained model ready for entropy coding (update() done once), plus its identity for the file header."""
 
-    def __init__(self, ckpt: dict, use_ema: bool = True):
-        cfg = checkpoint_config(ckpt)
-        self.model = model_from_checkpoint(ckpt, use_ema=use_ema)
+    def __init__(self, model, name: str, preset: str, metric: str = "mse", lmbda: float = 0.0):
+        self.model = model.eval()
         self.model.update(force=True)
-        self.name = canonical_name(cfg.model.name)
-        self.preset, self.metric, self.lmbda = cfg.model.preset, cfg.loss.metric, cfg.loss.lmbda
-        self.multiple = downsampling(cfg.model.name)
+        self.name, self.preset, self.metric, self.lmbda = canonical_name(name), preset, metric, float(lmbda)
+        self.multiple = downsampling(name)
         self.fingerprint = weights_fingerprint(self.model)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, use_ema: bool = True) -> "Codec":
+        cfg = checkpoint_config(ckpt)
+        model = model_from_checkpoint(ckpt, use_ema=use_ema)
+        return cls(model, cfg.model.name, cfg.model.preset, cfg.loss.metric, cfg.loss.lmbda)
 
     @torch.no_grad()  # required: some models (ELIC) fail in compress() with autograd on
     def compress(self, x: torch.Tensor) -> bitstream.Bitstream:
@@ -121,7 +128,7 @@ def evaluate(
 
     out_dir = Path(out_dir)
     dataset = EvalImages(data, max_images=max_images)
-    codecs = sorted((Codec(load_checkpoint(c), use_ema) for c in checkpoints), key=lambda c: c.lmbda)
+    codecs = sorted((Codec.from_checkpoint(load_checkpoint(c), use_ema) for c in checkpoints), key=lambda c: c.lmbda)
     rows: list[ImageResult] = []
     points = []
     for codec in codecs:
@@ -157,7 +164,7 @@ def evaluate(
 
 
 def compress_file(checkpoint: str, image: str, output: str) -> dict:
-    codec = Codec(load_checkpoint(checkpoint))
+    codec = Codec.from_checkpoint(load_checkpoint(checkpoint))
     path = Path(image)
     if not path.is_file():
         raise LictrainError(f"image not found: {image}")
@@ -172,16 +179,15 @@ def compress_file(checkpoint: str, image: str, output: str) -> dict:
 
 
 def decompress_file(checkpoint: str, file: str, output: str) -> dict:
-    path = Path(file)
+    path, out = Path(file), Path(output)
+    if out.suffix.lower() not in LOSSLESS_SUFFIXES:
+        raise LictrainError(f"output must be a lossless image ({', '.join(LOSSLESS_SUFFIXES)}), got '{output}'")
     if not path.is_file():
         raise LictrainError(f"file not found: {file}")
     bs = bitstream.decode(path.read_bytes(), source=str(path))
-    codec = Codec(load_checkpoint(checkpoint))
+    codec = Codec.from_checkpoint(load_checkpoint(checkpoint))
     x_hat = codec.decompress(bs, source=str(path))
     arr = quantize_8bit(x_hat).byte().permute(1, 2, 0).numpy()
-    out = Path(output)
-    if out.suffix.lower() not in (".png", ".bmp", ".tif", ".tiff", ".webp"):
-        raise LictrainError(f"output must be a lossless image (.png, .bmp, .tif, .webp), got '{out.suffix}'")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp" + out.suffix)
     Image.fromarray(arr).save(tmp, **({"lossless": True} if out.suffix.lower() == ".webp" else {}))

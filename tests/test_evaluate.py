@@ -26,7 +26,7 @@ def trained(tmp_path_factory):
 
 
 def test_real_bpp_close_to_estimated_and_decode_matches_forward(trained):
-    codec = Codec(load_checkpoint(trained / "a"))
+    codec = Codec.from_checkpoint(load_checkpoint(trained / "a"))
     ds = EvalImages("samples:val")
     for i in range(len(ds)):
         x = ds[i]
@@ -70,7 +70,7 @@ def test_file_round_trip_reproduces_the_evaluation_reconstruction(trained, tmp_p
     assert info["bytes"] == (tmp_path / "x.lic").stat().st_size
     decompress_file(str(trained / "a"), str(tmp_path / "x.lic"), str(tmp_path / "out.png"))
     out = np.asarray(Image.open(tmp_path / "out.png"))
-    _, x_hat = evaluate_image(Codec(load_checkpoint(trained / "a")), to_tensor(img), "in.png")
+    _, x_hat = evaluate_image(Codec.from_checkpoint(load_checkpoint(trained / "a")), to_tensor(img), "in.png")
     assert out.shape == img.shape
     assert np.array_equal(out, quantize_8bit(x_hat).byte().permute(1, 2, 0).numpy())
 
@@ -117,7 +117,7 @@ def test_every_truncation_is_a_clean_error(trained, tmp_path):
 def test_elic_codes_under_no_grad(tmp_path):
     # ELIC's compress() fails with autograd on; the codec must take care of it.
     train(tiny_config(tmp_path, "model.name=elic", "train.steps=2", "data.batch_size=2", "train.val_every=2"))
-    codec = Codec(load_checkpoint(tmp_path / "run"))
+    codec = Codec.from_checkpoint(load_checkpoint(tmp_path / "run"))
     x = to_tensor(load_rgb(EvalImages("samples:val").images.files[0])[:64, :96])
     bs = bitstream.decode(bitstream.encode(codec.compress(x)))
     x_hat = codec.decompress(bs)

@@ -45,8 +45,10 @@ def test_validation_loss_drops_on_samples(tmp_path):
         assert r["images_seen"] == 8 * r["step"]
 
 
-def test_resume_is_bit_identical(tmp_path):
-    common = ("train.val_every=3", "train.ckpt_every=3", "train.ema_decay=0.9", "train.warmup_steps=2")
+@pytest.mark.parametrize("optimizer", ["adam", "soap"])
+def test_resume_is_bit_identical(tmp_path, optimizer):
+    common = ("train.val_every=3", "train.ckpt_every=3", "train.ema_decay=0.9", "train.warmup_steps=2",
+              f"optim.name={optimizer}", "optim.options={precondition_frequency: 2}" if optimizer == "soap" else "seed=0")
     train(tiny_config(tmp_path, "train.steps=6", *common, name="straight"))
     train(tiny_config(tmp_path, "train.steps=3", *common, name="split"))
     train(tiny_config(tmp_path, "train.steps=6", *common, name="split"), resume=True)
@@ -166,3 +168,21 @@ def test_run_folder_contents(tmp_path):
     assert {"checkpoint.pt", "config.yaml", "metrics.jsonl", "summary.json", "tb"} <= {p.name for p in run.iterdir()}
     assert "mbt2018-mean" in (run / "config.yaml").read_text()
     assert not list(run.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("name", ["bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean", "mbt2018",
+                                  "cheng2020-anchor", "elic"])
+def test_soap_trains_every_model(tmp_path, name):
+    cfg = tiny_config(tmp_path, f"model.name={name}", "optim.name=soap", "train.steps=3", "data.batch_size=2",
+                      "train.val_every=3", "data.val_max_images=1", "data.val_crop=64", "train.ema_decay=0",
+                      "optim.options={precondition_frequency: 2}")
+    res = train(cfg)
+    assert res.skipped_steps == 0
+    ckpt = load_checkpoint(tmp_path / "run")
+    torch.manual_seed(0)
+    initial = dict(build_model(name, "tiny").named_parameters())
+    changed = [k for k, v in initial.items() if not torch.equal(v, ckpt["model"][k])]
+    assert len(changed) > 0.9 * len(initial)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    state = ckpt["optimizer"]["state"]
+    assert any(any(f is not None for f in s["GG"]) for s in state.values())  # conv kernels got Kronecker factors

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import LictrainError
+from .soap import SOAP
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec(torch.optim.AdamW, dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2), "AdamW"),
     "sgd": OptimizerSpec(torch.optim.SGD, dict(momentum=0.9, weight_decay=0.0), "SGD with momentum"),
     "adagrad": OptimizerSpec(torch.optim.Adagrad, dict(eps=1e-10, weight_decay=0.0), "Adagrad"),
+    # As in the LIC papers: a drop-in for Adam at Adam's learning rate, weight decay 0, basis refreshed every 10 steps.
+    "soap": OptimizerSpec(
+        SOAP,
+        dict(betas=(0.95, 0.95), shampoo_beta=None, eps=1e-8, weight_decay=0.0, precondition_frequency=10,
+             max_precond_dim=10000, merge_dims=False, precondition_1d=False),
+        "SOAP (Shampoo eigenbasis + Adam), lictrain's own implementation",
+    ),
 }
 
 # name -> function(optimizer, **options) returning a wrapped optimizer
