@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import LictrainError
+from .muon import MuonWithAdamW
+from .shampoo import Shampoo
 from .soap import SOAP
 
 
@@ -38,6 +40,17 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         dict(betas=(0.95, 0.95), shampoo_beta=None, eps=1e-8, weight_decay=0.0, precondition_frequency=10,
              max_precond_dim=10000, merge_dims=False, precondition_1d=False),
         "SOAP (Shampoo eigenbasis + Adam), lictrain's own implementation",
+    ),
+    "shampoo": OptimizerSpec(
+        Shampoo,
+        dict(betas=(0.9, 0.999), shampoo_beta=0.999, eps=1e-8, matrix_eps=1e-6, weight_decay=0.0,
+             precondition_frequency=10, max_precond_dim=10000),
+        "Shampoo (inverse-root Kronecker preconditioner) with Adam grafting, lictrain's own implementation",
+    ),
+    "muon": OptimizerSpec(
+        MuonWithAdamW,
+        dict(momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8),
+        "torch.optim.Muon on kernels viewed as out x (in*k*k), AdamW on the rest",
     ),
 }
 

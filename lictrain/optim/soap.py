@@ -27,6 +27,8 @@ Choices (all documented because they matter for LIC):
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.optim import Optimizer
 
@@ -42,15 +44,67 @@ def merged_shape(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
     return tuple(out) or (1,)
 
 
+KRON_MAX = 64  # trailing dimensions with at most this many elements together are rotated by one Kronecker matrix
+
+
+def _rotation_plan(shape: tuple[int, ...], qs: list) -> list[tuple[int, int, int, torch.Tensor]]:
+    """How to rotate a tensor of `shape` by the Q_i: a list of (pre, d, post, Q) acting on x.reshape(pre, d, post).
+
+    Trailing small dimensions (a conv kernel's kh x kw) are merged into one step by the Kronecker product of their
+    bases, Q_kh (x) Q_kw, which equals rotating them one by one; dimensions without a basis are skipped.
+    """
+    sizes, mats = list(shape), list(qs)
+    j, tail = len(sizes), 1
+    while j > 0 and tail * sizes[j - 1] <= KRON_MAX:
+        tail *= sizes[j - 1]
+        j -= 1
+    if len(sizes) - j >= 2 and any(q is not None for q in mats[j:]):
+        k = None
+        for d, q in zip(sizes[j:], mats[j:]):
+            if q is None:
+                ref = next(m for m in mats[j:] if m is not None)
+                q = torch.eye(d, dtype=ref.dtype, device=ref.device)
+            k = q if k is None else torch.kron(k, q)
+        sizes, mats = sizes[:j] + [tail], mats[:j] + [k]
+    return [(math.prod(sizes[:i]), sizes[i], math.prod(sizes[i + 1 :]), q) for i, q in enumerate(mats) if q is not None]
+
+
+def _rotate(x: torch.Tensor, plan: list, back: bool = False) -> torch.Tensor:
+    """Apply a rotation plan: Q_i^T along each dimension (into the eigenbasis), or Q_i with back=True.
+
+    Matrix products on reshaped views: a left product for the first dimension, a right product for the last, and
+    for a middle dimension one product on a transposed copy (faster on CPU than a broadcast batched product).
+    """
+    shape = x.shape
+    for pre, d, post, q in plan:
+        m = q if back else q.T  # applied to each vector along this dimension: y = m @ x
+        if post == 1:
+            x = x.reshape(pre, d) @ m.T
+        elif pre == 1:
+            x = m @ x.reshape(d, post)
+        else:
+            xt = x.reshape(pre, d, post).transpose(0, 1).reshape(d, pre * post)
+            x = (m @ xt).reshape(d, pre, post).transpose(0, 1)
+    return x.reshape(shape)
+
+
 def _project(x: torch.Tensor, qs: list, back: bool = False) -> torch.Tensor:
     """Rotate every dimension i of x by Q_i^T (into the eigenbasis) or, with back=True, by Q_i (out of it)."""
-    if len(qs) == 2 and qs[0] is not None and qs[1] is not None:  # the common matrix case, as two matmuls
-        ql, qr = qs
-        return ql @ x @ qr.T if back else ql.T @ x @ qr
-    for q in qs:
-        # tensordot contracts dim 0 and appends the new axis last: after all dims the order is restored.
-        x = x.movedim(0, -1) if q is None else torch.tensordot(x, q, dims=([0], [1 if back else 0]))
-    return x
+    return _rotate(x, _rotation_plan(tuple(x.shape), qs), back)
+
+
+def _factor_update(f: torch.Tensor, g: torch.Tensor, i: int, beta: float) -> None:
+    """f <- beta f + (1 - beta) G_(i) G_(i)^T, with G_(i) dimension i of g against all the others (one addmm)."""
+    pre, d, post = math.prod(g.shape[:i]), g.shape[i], math.prod(g.shape[i + 1 :])
+    if pre == 1:
+        gi = g.reshape(d, post)
+        f.addmm_(gi, gi.T, beta=beta, alpha=1 - beta)
+    elif post == 1:
+        gi = g.reshape(pre, d)
+        f.addmm_(gi.T, gi, beta=beta, alpha=1 - beta)
+    else:
+        gi = g.reshape(pre, d, post).transpose(0, 1).reshape(d, pre * post)
+        f.addmm_(gi, gi.T, beta=beta, alpha=1 - beta)
 
 
 def _eigh_descending(m: torch.Tensor) -> torch.Tensor | None:
@@ -110,6 +164,7 @@ class SOAP(Optimizer):
             precondition_1d=precondition_1d, bias_correction=bias_correction, basis_refresh=basis_refresh,
         )
         super().__init__(params, defaults)
+        self._plans: dict = {}
 
     # ---- shapes and state ----------------------------------------------------------------------------------------
     @staticmethod
@@ -144,10 +199,8 @@ class SOAP(Optimizer):
     @staticmethod
     def _accumulate_factors(state: dict, g: torch.Tensor, beta: float) -> None:
         for i, f in enumerate(state["GG"]):
-            if f is None:
-                continue
-            gi = g.movedim(i, 0).reshape(g.shape[i], -1)
-            f.lerp_(gi @ gi.T, 1 - beta)
+            if f is not None:
+                _factor_update(f, g, i, beta)
 
     @staticmethod
     def _refresh_basis(state: dict, exact: bool) -> None:
@@ -182,14 +235,6 @@ class SOAP(Optimizer):
         state["exp_avg_sq"] = v
         state["exp_avg"] = _project(m_orig, new) if any(q is not None for q in new) else m_orig
 
-    def _direction(self, state: dict, group: dict, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int):
-        """The update (to subtract, before weight decay) for given moments, in the working shape."""
-        b1, b2 = group["betas"]
-        bc1, bc2 = (1 - b1**step, 1 - b2**step) if group["bias_correction"] else (1.0, 1.0)
-        # Same operations in the same order as torch.optim.Adam (bit-identical without preconditioning).
-        denom = (exp_avg_sq.sqrt() / bc2**0.5).add_(group["eps"])
-        return _project(exp_avg * (group["lr"] / bc1) / denom, state["Q"], back=True)
-
     # ---- public API ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
@@ -197,37 +242,82 @@ class SOAP(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError("SOAP does not support sparse gradients")
+        if not grads:
+            return loss
+        # One check for all tensors: a non-finite gradient must reach neither the factors, the moments nor the weights.
+        if not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+            return loss
         for group in self.param_groups:
-            b1, b2 = group["betas"]
-            shampoo_beta = b2 if group["shampoo_beta"] is None else group["shampoo_beta"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("SOAP does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state.update(self._fresh_state(p, group))
-                g = p.grad.reshape(state["exp_avg"].shape).to(state["exp_avg"].dtype)
-                if not torch.isfinite(g).all():
-                    continue  # never let a bad gradient into the factors, moments or weights
-                state["step"] += 1
-                t = state["step"]
-                if t == 1:
-                    self._accumulate_factors(state, g, shampoo_beta)
-                    self._refresh_basis(state, exact=True)
-                g_rot = _project(g, state["Q"])
-                state["exp_avg"].lerp_(g_rot, 1 - b1)
-                state["exp_avg_sq"].mul_(b2).addcmul_(g_rot, g_rot, value=1 - b2)
-                update = self._direction(state, group, state["exp_avg"], state["exp_avg_sq"], t)
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.sub_(update.reshape(p.shape).to(p.dtype))
-                if t > 1:
-                    self._accumulate_factors(state, g, shampoo_beta)
-                if t % group["precondition_frequency"] == 0:
-                    self._refresh_basis(state, exact=group["basis_refresh"] == "eigh")
+            self._step_group(group)
         return loss
+
+    def _plan(self, p: torch.Tensor, state: dict) -> list:
+        """The rotation plan of p's current bases, cached until the bases change (not part of the state dict)."""
+        key = (id(p), tuple(id(q) for q in state["Q"]))
+        plan = self._plans.get(id(p))
+        if plan is None or plan[0] != key:
+            plan = (key, _rotation_plan(tuple(state["exp_avg"].shape), state["Q"]))
+            self._plans[id(p)] = plan
+        return plan[1]
+
+    def _step_group(self, group: dict) -> None:
+        """Rotations per tensor; the elementwise Adam arithmetic for all tensors at once (torch's foreach kernels)."""
+        b1, b2 = group["betas"]
+        shampoo_beta = b2 if group["shampoo_beta"] is None else group["shampoo_beta"]
+        params, states, g_rots, grads = [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state.update(self._fresh_state(p, group))
+            state["step"] += 1
+            g = p.grad.reshape(state["exp_avg"].shape).to(state["exp_avg"].dtype)
+            if state["step"] == 1 and any(f is not None for f in state["GG"]):
+                self._accumulate_factors(state, g, shampoo_beta)
+                self._refresh_basis(state, exact=True)
+            params.append(p)
+            states.append(state)
+            grads.append(g)
+            plan = self._plan(p, state)
+            g_rots.append(_rotate(g, plan) if plan else g)
+        if not params:
+            return
+        ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+        torch._foreach_lerp_(ms, g_rots, 1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, g_rots, g_rots, value=1 - b2)
+        updates = self._directions(states, group, ms, vs)
+        for i, (p, st) in enumerate(zip(params, states)):
+            plan = self._plan(p, st)
+            u = _rotate(updates[i], plan, back=True) if plan else updates[i]
+            updates[i] = u.reshape(p.shape).to(p.dtype)
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_sub_(params, updates)
+        for p, st, g in zip(params, states, grads):
+            if st["step"] > 1:
+                self._accumulate_factors(st, g, shampoo_beta)
+            if st["step"] % group["precondition_frequency"] == 0 and any(f is not None for f in st["GG"]):
+                self._refresh_basis(st, exact=group["basis_refresh"] == "eigh")
+
+    @staticmethod
+    def _directions(states: list, group: dict, ms: list, vs: list) -> list:
+        """Adam's step in the rotated space, m_hat / (sqrt(v_hat) + eps) * lr, in torch.optim.Adam's order of
+        operations (so that without preconditioning SOAP is bit-identical to it)."""
+        b1, b2 = group["betas"]
+        steps = [st["step"] for st in states]
+        bc1 = [1 - b1**t if group["bias_correction"] else 1.0 for t in steps]
+        bc2 = [(1 - b2**t) ** 0.5 if group["bias_correction"] else 1.0 for t in steps]
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, bc2)
+        torch._foreach_add_(denom, group["eps"])
+        updates = torch._foreach_mul(ms, [group["lr"] / c for c in bc1])
+        torch._foreach_div_(updates, denom)
+        return list(updates)
 
     @torch.no_grad()
     def precondition(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
@@ -262,7 +352,8 @@ class SOAP(Optimizer):
             g_rot = _project(g, state["Q"])
             m = torch.lerp(state["exp_avg"], g_rot, 1 - b1)
             v = state["exp_avg_sq"] * b2 + (1 - b2) * g_rot * g_rot
-            update = -self._direction(state, group, m, v, t).reshape(p.shape)
+            (direction,) = self._directions([{"step": t}], group, [m], [v])
+            update = -_project(direction, state["Q"], back=True).reshape(p.shape)
             if group["weight_decay"]:
                 update = update - group["lr"] * group["weight_decay"] * p.to(update.dtype)
             out.append(update.to(p.dtype))

@@ -1,0 +1,200 @@
+"""SOAP's cost against Adam and against other SOAP implementations, measured side by side in one process (CPU).
+
+    .venv/bin/pip install -e '.[bench]'     # the peers: pytorch_optimizer, heavyball (never imported by lictrain)
+    .venv/bin/python benchmarks/optimizer_step.py [--quick]
+
+1. optimizer.step() alone: Adam, lictrain's SOAP, pytorch_optimizer's SOAP and heavyball's SOAP (eager: heavyball's
+   torch.compile switched off) at equal settings (lr 2e-4, betas 0.95/0.95, shampoo_beta 0.95, weight decay 0,
+   refresh every 10 steps, max_precond_dim 10000, no dim merging, 1-D tensors unpreconditioned), on the same fixed
+   gradients, as ratios peer / ours. Each figure is the mean over whole refresh periods (so refresh cost is
+   included in its share), the median of several rounds run in turn.
+2. A full training step (forward, backward, clip, step; batch 8 of 64x64 crops): SOAP / Adam at refresh
+   frequency 1, 10 and 100. Tiny presets: measured directly. Paper presets (too slow for 100-step periods here):
+   the step time without a refresh (t0) and with one (t1) are measured, and frequency f costs ((f-1) t0 + t1) / f.
+3. Optimizer-state bytes / parameter bytes, for Adam and SOAP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+
+from lictrain.losses import RateDistortionLoss
+from lictrain.models import build_model
+from lictrain.optim import split_parameters
+from lictrain.optim.soap import SOAP
+
+warnings.filterwarnings("ignore")
+LR, BETAS, FREQ = 2e-4, (0.95, 0.95), 10
+
+
+def make_optimizer(kind: str, params, freq: int = FREQ):
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=LR, betas=(0.9, 0.999), foreach=False)
+    if kind == "adam-foreach":
+        return torch.optim.Adam(params, lr=LR, betas=(0.9, 0.999), foreach=True)
+    if kind == "soap":
+        return SOAP(params, lr=LR, betas=BETAS, precondition_frequency=freq, max_precond_dim=10000)
+    if kind == "pytorch_optimizer":
+        from pytorch_optimizer import SOAP as PSOAP
+
+        return PSOAP(params, lr=LR, betas=BETAS, shampoo_beta=BETAS[1], weight_decay=0.0, precondition_frequency=freq,
+                     max_precondition_dim=10000, merge_dims=False, precondition_1d=False)
+    if kind == "heavyball":
+        import heavyball
+
+        heavyball.utils.compile_mode = None  # eager, like the others
+        return heavyball.SOAP(params, lr=LR, betas=BETAS, shampoo_beta=BETAS[1], weight_decay=0.0,
+                              precondition_frequency=freq, max_precond_dim=10000, merge_dims=False,
+                              precondition_1d=False, use_precond_schedule=False, compile_step=False)
+    raise ValueError(kind)
+
+
+def trainable(model):
+    return [p for _, p in split_parameters(model)[0]]
+
+
+def fixed_gradients(model, crop=64, batch=8):
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, crop, crop)
+    RateDistortionLoss(0.013)(model(x), x).loss.backward()
+    return {p: p.grad.detach().clone() for p in trainable(model)}
+
+
+def step_only(models: dict, kinds: list[str], rounds: int, periods: int) -> dict:
+    """Mean optimizer.step() time per kind, over `periods` refresh periods, median over rounds (kinds in turn)."""
+    times = {k: [] for k in kinds}
+    opts = {}
+    for k in kinds:
+        params = trainable(models[k])
+        opts[k] = make_optimizer(k, params)
+        grads = models[k]._grads
+        for _ in range(FREQ):  # first period: initial eigh and allocation, not measured
+            for p in params:
+                p.grad = grads[p]
+            opts[k].step()
+    for _ in range(rounds):
+        for k in kinds:
+            pairs = [(p, models[k]._grads[p]) for p in trainable(models[k])]
+            t0 = time.perf_counter()
+            for _ in range(periods * FREQ):
+                for p, g in pairs:  # some optimizers (heavyball) consume .grad: hand it back every step, to all
+                    p.grad = g
+                opts[k].step()
+            times[k].append((time.perf_counter() - t0) / (periods * FREQ))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def full_step_time(model, kind: str, freq: int, steps: int, crop=64, batch=8, warm=2) -> float:
+    params = trainable(model)
+    opt = make_optimizer(kind, params, freq)
+    crit = RateDistortionLoss(0.013)
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, crop, crop)
+    ts = []
+    for i in range(warm + steps):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        crit(model(x), x).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if i >= warm:
+            ts.append(time.perf_counter() - t0)
+    return sum(ts) / len(ts)
+
+
+def state_bytes(opt) -> int:
+    total = 0
+    for st in opt.state.values():
+        for v in st.values():
+            for t in v if isinstance(v, list) else [v]:
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    ap.add_argument("--models", default="mbt2018-mean,elic")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    rounds = 2 if args.quick else 5
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    peers = ["pytorch_optimizer", "heavyball"]
+    available = []
+    for peer in peers:
+        try:
+            __import__(peer)
+            available.append(peer)
+        except ImportError:
+            print(f"# {peer} not installed: pip install -e '.[bench]'")
+
+    print("\n## 1. optimizer.step() alone (ms per step, refresh every 10 included; ratio = peer / lictrain SOAP)\n")
+    print("| model | preset | params | Adam | lictrain SOAP | " + " | ".join(available) + " |")
+    print("|---|---|---:|---:|---:|" + "---:|" * len(available))
+    for name in args.models.split(","):
+        for preset in ("tiny", "paper"):
+            kinds = ["adam", "soap"] + available
+            models = {}
+            for k in kinds:
+                torch.manual_seed(0)
+                models[k] = build_model(name, preset)
+                models[k]._grads = fixed_gradients(models[k])
+            n = sum(p.numel() for p in trainable(models["soap"]))
+            periods = 2 if preset == "tiny" else 1
+            r = rounds if preset == "tiny" else max(2, rounds // 2)
+            t = step_only(models, kinds, r, periods)
+            cells = " | ".join(f"{t[k] * 1e3:.1f} ({t[k] / t['soap']:.2f}x)" for k in available)
+            print(f"| {name} | {preset} | {n:,} | {t['adam'] * 1e3:.1f} | {t['soap'] * 1e3:.1f} | {cells} |",
+                  flush=True)
+
+    print("\n## 2. Full training step (batch 8, 64x64): SOAP / Adam\n")
+    print("| model | preset | Adam (ms) | SOAP f=1 | SOAP f=10 | SOAP f=100 | how |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for name in args.models.split(","):
+        for preset in ("tiny", "paper"):
+            def fresh():
+                torch.manual_seed(0)
+                return build_model(name, preset)
+
+            if preset == "tiny":
+                n = 40 if args.quick else 100
+                adam = statistics.median(full_step_time(fresh(), "adam", 1, n // 2) for _ in range(2))
+                soap = {f: full_step_time(fresh(), "soap", f, n if f == 100 else n // 2) for f in (1, 10, 100)}
+                how = "measured"
+            else:
+                n = 3 if args.quick else 5
+                adam = full_step_time(fresh(), "adam", 1, n, warm=1)
+                t1 = full_step_time(fresh(), "soap", 1, n, warm=1)
+                t0 = full_step_time(fresh(), "soap", 10**9, n, warm=1)
+                soap = {f: ((f - 1) * t0 + t1) / f for f in (1, 10, 100)}
+                how = f"amortised from t0={t0 * 1e3:.0f} ms, t1={t1 * 1e3:.0f} ms"
+            print(f"| {name} | {preset} | {adam * 1e3:.0f} | " +
+                  " | ".join(f"{soap[f] / adam:.2f}" for f in (1, 10, 100)) + f" | {how} |", flush=True)
+
+    print("\n## 3. Optimizer state / parameter bytes\n")
+    print("| model | preset | Adam | SOAP |")
+    print("|---|---|---:|---:|")
+    for name in args.models.split(","):
+        for preset in ("tiny", "paper"):
+            row = []
+            for k in ("adam", "soap"):
+                torch.manual_seed(0)
+                m = build_model(name, preset)
+                grads = fixed_gradients(m, crop=64, batch=1)
+                params = trainable(m)
+                opt = make_optimizer(k, params)
+                for p in params:
+                    p.grad = grads[p]
+                opt.step()
+                row.append(state_bytes(opt) / sum(p.numel() * p.element_size() for p in params))
+            print(f"| {name} | {preset} | {row[0]:.2f} | {row[1]:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The comparison family: registry behaviour, Muon's kernel views, Shampoo's inverse roots."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from lictrain.errors import LictrainError
+from lictrain.optim import OPTIMIZERS, build_optimizer
+from lictrain.optim.shampoo import Shampoo, inverse_root
+
+
+def test_unknown_optimizer_and_option_are_one_line_errors():
+    p = [torch.nn.Parameter(torch.randn(2))]
+    with pytest.raises(LictrainError, match="valid optimizers: adam, adamw, sgd, adagrad, soap, shampoo, muon"):
+        build_optimizer("lion", p, 1e-3)
+    with pytest.raises(LictrainError, match="precondition_frequency"):
+        build_optimizer("soap", p, 1e-3, {"precondition_freq": 3})
+    with pytest.raises(LictrainError, match="wrapper"):
+        build_optimizer("adam+ema", p, 1e-3)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_optimizer_decreases_a_small_conv_regression(name):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.ConvTranspose2d(8, 3, 3, padding=1))
+    x = torch.randn(4, 3, 8, 8)
+    y = torch.tanh(x.flip(1))
+    opt = build_optimizer(name, net.parameters(), lr=0.03 if name == "sgd" else 3e-3)
+    first = None
+    for _ in range(60):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(net(x), y)
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.7 * first, (name, first, loss.item())
+
+
+def test_muon_updates_kernels_as_torch_muon_on_the_flattened_matrix():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 3)
+    flat = torch.nn.Parameter(conv.weight.detach().clone().view(5, -1))
+    ours = build_optimizer("muon", [conv.weight, conv.bias], lr=1e-2)
+    ref = torch.optim.Muon([flat], lr=1e-2, weight_decay=0.0, momentum=0.95, nesterov=True,
+                           adjust_lr_fn="match_rms_adamw")
+    bias_ref = torch.nn.Parameter(conv.bias.detach().clone())
+    adamw = torch.optim.AdamW([bias_ref], lr=1e-2, weight_decay=0.0)
+    for _ in range(5):
+        g, gb = torch.randn(5, 3, 3, 3), torch.randn(5)
+        conv.weight.grad, conv.bias.grad = g.clone(), gb.clone()
+        flat.grad, bias_ref.grad = g.view(5, -1).clone(), gb.clone()
+        ours.step()
+        ref.step()
+        adamw.step()
+    assert torch.allclose(conv.weight.view(5, -1), flat, atol=1e-6)
+    assert torch.allclose(conv.bias, bias_ref, atol=1e-6)
+    ours.param_groups[0]["lr"] = 1e-3  # a scheduler's change reaches the inner optimizers
+    state = ours.state_dict()
+    assert state["lr"][0] == 1e-3
+    ours.load_state_dict(state)
+
+
+def test_inverse_root_matches_scipy():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((6, 9))
+    f = a @ a.T
+    ours = inverse_root(torch.tensor(f), 4, 0.0).numpy()
+    ref = np.real(scipy.linalg.fractional_matrix_power(f, -0.25))
+    assert np.allclose(ours, ref, rtol=1e-6, atol=1e-8)
+
+
+def test_shampoo_direction_is_the_kronecker_preconditioned_momentum_grafted_to_adam():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(4, 6, dtype=torch.float64))
+    opt = Shampoo([p], lr=1.0, betas=(0.0, 0.0), shampoo_beta=0.0, eps=0.0, matrix_eps=1e-9, precondition_frequency=1)
+    g = torch.randn(4, 6, dtype=torch.float64)
+    p.grad = g.clone()
+    opt.step()
+    L, R = g @ g.T, g.T @ g
+    lp = np.real(scipy.linalg.fractional_matrix_power(L.numpy() + 1e-9 * np.linalg.eigvalsh(L.numpy()).max() * np.eye(4), -0.25))
+    rp = np.real(scipy.linalg.fractional_matrix_power(R.numpy() + 1e-9 * np.linalg.eigvalsh(R.numpy()).max() * np.eye(6), -0.25))
+    direction = lp @ g.numpy() @ rp
+    adam = np.sign(g.numpy())  # Adam's first step with betas 0 and eps 0
+    expected = -direction * np.linalg.norm(adam) / np.linalg.norm(direction)
+    assert np.allclose(p.detach().numpy(), expected, rtol=1e-4, atol=1e-6)
