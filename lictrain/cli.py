@@ -1,4 +1,4 @@
-"""Command line: `lictrain train|eval|compress|decompress|demo|list`.
+"""Command line: `lictrain train|eval|compare|compress|decompress|demo|list`.
 
 User errors (bad path, unknown config key, corrupt file, ...) end as one line `error: ...` on stderr, exit code 2.
 """
@@ -81,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output image (.png, .bmp, .tif or .webp)")
     p.add_argument("--checkpoint", required=True, help="the checkpoint the file was compressed with")
 
+    p = sub.add_parser("compare", help="train recipes side by side: Steps-to-anchor, Time-to-anchor, BD-rate",
+                       description="Trains every recipe at every lambda and seed from the same initial weights and "
+                                   "data order, evaluates with real bitstreams and writes summary.md, summary.json "
+                                   "and plots into --out. Finished runs are reused, interrupted ones resumed.")
+    _add_config_args(p)
+    p.add_argument("--recipes", help="comma-separated, the first is the anchor (e.g. adam,soap)")
+    p.add_argument("--lambdas", help="comma-separated lambdas (e.g. 0.0035,0.0067,0.013,0.025)")
+    p.add_argument("--seeds", help="comma-separated seeds")
+    p.add_argument("--eval-data", nargs="+", help="evaluation folders (or samples specs)")
+    p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
+
     p = sub.add_parser("demo", help="the main job: train the tiny preset on the bundled photos, evaluate, plot",
                        description="Trains configs/demo.yaml on scikit-image's bundled photos, evaluates with real "
                                    "bitstreams and writes a loss-curve plot and results JSON under runs/demo/. "
@@ -158,6 +169,36 @@ def cmd_decompress(args) -> int:
     return 0
 
 
+def _csv(text: str, kind):
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LictrainError(f"cannot read '{text}' as a comma-separated list of {kind.__name__}") from None
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare, summary_markdown
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    cfg = load_config(args.config, overrides)
+    if args.recipes:
+        cfg.compare.recipes = _csv(args.recipes, str)
+    if args.lambdas:
+        cfg.compare.lambdas = _csv(args.lambdas, float)
+    if args.seeds:
+        cfg.compare.seeds = _csv(args.seeds, int)
+    if args.eval_data:
+        cfg.compare.eval_data = list(args.eval_data)
+    from .config import validate
+
+    validate(cfg)
+    summary = compare(cfg, args.out)
+    print(summary_markdown(summary))
+    print("plots: " + ", ".join(summary["plots"]))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -184,7 +225,7 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compress": cmd_compress, "decompress": cmd_decompress,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "compress": cmd_compress, "decompress": cmd_decompress,
             "demo": cmd_demo, "list": cmd_list}
 
 

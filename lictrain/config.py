@@ -76,6 +76,19 @@ class TrainConfig:
 
 
 @dataclass
+class CompareConfig:
+    """`lictrain compare`: every recipe at every lambda and seed, from the same initial weights and data order."""
+
+    recipes: list = field(default_factory=lambda: ["adam", "soap"])  # the first one is the anchor
+    recipe_sets: dict = field(default_factory=dict)  # custom recipes: name -> {config key: value}
+    lambdas: list = field(default_factory=lambda: [0.0130])
+    seeds: list = field(default_factory=lambda: [0])
+    eval_data: list = field(default_factory=lambda: ["samples:val"])  # folders (or samples specs) for BD-rate
+    eval_max_images: int | None = None
+    bd_method: str = "akima"  # akima | pchip
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -86,6 +99,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -129,6 +143,8 @@ def _coerce(value: Any, t: Any, key: str) -> Any:
         return value
     if t is dict and isinstance(value, dict):
         return value
+    if t is list and isinstance(value, (list, tuple)):
+        return list(value)
     name = getattr(t, "__name__", str(t))
     raise LictrainError(f"config key '{key}': {value!r} is not a valid {name}")
 
@@ -243,6 +259,10 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.clip_max_norm >= 0, "train.clip_max_norm must be >= 0"),
         (0 < cfg.train.plateau_factor < 1, "train.plateau_factor must be in (0, 1)"),
         (cfg.train.max_consecutive_skips >= 1, "train.max_consecutive_skips must be at least 1"),
+        (len(cfg.compare.recipes) >= 1, "compare.recipes needs at least one recipe (the anchor)"),
+        (all(isinstance(x, (int, float)) and x > 0 for x in cfg.compare.lambdas), "compare.lambdas must be positive"),
+        (all(isinstance(x, int) for x in cfg.compare.seeds), "compare.seeds must be integers"),
+        (cfg.compare.bd_method in ("akima", "pchip"), "compare.bd_method must be akima or pchip"),
     ]
     for ok, msg in checks:
         if not ok:

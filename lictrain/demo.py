@@ -1,43 +1,42 @@
-"""`lictrain demo`, the main job: train a tiny model on the bundled photos, evaluate with real bitstreams, plot."""
+"""`lictrain demo`, the main job: a small compare, Adam against SOAP on the bundled photos (about 10 minutes on two
+CPU cores), with the Table-1-style summary printed and the plots written under runs/demo/."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
 
-from .checkpoint import load_checkpoint
-from .cli import format_results_table
+from .compare import compare, plan_runs, set_name, summary_markdown
 from .config import load_config
-from .evaluate import evaluate
 from .plots import plot_run
-from .train import train
 
 log = logging.getLogger("lictrain")
 
 
-def run_demo(config: str, overrides: list[str], run_dir: str) -> dict:
-    root = Path(run_dir)
-    cfg = load_config(config, list(overrides) + [f"run_dir={root / 'train'}"])
-    ckpt_path = root / "train" / "checkpoint.pt"
+def run_demo(config: str, overrides: list[str], out_dir: str) -> dict:
+    out = Path(out_dir)
+    cfg = load_config(config, list(overrides))
+    cc = cfg.compare
+    log.info("demo: %s vs %s on %s, %s/%s, %d steps (crop %d, batch %d), lambda %s; finished runs are reused",
+             cc.recipes[0], ", ".join(cc.recipes[1:]), cfg.data.train, cfg.model.name, cfg.model.preset,
+             cfg.train.steps, cfg.data.crop, cfg.data.batch_size, ", ".join(f"{x:g}" for x in cc.lambdas))
     t0 = time.perf_counter()
-    resume = ckpt_path.exists()
-    if resume and load_checkpoint(ckpt_path)["state"]["step"] >= cfg.train.steps:
-        log.info("demo: reusing the finished run in %s (delete it to train again)", ckpt_path.parent)
-    else:
-        log.info("demo: training %s/%s on %s for %d steps (crop %d, batch %d, lmbda %g, %s)", cfg.model.name,
-                 cfg.model.preset, cfg.data.train, cfg.train.steps, cfg.data.crop, cfg.data.batch_size,
-                 cfg.loss.lmbda, cfg.optim.name)
-        train(cfg, resume=resume)
-    t1 = time.perf_counter()
-    summary = evaluate([ckpt_path], cfg.data.val, root / "eval", name="demo")
-    t2 = time.perf_counter()
-    png = plot_run(root / "train" / "metrics.jsonl", root / "loss_curve.png",
-                   title=f"lictrain demo: {cfg.model.name}/{cfg.model.preset}, {cfg.optim.name}, λ={cfg.loss.lmbda}")
-    ckpt = load_checkpoint(ckpt_path)
+    summary = compare(cfg, out)
+    for run in plan_runs(cfg, out):  # one curve plot per run, beside its logs
+        plot_run(run.run_dir / "metrics.jsonl", run.run_dir / "loss_curve.png",
+                 title=f"{run.recipe}, {cfg.model.name}/{cfg.model.preset}, λ={run.lmbda:g}")
     print()
-    print(f"trained {ckpt['state']['step']} steps in {ckpt['state']['train_time']:.0f} s of training time "
-          f"({t1 - t0:.0f} s wall this session); evaluated in {t2 - t1:.0f} s on {cfg.data.val}:")
-    print(format_results_table(summary))
-    print(f"plot: {png}\nresults: {root / 'eval' / 'results.json'}\nper image: {root / 'eval' / 'per_image.csv'}")
+    print(summary_markdown(summary))
+    print("Evaluation with real bitstreams:")
+    print("| recipe | λ | bpp | PSNR-RGB (dB) | MS-SSIM |")
+    print("|---|---:|---:|---:|---:|")
+    for run in plan_runs(cfg, out):
+        for spec in cc.eval_data:
+            r = json.loads((run.run_dir / f"eval-{set_name(spec)}" / "results.json").read_text())["results"]
+            print(f"| {run.recipe} | {run.lmbda:g} | {r['bpp'][0]:.4f} | {r['psnr-rgb'][0]:.2f} | "
+                  f"{r['ms-ssim-rgb'][0]:.4f} |")
+    print(f"\n{time.perf_counter() - t0:.0f} s. Plots: " + ", ".join(summary["plots"]))
+    print(f"Summary: {out / 'summary.md'}, {out / 'summary.json'}")
     return summary

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -46,3 +47,55 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, title: str = "") -> 
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def plot_compare(runs, points: dict, eval_sets: list[str], out_dir: Path) -> list[Path]:
+    """Validation R-D loss against steps and against training time (a panel per lambda, the anchor's target
+    dashed), and R-D curves (PSNR against bpp) per evaluation set."""
+    from .compare import set_name
+    from .metrics import converged_loss, read_val_curve
+
+    out_dir = Path(out_dir)
+    recipes = list(dict.fromkeys(r.recipe for r in runs))
+    lambdas = sorted({r.lmbda for r in runs})
+    colors = {name: f"C{i}" for i, name in enumerate(recipes)}
+    written = []
+    for axis_key, xlabel, fname in (("step", "step", "loss_vs_steps.png"),
+                                    ("train_time", "training time (s, steps only)", "loss_vs_time.png")):
+        fig, axes = plt.subplots(1, len(lambdas), figsize=(5.5 * len(lambdas), 4.2), squeeze=False)
+        for ax, lmbda in zip(axes[0], lambdas):
+            for r in runs:
+                if r.lmbda != lmbda:
+                    continue
+                curve = [p for p in read_val_curve(r.run_dir / "metrics.jsonl") if p.step > 0]
+                label = r.recipe if r.seed == min(x.seed for x in runs) else None
+                ax.plot([getattr(p, axis_key) for p in curve], [p.loss for p in curve], "-", color=colors[r.recipe],
+                        lw=1.6, alpha=0.9, label=label)
+                if r.recipe == recipes[0] and label:
+                    ax.axhline(converged_loss(read_val_curve(r.run_dir / "metrics.jsonl")), color="0.4", ls="--",
+                               lw=1, label=f"target ({recipes[0]} converged)")
+            ax.set(xlabel=xlabel, ylabel="validation R-D loss", title=f"λ = {lmbda:g}")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=110)
+        plt.close(fig)
+        written.append(out_dir / fname)
+    for spec in eval_sets:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for name in recipes:
+            seeds = sorted({s for (n, s, e) in points if n == name and e == spec})
+            curves = [sorted(points[(name, s, spec)]) for s in seeds]
+            bpp = np.mean([[p[1] for p in c] for c in curves], axis=0)
+            psnr = np.mean([[p[2] for p in c] for c in curves], axis=0)
+            ax.plot(bpp, psnr, "o-", color=colors[name], label=name)
+        ax.set(xlabel="bpp (real bitstreams)", ylabel="PSNR-RGB (dB)", title=f"R-D on {set_name(spec)}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / f"rd_{set_name(spec)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -14,7 +14,7 @@ def run(args, capsys):
 
 def test_help_lists_the_commands():
     p = subprocess.run([sys.executable, "-m", "lictrain", "--help"], capture_output=True, text=True, check=True)
-    for cmd in ("train", "eval", "compress", "decompress", "demo", "list"):
+    for cmd in ("train", "eval", "compare", "compress", "decompress", "demo", "list"):
         assert cmd in p.stdout
     for cmd in ("train", "eval", "compress", "decompress", "demo"):
         sub = subprocess.run([sys.executable, "-m", "lictrain", cmd, "--help"], capture_output=True, text=True)
@@ -57,16 +57,18 @@ def test_train_then_resume_longer_from_the_command_line(capsys, tmp_path):
     assert load_checkpoint(tmp_path / "r")["state"]["step"] == 4
 
 
-def test_demo_prints_table_writes_plot_and_reuses_a_finished_run(capsys, tmp_path):
-    args = ["demo", "--run-dir", str(tmp_path / "demo"), "--set", "train.steps=20", "--set", "train.val_every=10"]
+def test_demo_prints_table_writes_plots_and_reuses_finished_runs(capsys, tmp_path):
+    args = ["demo", "--run-dir", str(tmp_path / "demo"), "--set", "train.steps=10", "--set", "train.val_every=5",
+            "--set", "data.crop=64", "--set", "data.val_crop=128"]
     code, out, _ = run(args, capsys)
     assert code == 0
-    assert "| lambda | bpp |" in out and "PSNR" in out
-    png = tmp_path / "demo" / "loss_curve.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    assert (tmp_path / "demo" / "eval" / "results.json").exists()
+    assert "| recipe | Steps-to-adam | Time-to-adam |" in out and "| soap |" in out and "PSNR-RGB" in out
+    for png in ("loss_vs_steps.png", "loss_vs_time.png", "rd_samples-val.png"):
+        path = tmp_path / "demo" / png
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    assert len(list((tmp_path / "demo" / "runs").glob("*/loss_curve.png"))) == 2
     code, out, err = run(args, capsys)
-    assert code == 0 and "reusing the finished run" in err
+    assert code == 0 and err.count("reusing") == 2
 
 
 def test_list_shows_registries(capsys):

@@ -1,0 +1,198 @@
+"""`lictrain compare`: training recipes side by side, as in the papers' Table 1.
+
+For every lambda and seed, every recipe trains from the same initial weights on the same data in the same order
+(both are functions of the seed alone), then is evaluated with real bitstreams on each evaluation set. Runs live in
+OUT/runs/<recipe>-lmbda<..>-seed<..>-<hash of the resolved config>: a finished run is reused, an interrupted one
+resumed, so re-running a compare only does what is missing. The figures (metrics.py) go to summary.md,
+summary.json and PNG plots in OUT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import load_checkpoint
+from .config import RunConfig, config_from_dict, set_key, validate
+from .errors import LictrainError
+from .evaluate import evaluate
+from .metrics import bd_rate, converged_loss, mean_and_spread, read_val_curve, to_anchor
+from .train import train
+
+log = logging.getLogger("lictrain")
+
+# name -> config overrides. Nothing else differs between recipes: same lr, schedule, clipping, EMA.
+RECIPES: dict[str, dict] = {
+    "adam": {"optim.name": "adam"},
+    "adamw": {"optim.name": "adamw"},
+    "soap": {"optim.name": "soap"},
+    "shampoo": {"optim.name": "shampoo"},
+    "muon": {"optim.name": "muon"},
+    "sgd": {"optim.name": "sgd"},
+}
+
+
+@dataclass
+class Run:
+    recipe: str
+    lmbda: float
+    seed: int
+    cfg: RunConfig
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Hash of everything that changes what a run computes (not where it is written or how it is shown)."""
+    d = cfg.to_dict()
+    d.pop("run_dir")
+    d.pop("compare")
+    d["train"].pop("progress")
+    d["train"].pop("tensorboard")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def plan_runs(base: RunConfig, out_dir: Path) -> list[Run]:
+    recipes = {**RECIPES, **base.compare.recipe_sets}
+    runs = []
+    for name in base.compare.recipes:
+        if name not in recipes:
+            raise LictrainError(f"unknown recipe '{name}'; valid recipes: {', '.join(recipes)} "
+                                "(or define it under compare.recipe_sets)")
+    for lmbda in base.compare.lambdas:
+        for seed in base.compare.seeds:
+            for name in base.compare.recipes:
+                cfg = config_from_dict(base.to_dict())
+                for key, value in recipes[name].items():
+                    set_key(cfg, key, value)
+                cfg.loss.lmbda, cfg.seed = float(lmbda), int(seed)
+                validate(cfg)
+                cfg.run_dir = str(out_dir / "runs" / f"{name}-lmbda{lmbda:g}-seed{seed}-{config_hash(cfg)}")
+                runs.append(Run(name, float(lmbda), int(seed), cfg))
+    return runs
+
+
+def train_or_reuse(run: Run) -> None:
+    ckpt = run.run_dir / "checkpoint.pt"
+    if ckpt.exists():
+        step = load_checkpoint(ckpt)["state"]["step"]
+        if step >= run.cfg.train.steps:
+            log.info("reusing %s (finished, %d steps)", run.run_dir.name, step)
+            return
+        log.info("resuming %s at step %d", run.run_dir.name, step)
+        train(run.cfg, resume=True)
+    else:
+        log.info("training %s", run.run_dir.name)
+        train(run.cfg)
+
+
+def set_name(spec: str) -> str:
+    return spec.rstrip("/").split("/")[-1].replace(":", "-") or spec
+
+
+def evaluate_or_reuse(run: Run, spec: str, max_images: int | None) -> dict:
+    out = run.run_dir / f"eval-{set_name(spec)}"
+    results = out / "results.json"
+    ckpt = run.run_dir / "checkpoint.pt"
+    if results.exists() and results.stat().st_mtime >= ckpt.stat().st_mtime:
+        return json.loads(results.read_text())
+    return evaluate([ckpt], spec, out, name=run.recipe, max_images=max_images)
+
+
+def compare(base: RunConfig, out_dir: str | Path) -> dict:
+    out_dir = Path(out_dir)
+    runs = plan_runs(base, out_dir)
+    cc = base.compare
+    for run in runs:
+        train_or_reuse(run)
+    points: dict = {}  # (recipe, seed, eval set) -> list of (lmbda, bpp, psnr)
+    for run in runs:
+        for spec in cc.eval_data:
+            r = evaluate_or_reuse(run, spec, cc.eval_max_images)["results"]
+            points.setdefault((run.recipe, run.seed, spec), []).append((run.lmbda, r["bpp"][0], r["psnr-rgb"][0]))
+    summary = summarize(runs, points, cc.recipes, cc.eval_data, cc.bd_method)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "summary.md").write_text(summary_markdown(summary))
+    from .plots import plot_compare
+
+    summary["plots"] = [str(p) for p in plot_compare(runs, points, cc.eval_data, out_dir)]
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def summarize(runs: list[Run], points: dict, recipes: list[str], eval_sets: list[str], method: str) -> dict:
+    anchor = recipes[0]
+    curves = {(r.recipe, r.lmbda, r.seed): read_val_curve(r.run_dir / "metrics.jsonl") for r in runs}
+    rows = []
+    for name in recipes:
+        per_point = []
+        for r in runs:
+            if r.recipe != name:
+                continue
+            ta = to_anchor(curves[(name, r.lmbda, r.seed)], curves[(anchor, r.lmbda, r.seed)])
+            per_point.append({"lmbda": r.lmbda, "seed": r.seed, "steps_to_anchor": ta.steps,
+                              "time_to_anchor": ta.time, "final_gap": ta.final_gap,
+                              "target": converged_loss(curves[(anchor, r.lmbda, r.seed)]),
+                              "final_val_loss": curves[(name, r.lmbda, r.seed)][-1].loss})
+        row = {"recipe": name, "points": per_point}
+        for key in ("steps_to_anchor", "time_to_anchor"):
+            values = [p[key] for p in per_point]
+            row[key] = None if any(v is None for v in values) else dict(zip(("mean", "std"), mean_and_spread(values)))
+            row[key + "_reached"] = f"{sum(v is not None for v in values)}/{len(values)}"
+        row["bd_rate"] = {}
+        for spec in eval_sets:
+            seeds = sorted({r.seed for r in runs})
+            values = []
+            for seed in seeds:
+                a = sorted(points[(anchor, seed, spec)])
+                t = sorted(points[(name, seed, spec)])
+                values.append(bd_rate(([p[1] for p in a], [p[2] for p in a]), ([p[1] for p in t], [p[2] for p in t]),
+                                      method))
+            row["bd_rate"][spec] = None if any(v is None for v in values) else float(np.mean(values))
+        available = [v for v in row["bd_rate"].values() if v is not None]
+        row["bd_rate_average"] = float(np.mean(available)) if len(available) == len(eval_sets) else None
+        rows.append(row)
+    return {"anchor": anchor, "eval_sets": eval_sets, "bd_method": method, "rows": rows,
+            "lambdas": sorted({r.lmbda for r in runs}), "seeds": sorted({r.seed for r in runs})}
+
+
+def _cell_ratio(row: dict, key: str) -> str:
+    v = row[key]
+    if v is None:
+        gaps = [p["final_gap"] for p in row["points"] if p["final_gap"] is not None]
+        return f"not reached ({row[key + '_reached']}; gap {max(gaps):+.4f})" if gaps else "n/a"
+    return f"{v['mean']:.2f}" + (f" ± {v['std']:.2f}" if v["std"] else "")
+
+
+def summary_markdown(summary: dict) -> str:
+    sets = summary["eval_sets"]
+    lines = [
+        f"Anchor: **{summary['anchor']}**; lambdas {summary['lambdas']}; seeds {summary['seeds']}; "
+        f"BD-rate ({summary['bd_method']}) of PSNR-RGB vs bpp from real bitstreams, negative is better.",
+        "",
+        "| recipe | Steps-to-" + summary["anchor"] + " | Time-to-" + summary["anchor"] + " | "
+        + " | ".join(f"BD-rate {set_name(s)}" for s in sets) + " | BD-rate avg |",
+        "|---|---:|---:|" + "---:|" * len(sets) + "---:|",
+    ]
+    for row in summary["rows"]:
+        bds = [row["bd_rate"][s] for s in sets]
+        bd_cells = [f"{v:+.2f}%" if v is not None else "unavailable (<4 λ)" for v in bds]
+        avg = row["bd_rate_average"]
+        lines.append(f"| {row['recipe']} | {_cell_ratio(row, 'steps_to_anchor')} | {_cell_ratio(row, 'time_to_anchor')}"
+                     f" | {' | '.join(bd_cells)} | {f'{avg:+.2f}%' if avg is not None else 'unavailable'} |")
+    lines += ["", "Per lambda and seed:", "", "| recipe | λ | seed | target | final val loss | steps | time |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in summary["rows"]:
+        for p in row["points"]:
+            fmt = lambda v: f"{v:.2f}" if v is not None else "not reached"
+            lines.append(f"| {row['recipe']} | {p['lmbda']:g} | {p['seed']} | {p['target']:.4f} | "
+                         f"{p['final_val_loss']:.4f} | {fmt(p['steps_to_anchor'])} | {fmt(p['time_to_anchor'])} |")
+    return "\n".join(lines) + "\n"

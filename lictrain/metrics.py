@@ -1,0 +1,110 @@
+"""The papers' comparison figures: Steps-to-anchor, Time-to-anchor (from validation curves) and BD-rate.
+
+Definitions (used by `lictrain compare`):
+- A validation curve is the list of (step, train_time, loss) points of a run's metrics.jsonl (kind "val").
+- The anchor's converged loss (the target) is the minimum over the run (step 0 left out) of its validation curve
+  smoothed by a running median of three consecutive points (two at the ends). The median keeps a single lucky
+  validation from setting a target that the anchor's own plateau, and a recipe as good as the anchor, never reach
+  again (an average, EMA included, would not); the smoothed minimum is never below the raw minimum, so the anchor
+  always reaches its own target.
+- A run reaches the target at its first validation point whose raw loss is <= the target (no interpolation:
+  the resolution is the validation interval).
+- Steps-to-anchor = reach step of the recipe / reach step of the anchor; Time-to-anchor the same with training time.
+  A recipe that never reaches the target is "not reached", reported with its final gap (best raw loss - target),
+  never as a number.
+- BD-rate: Bjontegaard delta rate (bjontegaard package, Akima by default) of PSNR-bpp curves; None (unavailable)
+  with fewer than 4 points, rather than an extrapolation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    step: int
+    train_time: float
+    loss: float
+
+
+def read_val_curve(metrics_jsonl: str | Path) -> list[CurvePoint]:
+    points = []
+    for line in Path(metrics_jsonl).read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if r.get("kind") == "val":
+                points.append(CurvePoint(r["step"], r["train_time"], r["loss"]))
+    return points
+
+
+def median_smooth(values: list[float]) -> list[float]:
+    """Running median of three (centred; two at the ends)."""
+    return [float(np.median(values[max(0, i - 1) : i + 2])) for i in range(len(values))]
+
+
+def converged_loss(curve: list[CurvePoint]) -> float:
+    """The target: minimum of the median-smoothed curve, the untrained step-0 point left out."""
+    pts = [p for p in curve if p.step != 0] or curve
+    return min(median_smooth([p.loss for p in pts]))
+
+
+@dataclass(frozen=True)
+class Reach:
+    reached: bool
+    step: int | None = None
+    train_time: float | None = None
+    final_gap: float | None = None  # best loss - target, when not reached
+
+
+def first_reach(curve: list[CurvePoint], target: float) -> Reach:
+    for p in curve:
+        if p.loss <= target:
+            return Reach(True, p.step, p.train_time)
+    best = min(p.loss for p in curve) if curve else math.inf
+    return Reach(False, final_gap=best - target)
+
+
+@dataclass(frozen=True)
+class ToAnchor:
+    steps: float | None  # None: not reached
+    time: float | None
+    final_gap: float | None = None
+
+    def describe(self, key: str) -> str:
+        value = getattr(self, key)
+        return f"{value:.2f}" if value is not None else f"not reached (gap {self.final_gap:+.4f})"
+
+
+def to_anchor(recipe_curve: list[CurvePoint], anchor_curve: list[CurvePoint]) -> ToAnchor:
+    target = converged_loss(anchor_curve)
+    a, r = first_reach(anchor_curve, target), first_reach(recipe_curve, target)
+    if not r.reached:
+        return ToAnchor(None, None, r.final_gap)
+    steps = r.step / a.step if a.step else math.nan
+    time = r.train_time / a.train_time if a.train_time else math.nan
+    return ToAnchor(steps, time)
+
+
+def mean_and_spread(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def bd_rate(anchor: tuple[list[float], list[float]], test: tuple[list[float], list[float]],
+            method: str = "akima") -> float | None:
+    """BD-rate (%) of test against anchor, each (bpp list, psnr list); None with fewer than 4 points each."""
+    import bjontegaard
+
+    (ra, da), (rt, dt) = anchor, test
+    if min(len(ra), len(rt)) < 4:
+        return None
+    order_a, order_t = np.argsort(ra), np.argsort(rt)
+    return float(bjontegaard.bd_rate(np.asarray(ra)[order_a], np.asarray(da)[order_a],
+                                     np.asarray(rt)[order_t], np.asarray(dt)[order_t], method=method,
+                                     require_matching_points=False))

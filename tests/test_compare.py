@@ -1,0 +1,62 @@
+import json
+
+import pytest
+import torch
+
+from lictrain.checkpoint import load_checkpoint
+from lictrain.compare import compare, plan_runs
+from lictrain.errors import LictrainError
+from lictrain.models import build_model
+from tests.conftest import tiny_config
+
+
+def compare_config(tmp_path, *extra):
+    return tiny_config(tmp_path, "train.steps=6", "train.val_every=3", "data.batch_size=2", "data.val_crop=64",
+                       "data.val_max_images=1", "compare.recipes=[adam, soap]", "compare.lambdas=[0.0067, 0.013]",
+                       "compare.eval_data=[samples:val]", "compare.eval_max_images=1", *extra)
+
+
+def test_recipes_share_initial_weights_and_data_and_differ_only_in_their_overrides(tmp_path):
+    runs = plan_runs(compare_config(tmp_path), tmp_path / "cmp")
+    assert [(r.recipe, r.lmbda) for r in runs] == [("adam", 0.0067), ("soap", 0.0067), ("adam", 0.013), ("soap", 0.013)]
+    a, s = runs[0].cfg.to_dict(), runs[1].cfg.to_dict()
+    diff = {k for k in a if a[k] != s[k]}
+    assert diff == {"optim", "run_dir"} and a["optim"]["name"] == "adam" and s["optim"]["name"] == "soap"
+    assert runs[0].cfg.seed == runs[1].cfg.seed
+    with pytest.raises(LictrainError, match="unknown recipe 'lion'"):
+        plan_runs(compare_config(tmp_path, "compare.recipes=[adam, lion]"), tmp_path / "cmp")
+
+
+def test_compare_runs_summarises_reuses_and_plots(tmp_path, monkeypatch):
+    cfg = compare_config(tmp_path)
+    summary = compare(cfg, tmp_path / "cmp")
+    out = tmp_path / "cmp"
+    # the same initial weights and the same first batch: the step-0 validation is identical across recipes
+    curves = {}
+    for d in (out / "runs").iterdir():
+        first = json.loads((d / "metrics.jsonl").read_text().splitlines()[0])
+        curves.setdefault(d.name.split("-lmbda")[1].split("-seed")[0], []).append(first["loss"])
+    assert all(len(set(v)) == 1 for v in curves.values()) and len(curves) == 2
+    torch.manual_seed(0)
+    init = build_model("mbt2018-mean", "tiny").state_dict()
+    for d in (out / "runs").iterdir():  # both recipes moved away from the same start
+        assert not torch.equal(load_checkpoint(d)["model"]["g_a.0.weight"], init["g_a.0.weight"])
+    rows = {r["recipe"]: r for r in summary["rows"]}
+    assert rows["adam"]["steps_to_anchor"]["mean"] == pytest.approx(1.0)
+    assert rows["adam"]["bd_rate"]["samples:val"] is None  # 2 lambdas < 4: unavailable, not extrapolated
+    md = (out / "summary.md").read_text()
+    assert "| adam | 1.00 | 1.00 |" in md and "unavailable" in md
+    for png in ("loss_vs_steps.png", "loss_vs_time.png", "rd_samples-val.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "summary.json").read_text())["anchor"] == "adam"
+
+    # a second compare trains and evaluates nothing again
+    import lictrain.compare as cmp_mod
+
+    def fail(*a, **k):
+        raise AssertionError("should have been reused")
+
+    monkeypatch.setattr(cmp_mod, "train", fail)
+    monkeypatch.setattr(cmp_mod, "evaluate", fail)
+    again = compare(cfg, out)
+    assert again["rows"] == summary["rows"]
