@@ -19,6 +19,7 @@ import numpy as np
 
 from .checkpoint import load_checkpoint
 from .config import RunConfig, config_from_dict, set_key, validate
+from .data import active_spec
 from .errors import LictrainError
 from .evaluate import evaluate
 from .metrics import bd_rate, converged_loss, mean_and_spread, read_val_curve, to_anchor
@@ -74,7 +75,11 @@ def plan_runs(base: RunConfig, out_dir: Path) -> list[Run]:
                     set_key(cfg, key, value)
                 cfg.loss.lmbda, cfg.seed = float(lmbda), int(seed)
                 validate(cfg)
-                cfg.run_dir = str(out_dir / "runs" / f"{name}-lmbda{lmbda:g}-seed{seed}-{config_hash(cfg)}")
+                h = config_hash(cfg)
+                # A run with the same configuration under another recipe name (e.g. the winner of a learning-rate
+                # sweep) is the same computation: reuse its folder.
+                same = sorted((out_dir / "runs").glob(f"*-{h}"))
+                cfg.run_dir = str(same[0] if same else out_dir / "runs" / f"{name}-lmbda{lmbda:g}-seed{seed}-{h}")
                 runs.append(Run(name, float(lmbda), int(seed), cfg))
     return runs
 
@@ -94,7 +99,9 @@ def train_or_reuse(run: Run) -> None:
 
 
 def set_name(spec: str) -> str:
-    return spec.rstrip("/").split("/")[-1].replace(":", "-") or spec
+    """A short name for an evaluation set: the folder actually used ('kodak'), or 'samples-val'."""
+    first = active_spec(spec).split(",")[0].strip().rstrip("/")
+    return first.split("/")[-1].replace(":", "-") or first
 
 
 def evaluate_or_reuse(run: Run, spec: str, max_images: int | None) -> dict:

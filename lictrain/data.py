@@ -45,8 +45,31 @@ def samples_dir() -> Path:
     return Path(skimage.data.__file__).parent
 
 
+def active_spec(spec: str) -> str:
+    """The alternative of an 'A || B' spec that is in use: A if every folder it names exists, else B."""
+    while "||" in spec:
+        first, rest = spec.split("||", 1)
+        parts = [x.strip() for x in first.split(",") if x.strip()]
+        if all(x.startswith("samples") or Path(x).expanduser().exists() for x in parts):
+            return first.strip()
+        spec = rest.strip()
+    return spec.strip()
+
+
 def resolve_image_files(spec: str) -> list[Path]:
-    """Files named by a data spec: 'samples', 'samples:train', 'samples:val', or a folder (searched recursively)."""
+    """Files named by a data spec.
+
+    A spec is 'samples', 'samples:train', 'samples:val', a folder (searched recursively) or an image file; several
+    joined by ',' are used together; 'A || B' means A if every folder it names exists, else B (a config can fall
+    back to the bundled photos where ../shared/data is absent).
+    """
+    if "||" in spec:
+        return resolve_image_files(active_spec(spec))
+    if "," in spec:
+        files = []
+        for part in (x.strip() for x in spec.split(",") if x.strip()):
+            files += [f for f in resolve_image_files(part) if f not in files]
+        return files
     if spec in ("samples", "samples:train", "samples:val"):
         names = {"samples": SAMPLES_TRAIN + SAMPLES_VAL, "samples:train": SAMPLES_TRAIN, "samples:val": SAMPLES_VAL}
         return sorted(samples_dir() / n for n in names[spec])

@@ -60,3 +60,19 @@ def test_compare_runs_summarises_reuses_and_plots(tmp_path, monkeypatch):
     monkeypatch.setattr(cmp_mod, "evaluate", fail)
     again = compare(cfg, out)
     assert again["rows"] == summary["rows"]
+
+
+def test_evaluation_sets_are_named_by_the_folder_in_use(tmp_path):
+    from lictrain.compare import set_name
+
+    assert set_name("../shared/data/kodak/") == "kodak"
+    assert set_name(f"{tmp_path / 'nope'} || samples:val") == "samples-val"
+    assert set_name(f"{tmp_path} || samples:val") == tmp_path.name
+
+
+def test_a_run_with_the_same_configuration_under_another_name_is_reused(tmp_path):
+    cfg = compare_config(tmp_path, "compare.recipe_sets={fast: {optim.name: adam}}", "compare.recipes=[fast]")
+    first = plan_runs(cfg, tmp_path / "cmp")
+    (first[0].run_dir).mkdir(parents=True)
+    again = plan_runs(compare_config(tmp_path, "compare.recipes=[adam]"), tmp_path / "cmp")
+    assert again[0].run_dir == first[0].run_dir and again[0].recipe == "adam"

@@ -126,3 +126,13 @@ def test_pad_to_multiple_replicates_and_crops_back():
     assert torch.equal(p[..., 30:, :41], x[..., 29:30, :].expand(-1, -1, 2, -1))
     assert torch.equal(p[..., :30, 41:], x[..., :, 40:41].expand(-1, -1, -1, 7))
     assert torch.equal(crop_to(p, 30, 41), x)
+
+
+def test_specs_combine_with_comma_and_fall_back_with_double_bar(image_folder, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "z.png").write_bytes((image_folder / "a.png").read_bytes())
+    both = resolve_image_files(f"{image_folder}, {other}")
+    assert len(both) == len(resolve_image_files(str(image_folder))) + 1
+    assert resolve_image_files(f"{tmp_path / 'missing'},{other} || samples:val") == resolve_image_files("samples:val")
+    assert resolve_image_files(f"{other} || samples:val") == [other / "z.png"]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
+from .common import closure_loss
+
 
 class MuonWithAdamW(Optimizer):
     def __init__(self, params, lr: float = 2e-4, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
@@ -36,10 +38,7 @@ class MuonWithAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group, opt in self._inner():  # the scheduler changes our groups' lr: pass it on
             opt.param_groups[0]["lr"] = group["lr"]
             opt.param_groups[0]["weight_decay"] = group["weight_decay"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
+from .common import closure_loss
 from .soap import _project
 
 
@@ -44,10 +45,7 @@ class Shampoo(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:

@@ -32,6 +32,8 @@ import math
 import torch
 from torch.optim import Optimizer
 
+from .common import closure_loss
+
 
 def merged_shape(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
     """Merge adjacent dimensions greedily while their product stays <= max_dim (dims of 1 are absorbed)."""
@@ -238,10 +240,7 @@ class SOAP(Optimizer):
     # ---- public API ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         if any(g.is_sparse for g in grads):
             raise RuntimeError("SOAP does not support sparse gradients")
