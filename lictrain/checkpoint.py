@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .config import RunConfig, config_from_dict
 from .errors import LictrainError
-from .models import build_model, canonical_name
+from .models import build_model
 
 CHECKPOINT_FORMAT = "lictrain-checkpoint-v1"
 
@@ -24,6 +24,15 @@ def save_atomic(obj: dict, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a user-facing text file so that a crash or a full disk never leaves it half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -64,8 +73,3 @@ def weights_fingerprint(model: nn.Module) -> bytes:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.digest()[:8]
-
-
-def describe(ckpt: dict) -> str:
-    cfg = checkpoint_config(ckpt)
-    return f"{canonical_name(cfg.model.name)}/{cfg.model.preset} lmbda={cfg.loss.lmbda} step={ckpt['step']}"

@@ -103,19 +103,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What may change when a run is resumed: how long and how it is watched, not what it computes per step.
+RESUME_KEYS = {"train.steps", "train.val_every", "train.ckpt_every", "train.log_every", "train.progress",
+               "train.tensorboard", "train.max_consecutive_skips", "device", "data.workers", "data.cache_mb"}
+
+
 def cmd_train(args) -> int:
     from .checkpoint import checkpoint_config, load_checkpoint
     from .config import load_config, set_key, validate, parse_override
     from .train import train
 
     if args.resume:
-        if args.config:
-            raise LictrainError("--resume uses the run's saved config; give changes with --set, not --config")
+        if args.config or args.optimizer or args.run_dir:
+            raise LictrainError("--resume continues the run with its saved config: --config, --optimizer and "
+                                "--run-dir do not go with it (change e.g. train.steps with --set)")
         ckpt = load_checkpoint(Path(args.resume) / "checkpoint.pt")
         cfg = checkpoint_config(ckpt)
         cfg.run_dir = str(args.resume)
         for o in args.overrides:
-            set_key(cfg, *parse_override(o))
+            key, value = parse_override(o)
+            if key not in RESUME_KEYS:
+                raise LictrainError(f"'{key}' cannot change when resuming (the checkpoint was made with another "
+                                    f"value); keys that can: {', '.join(sorted(RESUME_KEYS))}")
+            set_key(cfg, key, value)
         validate(cfg)
     else:
         overrides = list(args.overrides)
@@ -241,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     except LictrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+    except OSError as e:  # a path that is not what it should be, a full disk, ...
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, write_text_atomic
 from .config import RunConfig, config_from_dict, set_key, validate
 from .data import active_spec
 from .errors import LictrainError
 from .evaluate import evaluate
-from .metrics import bd_rate, converged_loss, mean_and_spread, read_val_curve, to_anchor
+from .metrics import BDRateUnavailable, bd_rate, converged_loss, mean_and_spread, read_val_curve, to_anchor
 from .train import train
 
 log = logging.getLogger("lictrain")
@@ -92,10 +92,13 @@ def train_or_reuse(run: Run) -> None:
             log.info("reusing %s (finished, %d steps)", run.run_dir.name, step)
             return
         log.info("resuming %s at step %d", run.run_dir.name, step)
-        train(run.cfg, resume=True)
+        result = train(run.cfg, resume=True)
     else:
         log.info("training %s", run.run_dir.name)
-        train(run.cfg)
+        result = train(run.cfg)
+    if result.step < run.cfg.train.steps:  # stopped by Ctrl-C: do not evaluate or summarise a half-trained run
+        raise LictrainError(f"interrupted in {run.run_dir.name} at step {result.step}; run the same command again "
+                            "to resume")
 
 
 def set_name(spec: str) -> str:
@@ -105,12 +108,24 @@ def set_name(spec: str) -> str:
 
 
 def evaluate_or_reuse(run: Run, spec: str, max_images: int | None) -> dict:
-    out = run.run_dir / f"eval-{set_name(spec)}"
+    """Results of this run on this set, reused only if they were made from the same checkpoint step, spec and
+    image limit (recorded in results.json)."""
+    key = hashlib.sha256(f"{active_spec(spec)}|{max_images}".encode()).hexdigest()[:6]
+    out = run.run_dir / f"eval-{set_name(spec)}-{key}"
     results = out / "results.json"
-    ckpt = run.run_dir / "checkpoint.pt"
-    if results.exists() and results.stat().st_mtime >= ckpt.stat().st_mtime:
-        return json.loads(results.read_text())
-    return evaluate([ckpt], spec, out, name=run.recipe, max_images=max_images)
+    step = load_checkpoint(run.run_dir / "checkpoint.pt")["state"]["step"]
+    stamp = {"spec": active_spec(spec), "max_images": max_images, "step": step}
+    if results.exists():
+        try:
+            data = json.loads(results.read_text())
+            if data.get("lictrain") == stamp:
+                return data
+        except ValueError:
+            pass
+    data = evaluate([run.run_dir / "checkpoint.pt"], spec, out, name=run.recipe, max_images=max_images)
+    data["lictrain"] = stamp
+    write_text_atomic(results, json.dumps(data, indent=2))
+    return data
 
 
 def compare(base: RunConfig, out_dir: str | Path) -> dict:
@@ -126,12 +141,12 @@ def compare(base: RunConfig, out_dir: str | Path) -> dict:
             points.setdefault((run.recipe, run.seed, spec), []).append((run.lmbda, r["bpp"][0], r["psnr-rgb"][0]))
     summary = summarize(runs, points, cc.recipes, cc.eval_data, cc.bd_method)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out_dir / "summary.md").write_text(summary_markdown(summary))
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+    write_text_atomic(out_dir / "summary.md", summary_markdown(summary))
     from .plots import plot_compare
 
     summary["plots"] = [str(p) for p in plot_compare(runs, points, cc.eval_data, out_dir)]
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -154,16 +169,17 @@ def summarize(runs: list[Run], points: dict, recipes: list[str], eval_sets: list
             values = [p[key] for p in per_point]
             row[key] = None if any(v is None for v in values) else dict(zip(("mean", "std"), mean_and_spread(values)))
             row[key + "_reached"] = f"{sum(v is not None for v in values)}/{len(values)}"
-        row["bd_rate"] = {}
+        row["bd_rate"], row["bd_rate_unavailable"] = {}, {}
         for spec in eval_sets:
-            seeds = sorted({r.seed for r in runs})
             values = []
-            for seed in seeds:
-                a = sorted(points[(anchor, seed, spec)])
-                t = sorted(points[(name, seed, spec)])
-                values.append(bd_rate(([p[1] for p in a], [p[2] for p in a]), ([p[1] for p in t], [p[2] for p in t]),
-                                      method))
-            row["bd_rate"][spec] = None if any(v is None for v in values) else float(np.mean(values))
+            for seed in sorted({r.seed for r in runs}):
+                a, t = points[(anchor, seed, spec)], points[(name, seed, spec)]
+                try:
+                    values.append(bd_rate(([p[1] for p in a], [p[2] for p in a]),
+                                          ([p[1] for p in t], [p[2] for p in t]), method))
+                except BDRateUnavailable as why:
+                    row["bd_rate_unavailable"][spec] = str(why)
+            row["bd_rate"][spec] = float(np.mean(values)) if spec not in row["bd_rate_unavailable"] else None
         available = [v for v in row["bd_rate"].values() if v is not None]
         row["bd_rate_average"] = float(np.mean(available)) if len(available) == len(eval_sets) else None
         rows.append(row)
@@ -190,8 +206,8 @@ def summary_markdown(summary: dict) -> str:
         "|---|---:|---:|" + "---:|" * len(sets) + "---:|",
     ]
     for row in summary["rows"]:
-        bds = [row["bd_rate"][s] for s in sets]
-        bd_cells = [f"{v:+.2f}%" if v is not None else "unavailable (<4 λ)" for v in bds]
+        bd_cells = [f"{row['bd_rate'][s]:+.2f}%" if row["bd_rate"][s] is not None
+                    else f"unavailable ({row['bd_rate_unavailable'].get(s, '')})" for s in sets]
         avg = row["bd_rate_average"]
         lines.append(f"| {row['recipe']} | {_cell_ratio(row, 'steps_to_anchor')} | {_cell_ratio(row, 'time_to_anchor')}"
                      f" | {' | '.join(bd_cells)} | {f'{avg:+.2f}%' if avg is not None else 'unavailable'} |")

@@ -166,8 +166,25 @@ def _apply(cfg: Any, data: dict, prefix: str = "") -> None:
 
 
 def set_key(cfg: RunConfig, key: str, value: Any) -> None:
-    """Set one dotted key, e.g. set_key(cfg, 'optim.lr', 2e-4)."""
+    """Set one dotted key, e.g. set_key(cfg, 'optim.lr', 2e-4). A key that goes into a mapping field
+    ('optim.options.betas') changes that entry only; the mapping's other entries stay."""
     parts = key.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts[:-1]):
+        field_value = getattr(obj, part, None) if dataclasses.is_dataclass(obj) else None
+        if isinstance(field_value, dict):
+            if part not in {f.name for f in dataclasses.fields(obj)}:
+                break
+            target = field_value
+            for sub in parts[i + 1 : -1]:
+                target = target.setdefault(sub, {})
+                if not isinstance(target, dict):
+                    raise LictrainError(f"config key '{key}': '{sub}' is not a mapping")
+            target[parts[-1]] = value
+            return
+        if not dataclasses.is_dataclass(field_value):
+            break
+        obj = field_value
     nested: dict = {parts[-1]: value}
     for p in reversed(parts[:-1]):
         nested = {p: nested}
@@ -183,9 +200,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str) and _looks_numeric(value):  # YAML 1.1 reads '1e-4' as a string
-        value = float(value)
-    return key.strip(), value
+    return key.strip(), _yaml_numbers(value)
 
 
 def _looks_numeric(s: str) -> bool:
@@ -219,6 +234,8 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), base
         p = resolve_config_path(path)
         try:
             data = yaml.safe_load(p.read_text()) or {}
+        except UnicodeDecodeError:
+            raise LictrainError(f"config {p} is not a text file") from None
         except yaml.YAMLError as e:
             raise LictrainError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
@@ -236,7 +253,9 @@ def _yaml_numbers(v: Any) -> Any:
     """YAML 1.1 reads '1e-4' (no dot) as a string; read such strings as the numbers users meant."""
     if isinstance(v, dict):
         return {k: _yaml_numbers(x) for k, x in v.items()}
-    if isinstance(v, str) and _looks_numeric(v) and any(c in v for c in "eE") and not v.lower().startswith("inf"):
+    if isinstance(v, list):
+        return [_yaml_numbers(x) for x in v]
+    if isinstance(v, str) and _looks_numeric(v) and any(c in v for c in "eE") and "inf" not in v.lower():
         return float(v)
     return v
 
@@ -251,6 +270,12 @@ def validate(cfg: RunConfig) -> None:
         (cfg.loss.metric in ("mse", "ms-ssim"), f"loss.metric must be mse or ms-ssim, got '{cfg.loss.metric}'"),
         (cfg.loss.metric != "ms-ssim" or cfg.data.crop >= 161, "loss.metric ms-ssim needs data.crop >= 161"),
         (cfg.optim.lr > 0, "optim.lr must be positive"),
+        (cfg.optim.aux_lr > 0, "optim.aux_lr must be positive"),
+        (cfg.data.val_max_images is None or cfg.data.val_max_images >= 1, "data.val_max_images must be at least 1"),
+        (cfg.data.val_crop is None or cfg.data.val_crop >= 16, "data.val_crop must be at least 16"),
+        (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (cfg.compare.eval_max_images is None or cfg.compare.eval_max_images >= 1,
+         "compare.eval_max_images must be at least 1"),
         (cfg.train.steps >= 0, "train.steps must be >= 0"),
         (cfg.train.val_every >= 1, "train.val_every must be at least 1"),
         (cfg.train.ckpt_every >= 1, "train.ckpt_every must be at least 1"),
@@ -276,4 +301,6 @@ def config_from_dict(d: dict) -> RunConfig:
 
 
 def dump_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from .checkpoint import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

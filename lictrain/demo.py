@@ -3,12 +3,11 @@ CPU cores), with the Table-1-style summary printed and the plots written under r
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
-from .compare import compare, plan_runs, set_name, summary_markdown
+from .compare import compare, evaluate_or_reuse, plan_runs, summary_markdown
 from .config import load_config
 from .plots import plot_run
 
@@ -34,7 +33,7 @@ def run_demo(config: str, overrides: list[str], out_dir: str) -> dict:
     print("|---|---:|---:|---:|---:|")
     for run in plan_runs(cfg, out):
         for spec in cc.eval_data:
-            r = json.loads((run.run_dir / f"eval-{set_name(spec)}" / "results.json").read_text())["results"]
+            r = evaluate_or_reuse(run, spec, cc.eval_max_images)["results"]  # made by compare(): read back
             print(f"| {run.recipe} | {run.lmbda:g} | {r['bpp'][0]:.4f} | {r['psnr-rgb'][0]:.2f} | "
                   f"{r['ms-ssim-rgb'][0]:.4f} |")
     print(f"\n{time.perf_counter() - t0:.0f} s. Plots: " + ", ".join(summary["plots"]))

@@ -10,6 +10,7 @@ checkpoint, so several lambdas form one curve.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import time
@@ -21,7 +22,9 @@ import torch
 from PIL import Image
 
 from . import bitstream
-from .checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint, weights_fingerprint
+from .checkpoint import (
+    checkpoint_config, load_checkpoint, model_from_checkpoint, weights_fingerprint, write_text_atomic,
+)
 from .data import EvalImages, crop_to, load_rgb, pad_to_multiple, to_tensor
 from .errors import LictrainError
 from .losses import MS_SSIM_MIN_SIDE, bpp_from_likelihoods, ms_ssim_value
@@ -140,10 +143,11 @@ def evaluate(
         points.append({k: float(np.mean([getattr(r, k) for r in per]))
                        for k in ("bpp", "bpp_estimated", "psnr_rgb", "ms_ssim_rgb", "encoding_time", "decoding_time")})
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "per_image.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(asdict(rows[0])))
+    writer.writeheader()
+    writer.writerows(asdict(r) for r in rows)
+    write_text_atomic(out_dir / "per_image.csv", table.getvalue())
     c0 = codecs[0]
     summary = {
         "name": name or f"{c0.name}-{c0.preset}",
@@ -159,7 +163,7 @@ def evaluate(
             "decoding_time": [p["decoding_time"] for p in points],
         },
     }
-    (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out_dir / "results.json", json.dumps(summary, indent=2))  # last: its presence means done
     return summary
 
 

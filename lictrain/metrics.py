@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,8 +50,8 @@ def median_smooth(values: list[float]) -> list[float]:
 
 
 def converged_loss(curve: list[CurvePoint]) -> float:
-    """The target: minimum of the median-smoothed curve, the untrained step-0 point left out."""
-    pts = [p for p in curve if p.step != 0] or curve
+    """The target: minimum of the median-smoothed curve, the untrained step-0 point and non-finite losses left out."""
+    pts = [p for p in curve if p.step != 0 and math.isfinite(p.loss)] or curve
     return min(median_smooth([p.loss for p in pts]))
 
 
@@ -86,9 +87,9 @@ def to_anchor(recipe_curve: list[CurvePoint], anchor_curve: list[CurvePoint]) ->
     a, r = first_reach(anchor_curve, target), first_reach(recipe_curve, target)
     if not r.reached:
         return ToAnchor(None, None, r.final_gap)
-    steps = r.step / a.step if a.step else math.nan
-    time = r.train_time / a.train_time if a.train_time else math.nan
-    return ToAnchor(steps, time)
+    if not a.step or not a.train_time:  # the anchor "reached" its target untrained: no meaningful ratio
+        return ToAnchor(None, None, r.final_gap)
+    return ToAnchor(r.step / a.step, r.train_time / a.train_time)
 
 
 def mean_and_spread(values: list[float]) -> tuple[float, float]:
@@ -96,15 +97,33 @@ def mean_and_spread(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
+class BDRateUnavailable(ValueError):
+    """BD-rate cannot be computed honestly for these curves; the message says why."""
+
+
 def bd_rate(anchor: tuple[list[float], list[float]], test: tuple[list[float], list[float]],
-            method: str = "akima") -> float | None:
-    """BD-rate (%) of test against anchor, each (bpp list, psnr list); None with fewer than 4 points each."""
+            method: str = "akima") -> float:
+    """BD-rate (%) of test against anchor, each (bpp list, psnr list), by the bjontegaard package.
+
+    The package interpolates log-rate as a function of PSNR, so each curve is sorted by PSNR. Raises
+    BDRateUnavailable with fewer than 4 points, PSNR values that repeat, or PSNR ranges that do not overlap
+    (where BD-rate would be an extrapolation).
+    """
     import bjontegaard
 
     (ra, da), (rt, dt) = anchor, test
     if min(len(ra), len(rt)) < 4:
-        return None
-    order_a, order_t = np.argsort(ra), np.argsort(rt)
-    return float(bjontegaard.bd_rate(np.asarray(ra)[order_a], np.asarray(da)[order_a],
-                                     np.asarray(rt)[order_t], np.asarray(dt)[order_t], method=method,
-                                     require_matching_points=False))
+        raise BDRateUnavailable("<4 λ")
+    curves = []
+    for rate, psnr in ((ra, da), (rt, dt)):
+        order = np.argsort(psnr)
+        r, d = np.asarray(rate, float)[order], np.asarray(psnr, float)[order]
+        if np.any(np.diff(d) <= 0):
+            raise BDRateUnavailable("repeated PSNR")
+        curves.append((r, d))
+    (r_a, d_a), (r_t, d_t) = curves
+    if min(d_a[-1], d_t[-1]) <= max(d_a[0], d_t[0]):
+        raise BDRateUnavailable("PSNR ranges do not overlap")
+    with warnings.catch_warnings():  # the package warns on partial overlap; the result is over the overlap
+        warnings.simplefilter("ignore")
+        return float(bjontegaard.bd_rate(r_a, d_a, r_t, d_t, method=method, require_matching_points=False))

@@ -25,7 +25,7 @@ import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm import tqdm
 
-from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
+from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic, write_text_atomic
 from .config import RunConfig, dump_config
 from .data import EvalImages, ImageList, crop_to, pad_to_multiple, train_loader
 from .ema import EMA
@@ -57,6 +57,8 @@ def resolve_device(name: str) -> torch.device:
         raise LictrainError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LictrainError(f"device '{name}' requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise LictrainError(f"device '{name}' requested but there are {torch.cuda.device_count()} CUDA devices")
     return dev
 
 
@@ -115,8 +117,14 @@ class MetricsLog:
         """Drop lines logged after `step` (written after the checkpoint a run resumes from)."""
         if not path.exists():
             return
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+        keep = []
+        for ln in path.read_text().splitlines():
+            try:
+                if json.loads(ln)["step"] <= step:
+                    keep.append(ln)
+            except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+                continue
+        write_text_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
 @contextmanager
@@ -191,9 +199,9 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
             ema.load_state_dict(ckpt["ema"])
         method.load_state_dict(ckpt["method"])
         st.update(ckpt["state"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())  # map_location moved it; RNG states live on the CPU
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
         MetricsLog.truncate_after(metrics_path, st["step"])
         log.info("resuming %s at step %d", run_dir, st["step"])
     else:
@@ -328,8 +336,12 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
         if not mlog.file.closed:
             mlog.close()
 
+    if not ckpt_path.exists():  # train.steps = 0: keep the initial weights as the run's checkpoint
+        save_checkpoint()
+    if not last_val and (run_dir / "summary.json").exists():  # a finished run resumed: nothing new to report
+        last_val = json.loads((run_dir / "summary.json").read_text()).get("last_val", {})
     result = RunResult(run_dir, st["step"], st["train_time"], st["skipped_steps"], len(train_images.skipped), last_val)
     summary = {"step": result.step, "train_time": result.train_time, "skipped_steps": result.skipped_steps,
                "skipped_images": [str(p) for p, _ in train_images.skipped + val_set.skipped], "last_val": last_val}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return result

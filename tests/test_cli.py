@@ -74,3 +74,24 @@ def test_demo_prints_table_writes_plots_and_reuses_finished_runs(capsys, tmp_pat
 def test_list_shows_registries(capsys):
     code, out, _ = run(["list"], capsys)
     assert code == 0 and "elic" in out and "adam" in out and "standard" in out
+
+
+def test_resume_refuses_changes_that_do_not_fit_the_checkpoint(capsys, tmp_path):
+    base = ["--set", "data.crop=64", "--set", "data.batch_size=2", "--set", "data.val_crop=64",
+            "--set", "train.progress=false", "--set", "train.val_every=1"]
+    assert main(["train", "--run-dir", str(tmp_path / "r"), "--set", "train.steps=1", *base]) == 0
+    capsys.readouterr()
+    for args, needle in [(["--set", "optim.name=soap"], "'optim.name' cannot change"),
+                         (["--set", "model.preset=small"], "'model.preset' cannot change"),
+                         (["--optimizer", "soap"], "do not go with it")]:
+        code, _, err = run(["train", "--resume", str(tmp_path / "r"), *args], capsys)
+        assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_bad_optimizer_values_and_paths_are_one_line_errors(capsys, tmp_path):
+    code, _, err = run(["train", "--set", "optim.options={betas: [2.0, 0.9]}", "--set", "train.steps=1"], capsys)
+    assert code == 2 and err.startswith("error: optimizer 'adam'")
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(["train", "--run-dir", str(tmp_path / "file" / "sub"), "--set", "train.steps=1",
+                        "--set", "data.crop=64"], capsys)
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err

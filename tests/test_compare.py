@@ -45,7 +45,7 @@ def test_compare_runs_summarises_reuses_and_plots(tmp_path, monkeypatch):
     assert rows["adam"]["steps_to_anchor"]["mean"] == pytest.approx(1.0)
     assert rows["adam"]["bd_rate"]["samples:val"] is None  # 2 lambdas < 4: unavailable, not extrapolated
     md = (out / "summary.md").read_text()
-    assert "| adam | 1.00 | 1.00 |" in md and "unavailable" in md
+    assert "| adam | 1.00 | 1.00 |" in md and "unavailable (<4 λ)" in md
     for png in ("loss_vs_steps.png", "loss_vs_time.png", "rd_samples-val.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "summary.json").read_text())["anchor"] == "adam"

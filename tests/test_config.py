@@ -65,3 +65,10 @@ def test_missing_config_file():
 def test_valid_keys_cover_nested_sections():
     keys = valid_keys()
     assert {"run_dir", "model.name", "optim.lr", "train.ema_decay", "data.crop"} <= set(keys)
+
+
+def test_dotted_keys_into_mappings_change_one_entry():
+    cfg = load_config(None, ["optim.options={betas: [0.9, 0.99]}", "optim.options.weight_decay=1e-2",
+                             "compare.lambdas=[1e-3, 2.5e-3]"])
+    assert cfg.optim.options == {"betas": [0.9, 0.99], "weight_decay": 0.01}
+    assert cfg.compare.lambdas == [0.001, 0.0025]

@@ -1,6 +1,6 @@
 import pytest
 
-from lictrain.metrics import CurvePoint, bd_rate, converged_loss, first_reach, median_smooth, to_anchor
+from lictrain.metrics import BDRateUnavailable, CurvePoint, bd_rate, converged_loss, first_reach, median_smooth, to_anchor
 
 
 def curve(losses, every=100, secs_per_step=0.1):
@@ -54,5 +54,16 @@ def test_bd_rate_of_a_uniform_rate_saving_is_that_saving():
     assert bd_rate((bpp, psnr), ([1.05 * b for b in bpp], psnr), method="pchip") == pytest.approx(5.0, abs=1e-6)
 
 
-def test_bd_rate_needs_four_points():
-    assert bd_rate(([0.1, 0.2, 0.4], [26.0, 29.0, 32.0]), ([0.1, 0.2, 0.4], [26.5, 29.5, 32.5])) is None
+def test_bd_rate_sorts_points_by_psnr():
+    bpp, psnr = [0.4, 0.1, 0.8, 0.2], [32.0, 26.0, 35.0, 29.0]
+    assert bd_rate((bpp, psnr), ([0.9 * b for b in bpp], psnr)) == pytest.approx(-10.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("anchor,test,why", [
+    (([0.1, 0.2, 0.4], [26.0, 29.0, 32.0]), ([0.1, 0.2, 0.4], [26.5, 29.5, 32.5]), "<4"),
+    (([0.1, 0.2, 0.4, 0.8], [26.0, 29.0, 32.0, 35.0]), ([0.3, 0.4, 0.5, 0.7], [36.0, 37.0, 38.0, 39.0]), "overlap"),
+    (([0.1, 0.2, 0.4, 0.8], [26.0, 29.0, 29.0, 35.0]), ([0.1, 0.2, 0.4, 0.8], [26.0, 29.0, 32.0, 35.0]), "repeated"),
+])
+def test_bd_rate_is_unavailable_rather_than_extrapolated(anchor, test, why):
+    with pytest.raises(BDRateUnavailable, match=why):
+        bd_rate(anchor, test)

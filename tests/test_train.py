@@ -186,3 +186,15 @@ def test_soap_trains_every_model(tmp_path, name):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     state = ckpt["optimizer"]["state"]
     assert any(any(f is not None for f in s["GG"]) for s in state.values())  # conv kernels got Kronecker factors
+
+
+def test_resume_drops_log_lines_after_the_checkpoint_and_a_line_cut_by_a_crash(tmp_path):
+    cfg = tiny_config(tmp_path, "train.steps=4", "train.val_every=2", "train.ckpt_every=2")
+    train(cfg)
+    log = tmp_path / "run" / "metrics.jsonl"
+    ckpt = load_checkpoint(tmp_path / "run")
+    # pretend the run crashed after logging step 5 (and half a line), with its last checkpoint at step 4
+    log.write_text(log.read_text() + json.dumps({"kind": "train", "step": 5, "loss": 1.0}) + "\n" + '{"kind": "tr')
+    train(tiny_config(tmp_path, "train.steps=6", "train.val_every=2", "train.ckpt_every=2"), resume=True)
+    steps = [r["step"] for r in read_jsonl(log) if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6] and ckpt["state"]["step"] == 4

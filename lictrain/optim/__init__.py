@@ -87,7 +87,10 @@ def build_optimizer(name: str, params: Iterable, lr: float, options: dict | None
             f"optimizer '{base}' has no option {', '.join(unknown)}; valid options: {', '.join(sorted(accepted - {'lr'}))}"
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}  # YAML lists -> betas tuples
-    opt = spec.cls(params, lr=lr, **kwargs)
+    try:
+        opt = spec.cls(params, lr=lr, **kwargs)
+    except (ValueError, TypeError) as e:  # torch's own checks of option values (betas, eps, ...)
+        raise LictrainError(f"optimizer '{base}': {str(e).splitlines()[0]}") from None
     for w in wrappers:
         opt = WRAPPERS[w](opt, **wrapper_options[w])
     return opt

@@ -249,8 +249,10 @@ class SOAP(Optimizer):
         # One check for all tensors: a non-finite gradient must reach neither the factors, the moments nor the weights.
         if not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
             return loss
-        for group in self.param_groups:
-            self._step_group(group)
+        # Factors, bases and rotations in full precision even when the caller runs under autocast.
+        with torch.autocast(device_type=grads[0].device.type, enabled=False):
+            for group in self.param_groups:
+                self._step_group(group)
         return loss
 
     def _plan(self, p: torch.Tensor, state: dict) -> list:
@@ -360,6 +362,7 @@ class SOAP(Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
+        self._plans.clear()
         # torch casts loaded state to each parameter's dtype; SOAP's numerics need fp32 (or fp64) state.
         for p, state in self.state.items():
             dtype = self._factor_dtype(p)
