@@ -76,3 +76,16 @@ def test_a_run_with_the_same_configuration_under_another_name_is_reused(tmp_path
     (first[0].run_dir).mkdir(parents=True)
     again = plan_runs(compare_config(tmp_path, "compare.recipes=[adam]"), tmp_path / "cmp")
     assert again[0].run_dir == first[0].run_dir and again[0].recipe == "adam"
+
+
+def test_an_interrupted_run_stops_the_compare_before_evaluation(tmp_path, monkeypatch):
+    import lictrain.compare as cmp_mod
+    from lictrain.train import RunResult
+
+    def interrupted(cfg, resume=False, hooks=()):
+        return RunResult(cfg.run_dir, 2, 0.1, 0, 0, {})
+
+    monkeypatch.setattr(cmp_mod, "train", interrupted)
+    monkeypatch.setattr(cmp_mod, "evaluate", lambda *a, **k: pytest.fail("evaluated a half-trained run"))
+    with pytest.raises(LictrainError, match="interrupted .* at step 2; run the same command again"):
+        compare(compare_config(tmp_path), tmp_path / "cmp")

@@ -345,3 +345,17 @@ def test_qr_refresh_keeps_second_moments_with_their_eigenvectors_when_the_order_
     assert abs(st["Q"][0][1, 0]) > 0.99  # e2 now has the largest eigenvalue: first column
     v = st["exp_avg_sq"][:, 0]  # the r direction is the second factor's first eigenvector
     assert v[0].item() == pytest.approx(expect[2], rel=0.01) and v[1].item() == pytest.approx(expect[1], rel=0.01)
+
+
+def test_factors_and_refresh_stay_fp32_under_autocast():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    opt = SOAP([p], lr=1e-2, precondition_frequency=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(4):
+            p.grad = torch.randn(6, 5)
+            opt.step()
+    st = opt.state[p]
+    assert st["GG"][0].dtype == st["Q"][0].dtype == torch.float32 and st["step"] == 4
+    q = st["Q"][0]
+    assert torch.allclose(q.T @ q, torch.eye(6), atol=1e-5)  # a real (orthogonal, fp32) basis after the refreshes
