@@ -1,7 +1,8 @@
 """The papers' comparison figures: Steps-to-anchor, Time-to-anchor (from validation curves) and BD-rate.
 
 Definitions (used by `lictrain compare`):
-- A validation curve is the list of (step, train_time, loss) points of a run's metrics.jsonl (kind "val").
+- A validation curve is the list of (step, train_time, loss) points of a run's metrics.jsonl (kind "val"), less
+  the extra validation a Ctrl-C adds (marked "interrupted").
 - The anchor's converged loss (the target) is the minimum over the run (step 0 left out) of its validation curve
   smoothed by a running median of three consecutive points (two at the ends). The median keeps a single lucky
   validation from setting a target that the anchor's own plateau, and a recipe as good as the anchor, never reach
@@ -39,7 +40,7 @@ def read_val_curve(metrics_jsonl: str | Path) -> list[CurvePoint]:
     for line in Path(metrics_jsonl).read_text().splitlines():
         if line.strip():
             r = json.loads(line)
-            if r.get("kind") == "val":
+            if r.get("kind") == "val" and not r.get("interrupted"):
                 points.append(CurvePoint(r["step"], r["train_time"], r["loss"]))
     return points
 

@@ -230,12 +230,12 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
             ckpt_path,
         )
 
-    def run_validation(step_scheduler: bool) -> dict:
+    def run_validation(step_scheduler: bool, extra: dict | None = None) -> dict:
         val = validate(ema.model if ema is not None else model, val_set, criterion, device, multiple)
         if step_scheduler and st["step"] > cfg.train.warmup_steps:
             scheduler.step(val["loss"])
         record = {"kind": "val", "step": st["step"], "images_seen": st["images_seen"],
-                  "train_time": st["train_time"], "lr": optimizer.param_groups[0]["lr"], **val}
+                  "train_time": st["train_time"], "lr": optimizer.param_groups[0]["lr"], **val, **(extra or {})}
         mlog.write(record)
         say(f"step {st['step']:>7d}  val loss {val['loss']:.4f}  bpp {val['bpp']:.4f}  PSNR {val['psnr']:.2f} dB  "
             f"train time {st['train_time']:.1f}s")
@@ -324,7 +324,11 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
                     _sync(device)
                     st["train_time"] += time.perf_counter() - tick
                     if regular_val or at_end:
-                        last_val = run_validation(step_scheduler=regular_val)
+                        # A validation only because of Ctrl-C is marked: curves compared between runs leave it out,
+                        # so an interrupted run gains no extra resolution in Steps-to-anchor.
+                        off_schedule = not regular_val and st["step"] != total
+                        last_val = run_validation(step_scheduler=regular_val,
+                                                  extra={"interrupted": True} if off_schedule else None)
                     if regular_ckpt or at_end:
                         save_checkpoint()
                     tick = time.perf_counter()

@@ -272,9 +272,12 @@ def test_bf16_parameters_keep_fp32_state_after_loading():
     opt = SOAP([p])
     p.grad = torch.randn(4, 5, dtype=torch.bfloat16)
     opt.step()
-    opt.load_state_dict(opt.state_dict())
+    saved = copy.deepcopy(opt.state_dict())
+    opt.load_state_dict(saved)
     st = opt.state[p]
     assert st["GG"][0].dtype == st["Q"][1].dtype == st["exp_avg_sq"].dtype == torch.float32
+    # not merely cast back: the exact saved values (torch's load would have rounded them through bf16)
+    assert torch.equal(st["Q"][1], saved["state"][0]["Q"][1]) and torch.equal(st["GG"][0], saved["state"][0]["GG"][0])
 
 
 @pytest.mark.parametrize("fresh", [True, False])

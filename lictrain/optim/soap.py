@@ -361,14 +361,20 @@ class SOAP(Optimizer):
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts loaded state to each parameter's dtype (bf16 would round the factors and bases); put back the
+        # saved fp32 (or fp64) tensors, on the parameter's device.
+        originals = dict(state_dict["state"])
         super().load_state_dict(state_dict)
         self._plans.clear()
-        # torch casts loaded state to each parameter's dtype; SOAP's numerics need fp32 (or fp64) state.
-        for p, state in self.state.items():
-            dtype = self._factor_dtype(p)
+        indices = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(indices, params):
+            if i not in originals or p not in self.state:
+                continue
+            saved, state, dtype = originals[i], self.state[p], self._factor_dtype(p)
             for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    state[key] = state[key].to(dtype)
+                if key in saved:
+                    state[key] = saved[key].to(device=p.device, dtype=dtype)
             for key in ("GG", "Q"):
-                if key in state:
-                    state[key] = [None if t is None else t.to(dtype) for t in state[key]]
+                if key in saved:
+                    state[key] = [None if t is None else t.to(device=p.device, dtype=dtype) for t in saved[key]]
