@@ -27,12 +27,12 @@ def save_atomic(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a user-facing text file so that a crash or a full disk never leaves it half-written."""
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a user-facing file (text or bytes) so that a crash or a full disk never leaves it half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
     os.replace(tmp, path)
 
 

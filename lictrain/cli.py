@@ -188,10 +188,9 @@ def _csv(text: str, kind):
 
 def cmd_compare(args) -> int:
     from .compare import compare, summary_markdown
-    from .config import load_config
+    from .config import load_config, validate
 
-    overrides = list(args.overrides)
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, args.overrides)
     if args.recipes:
         cfg.compare.recipes = _csv(args.recipes, str)
     if args.lambdas:
@@ -200,8 +199,6 @@ def cmd_compare(args) -> int:
         cfg.compare.seeds = _csv(args.seeds, int)
     if args.eval_data:
         cfg.compare.eval_data = list(args.eval_data)
-    from .config import validate
-
     validate(cfg)
     summary = compare(cfg, args.out)
     print(summary_markdown(summary))

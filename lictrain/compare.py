@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import load_checkpoint, write_text_atomic
+from .checkpoint import load_checkpoint, write_atomic
 from .config import RunConfig, config_from_dict, set_key, validate
 from .data import active_spec
 from .errors import LictrainError
@@ -124,7 +124,7 @@ def evaluate_or_reuse(run: Run, spec: str, max_images: int | None) -> dict:
             pass
     data = evaluate([run.run_dir / "checkpoint.pt"], spec, out, name=run.recipe, max_images=max_images)
     data["lictrain"] = stamp
-    write_text_atomic(results, json.dumps(data, indent=2))
+    write_atomic(results, json.dumps(data, indent=2))
     return data
 
 
@@ -141,12 +141,12 @@ def compare(base: RunConfig, out_dir: str | Path) -> dict:
             points.setdefault((run.recipe, run.seed, spec), []).append((run.lmbda, r["bpp"][0], r["psnr-rgb"][0]))
     summary = summarize(runs, points, cc.recipes, cc.eval_data, cc.bd_method)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
-    write_text_atomic(out_dir / "summary.md", summary_markdown(summary))
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+    write_atomic(out_dir / "summary.md", summary_markdown(summary))
     from .plots import plot_compare
 
     summary["plots"] = [str(p) for p in plot_compare(runs, points, cc.eval_data, out_dir)]
-    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -301,6 +301,6 @@ def config_from_dict(d: dict) -> RunConfig:
 
 
 def dump_config(cfg: RunConfig, path: Path) -> None:
-    from .checkpoint import write_text_atomic
+    from .checkpoint import write_atomic
 
-    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -23,7 +23,7 @@ from PIL import Image
 
 from . import bitstream
 from .checkpoint import (
-    checkpoint_config, load_checkpoint, model_from_checkpoint, weights_fingerprint, write_text_atomic,
+    checkpoint_config, load_checkpoint, model_from_checkpoint, weights_fingerprint, write_atomic,
 )
 from .data import EvalImages, crop_to, load_rgb, pad_to_multiple, to_tensor
 from .errors import LictrainError
@@ -147,7 +147,7 @@ def evaluate(
     writer = csv.DictWriter(table, fieldnames=list(asdict(rows[0])))
     writer.writeheader()
     writer.writerows(asdict(r) for r in rows)
-    write_text_atomic(out_dir / "per_image.csv", table.getvalue())
+    write_atomic(out_dir / "per_image.csv", table.getvalue())
     c0 = codecs[0]
     summary = {
         "name": name or f"{c0.name}-{c0.preset}",
@@ -163,7 +163,7 @@ def evaluate(
             "decoding_time": [p["decoding_time"] for p in points],
         },
     }
-    write_text_atomic(out_dir / "results.json", json.dumps(summary, indent=2))  # last: its presence means done
+    write_atomic(out_dir / "results.json", json.dumps(summary, indent=2))  # last: its presence means done
     return summary
 
 
@@ -177,7 +177,7 @@ def compress_file(checkpoint: str, image: str, output: str) -> dict:
     except Exception as e:
         raise LictrainError(f"cannot read image {image}: {str(e).splitlines()[0][:120]}") from None
     data = bitstream.encode(codec.compress(x))
-    _write_atomic(Path(output), data)
+    write_atomic(Path(output), data)
     h, w = x.shape[-2:]
     return {"bytes": len(data), "bpp": len(data) * 8 / (h * w)}
 
@@ -197,10 +197,3 @@ def decompress_file(checkpoint: str, file: str, output: str) -> dict:
     Image.fromarray(arr).save(tmp, **({"lossless": True} if out.suffix.lower() == ".webp" else {}))
     tmp.replace(out)
     return {"height": arr.shape[0], "width": arr.shape[1]}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)

@@ -25,7 +25,7 @@ import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm import tqdm
 
-from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic, write_text_atomic
+from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic, write_atomic
 from .config import RunConfig, dump_config
 from .data import EvalImages, ImageList, crop_to, pad_to_multiple, train_loader
 from .ema import EMA
@@ -124,7 +124,7 @@ class MetricsLog:
                     keep.append(ln)
             except (ValueError, KeyError, TypeError):  # a line cut short by a crash
                 continue
-        write_text_atomic(path, "".join(ln + "\n" for ln in keep))
+        write_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
 @contextmanager
@@ -347,5 +347,5 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
     result = RunResult(run_dir, st["step"], st["train_time"], st["skipped_steps"], len(train_images.skipped), last_val)
     summary = {"step": result.step, "train_time": result.train_time, "skipped_steps": result.skipped_steps,
                "skipped_images": [str(p) for p, _ in train_images.skipped + val_set.skipped], "last_val": last_val}
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return result

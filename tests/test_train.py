@@ -203,3 +203,15 @@ def test_resume_drops_log_lines_after_the_checkpoint_and_a_line_cut_by_a_crash(t
     train(tiny_config(tmp_path, "train.steps=6", "train.val_every=2", "train.ckpt_every=2"), resume=True)
     steps = [r["step"] for r in read_jsonl(log) if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6] and ckpt["state"]["step"] == 4
+
+
+def test_zero_steps_keeps_the_initial_weights_and_a_finished_resume_keeps_its_summary(tmp_path):
+    train(tiny_config(tmp_path, "train.steps=0", name="zero"))
+    torch.manual_seed(0)
+    initial = build_model("mbt2018-mean", "tiny").state_dict()
+    saved = load_checkpoint(tmp_path / "zero")
+    assert saved["state"]["step"] == 0 and torch.equal(saved["model"]["g_a.0.weight"], initial["g_a.0.weight"])
+    train(tiny_config(tmp_path, "train.steps=2", "train.val_every=2"))
+    before = json.loads((tmp_path / "run" / "summary.json").read_text())["last_val"]
+    train(tiny_config(tmp_path, "train.steps=2", "train.val_every=2"), resume=True)  # nothing left to do
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["last_val"] == before != {}
