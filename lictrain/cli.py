@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--run-dir", help="where checkpoints and logs go (config key run_dir)")
     p.add_argument("--optimizer", help="shortcut for --set optim.name=NAME")
+    p.add_argument("--recipe", help="a named recipe (as in compare: adam, soap, balanced-rd, balanced-rd-qp, ...); "
+                                    "--optimizer and --set apply on top of it")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="fine-tune: start from this checkpoint's weights (shortcut for --set train.init_from=...)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR exactly where its last checkpoint left it "
                         "(its saved config is used; --set may change e.g. train.steps)")
@@ -114,9 +118,9 @@ def cmd_train(args) -> int:
     from .train import train
 
     if args.resume:
-        if args.config or args.optimizer or args.run_dir:
-            raise LictrainError("--resume continues the run with its saved config: --config, --optimizer and "
-                                "--run-dir do not go with it (change e.g. train.steps with --set)")
+        if args.config or args.optimizer or args.run_dir or args.recipe or args.init_from:
+            raise LictrainError("--resume continues the run with its saved config: --config, --optimizer, --recipe, "
+                                "--init-from and --run-dir do not go with it (change e.g. train.steps with --set)")
         ckpt = load_checkpoint(Path(args.resume) / "checkpoint.pt")
         cfg = checkpoint_config(ckpt)
         cfg.run_dir = str(args.resume)
@@ -128,7 +132,12 @@ def cmd_train(args) -> int:
             set_key(cfg, key, value)
         validate(cfg)
     else:
-        overrides = list(args.overrides)
+        from .compare import recipe_overrides
+
+        overrides = recipe_overrides(args.recipe) if args.recipe else []
+        overrides += list(args.overrides)
+        if args.init_from:
+            overrides.append(f"train.init_from={args.init_from}")
         if args.run_dir:
             overrides.append(f"run_dir={args.run_dir}")
         if args.optimizer:

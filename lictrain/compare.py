@@ -35,7 +35,18 @@ RECIPES: dict[str, dict] = {
     "shampoo": {"optim.name": "shampoo"},
     "muon": {"optim.name": "muon"},
     "sgd": {"optim.name": "sgd"},
+    "balanced-rd": {"optim.name": "adam", "method.name": "balanced-rd"},  # Solution 1, from scratch
+    # Solution 2 is for fine-tuning: give the compare a train.init_from checkpoint (all its recipes start there)
+    "balanced-rd-qp": {"optim.name": "adam", "method.name": "balanced-rd-qp"},
+    "soap+balanced-rd": {"optim.name": "soap", "method.name": "balanced-rd"},
 }
+
+
+def recipe_overrides(name: str) -> list[str]:
+    """A built-in recipe as `key=value` overrides (for `lictrain train --recipe`)."""
+    if name not in RECIPES:
+        raise LictrainError(f"unknown recipe '{name}'; valid recipes: {', '.join(RECIPES)}")
+    return [f"{k}={v}" for k, v in RECIPES[name].items()]
 
 
 @dataclass
@@ -57,6 +68,8 @@ def config_hash(cfg: RunConfig) -> str:
     d.pop("compare")
     d["train"].pop("progress")
     d["train"].pop("tensorboard")
+    if d["train"].get("init_from") is None:  # added after the first benchmarks: unset, it must not change hashes
+        d["train"].pop("init_from", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -64,6 +64,7 @@ class TrainConfig:
     clip_max_norm: float = 1.0  # 0 disables clipping (the norm is still checked for NaN/Inf)
     ema_decay: float = 0.999  # 0 disables the EMA; validation and the saved model use the EMA weights
     warmup_steps: int = 0  # linear learning-rate warm-up
+    init_from: str | None = None  # fine-tune: start from this checkpoint's (EMA) weights (file or run folder)
     val_every: int = 100
     ckpt_every: int = 500
     log_every: int = 10  # training-loss lines in metrics.jsonl

@@ -150,6 +150,42 @@ def _graceful_interrupt():
             signal.signal(signal.SIGINT, previous)
 
 
+def _load_initial_weights(model, cfg: RunConfig) -> None:
+    """Fine-tuning starts from the weights a run is evaluated with (its EMA when it kept one); optimizer state,
+    step count and schedule start afresh."""
+    ckpt = load_checkpoint(cfg.train.init_from)
+    src = ckpt["config"]["model"]
+    if (src["name"], src["preset"]) != (cfg.model.name, cfg.model.preset):
+        raise LictrainError(f"train.init_from holds a {src['name']} ({src['preset']}) model but this run builds "
+                            f"{cfg.model.name} ({cfg.model.preset})")
+    model.load_state_dict(ckpt["ema"]["model"] if ckpt.get("ema") else ckpt["model"])
+    log.info("initialised from %s (step %d)", cfg.train.init_from, ckpt["state"]["step"])
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _reevaluator(model, criterion, x, rng, device):
+    """The R-D terms of batch x under the current weights and the same noise draw as the step's forward pass.
+
+    Same noise, so the difference to the step's terms is the effect of the update alone; the global RNG is restored
+    afterwards, so asking for it does not change the random numbers the rest of the run sees.
+    """
+    if rng is None:
+        return None
+
+    @torch.no_grad()
+    def reevaluate():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.set_rng_state(rng[0])
+            if rng[1] is not None:
+                torch.cuda.set_rng_state(rng[1], device)
+            return criterion(model(x), x)
+
+    return reevaluate
+
+
 def _is_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
@@ -167,6 +203,8 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, cfg.model.preset).to(device)
+    if cfg.train.init_from and not resume:
+        _load_initial_weights(model, cfg)
     multiple = downsampling(cfg.model.name)
     if cfg.data.crop % multiple:
         raise LictrainError(f"data.crop must be a multiple of {multiple} for {cfg.model.name}, got {cfg.data.crop}")
@@ -182,7 +220,7 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
     )
     ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     method = build_method(cfg.method.name, cfg.method.options)
-    method.attach(model, optimizer, params)
+    method.attach(model, optimizer, params, total_steps=cfg.train.steps)
     criterion = RateDistortionLoss(cfg.loss.lmbda, cfg.loss.metric)
     train_images = ImageList.scan(cfg.data.train, cfg.data.cache_mb)
     val_set = EvalImages(cfg.data.val, cfg.data.val_crop, cfg.data.val_max_images)
@@ -263,8 +301,11 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
                     for g in optimizer.param_groups:
                         g["lr"] = g["initial_lr"] * (step + 1) / cfg.train.warmup_steps
                 model.train()
+                rng = _rng_state(device) if method.needs_reevaluation else None
                 terms = criterion(model(x), x)
-                ctx = StepContext(step=step, model=model, optimizer=optimizer, params=params, terms=terms)
+                will_log = (step + 1) % cfg.train.log_every == 0 or step + 1 == total
+                ctx = StepContext(step=step, model=model, optimizer=optimizer, params=params, terms=terms,
+                                  will_log=will_log, reevaluate=_reevaluator(model, criterion, x, rng, device))
                 logs: dict = {}
                 for h in hooks:
                     logs.update(h.before_backward(ctx) or {})

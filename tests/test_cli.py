@@ -29,6 +29,9 @@ def test_help_lists_the_commands():
     (["train", "--optimizer", "lion", "--set", "train.steps=1"], "unknown optimizer 'lion'"),
     (["train", "--set", "data.train=/no/such/folder"], "image folder not found"),
     (["train", "--resume", "/no/such/run"], "checkpoint not found"),
+    (["train", "--recipe", "fast"], "unknown recipe 'fast'"),
+    (["train", "--recipe", "balanced-rd-qp", "--init-from", "/no/such/run"], "checkpoint not found"),
+    (["train", "--set", "method.name=balanced"], "unknown method 'balanced'"),
     (["eval", "/no/such/run"], "checkpoint not found"),
     (["decompress", "/no/such.lic", "-o", "x.png", "--checkpoint", "/no/run"], "not found"),
 ])

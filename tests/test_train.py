@@ -215,3 +215,17 @@ def test_zero_steps_keeps_the_initial_weights_and_a_finished_resume_keeps_its_su
     before = json.loads((tmp_path / "run" / "summary.json").read_text())["last_val"]
     train(tiny_config(tmp_path, "train.steps=2", "train.val_every=2"), resume=True)  # nothing left to do
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["last_val"] == before != {}
+
+
+def test_init_from_starts_from_the_source_runs_evaluated_weights(tmp_path):
+    train(tiny_config(tmp_path, "train.steps=4", "train.ema_decay=0.9", name="src"))
+    train(tiny_config(tmp_path, "train.steps=0", f"train.init_from={tmp_path / 'src'}", name="ft"))
+    src, ft = load_checkpoint(tmp_path / "src"), load_checkpoint(tmp_path / "ft")
+    for k, v in src["ema"]["model"].items():
+        assert torch.equal(ft["model"][k], v), k
+    assert not torch.equal(src["model"]["g_a.0.weight"], src["ema"]["model"]["g_a.0.weight"])  # EMA, not raw
+    with pytest.raises(LictrainError, match="holds a mbt2018-mean"):
+        train(tiny_config(tmp_path, "model.name=bmshj2018-hyperprior", f"train.init_from={tmp_path / 'src'}",
+                          name="other"))
+    with pytest.raises(LictrainError, match="checkpoint not found"):
+        train(tiny_config(tmp_path, f"train.init_from={tmp_path / 'nowhere'}", name="missing"))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import inspect
 
 from ..errors import LictrainError
+from .balanced_rd import BalancedRD, BalancedRDQP
 from .base import Method, StepContext, StepHook
 from .standard import Standard
 
-METHODS: dict[str, type[Method]] = {"standard": Standard}
+METHODS: dict[str, type[Method]] = {"standard": Standard, "balanced-rd": BalancedRD, "balanced-rd-qp": BalancedRDQP}
 
 
 def build_method(name: str, options: dict | None = None) -> Method:

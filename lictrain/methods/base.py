@@ -21,6 +21,7 @@ A method's state_dict() goes into checkpoints so a resumed run continues exactly
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -36,12 +37,18 @@ class StepContext:
     params: list[nn.Parameter]  # the main optimizer's parameters (quantiles excluded)
     terms: RDTerms | None = None
     extras: dict = field(default_factory=dict)  # room for method/hook cooperation within one step
+    will_log: bool = False  # this step's logs reach metrics.jsonl: compute costly diagnostics only then
+    # Re-runs the forward pass on this step's batch with this step's noise (no graph, RNG untouched); set when the
+    # method asks for it (needs_reevaluation), e.g. to measure how much each objective improved after the update.
+    reevaluate: Callable[[], RDTerms] | None = None
 
 
 class Method:
     name = "method"
+    needs_reevaluation = False  # ask the loop for StepContext.reevaluate
 
-    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+               total_steps: int = 0) -> None:
         """Called once, after the model and optimizer exist and before any step (and before a resume loads state)."""
 
     def backward(self, ctx: StepContext) -> dict[str, float]:
