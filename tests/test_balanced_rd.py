@@ -12,7 +12,7 @@ from scipy.optimize import minimize_scalar
 from tests.conftest import tiny_config
 from lictrain.checkpoint import load_checkpoint
 from lictrain.losses import RDTerms
-from lictrain.methods import METHODS, StepContext
+from lictrain.methods import StepContext
 from lictrain.methods.balanced_rd import (BalancedRD, BalancedRDQP, coarse_to_fine, effective_weights,
                                           qp_weight_rate)
 from lictrain.methods.standard import Standard
@@ -78,17 +78,20 @@ def test_qp_degenerate_inputs_give_finite_weights():
     assert qp_weight_rate(float("nan"), 1.0, 0.0) == 0.5
     assert qp_weight_rate(0.0, 4.0, 0.0) == 1.0  # a zero rate gradient is already the min-norm point
     eff = effective_weights(torch.tensor([0.5, 0.5], dtype=torch.float64),
-                            torch.tensor([0.0, 3.0], dtype=torch.float64), 1e-8)  # a zero loss is floored
+                            torch.tensor([0.0, 3.0], dtype=torch.float64), 1e-8, "log")  # a zero loss is floored
     assert torch.isfinite(eff).all() and eff.sum().item() == pytest.approx(2.0)
 
 
 def test_effective_weights_neutral_point_is_the_standard_gradient():
     losses = torch.tensor([0.7, 42.0], dtype=torch.float64)
     w = losses / losses.sum()  # both objectives weighted by their size: equal relative progress
-    assert effective_weights(w, losses, 1e-8).tolist() == pytest.approx([1.0, 1.0], abs=1e-12)
+    assert effective_weights(w, losses, 1e-8, "log").tolist() == pytest.approx([1.0, 1.0], abs=1e-12)
     # equal weights on the logs favour the smaller objective by the ratio of the losses
-    eff = effective_weights(torch.tensor([0.5, 0.5], dtype=torch.float64), losses, 1e-8)
+    eff = effective_weights(torch.tensor([0.5, 0.5], dtype=torch.float64), losses, 1e-8, "log")
     assert eff[0] / eff[1] == pytest.approx(42.0 / 0.7)
+    # in space 'loss' the weights act on the objectives directly: (1/2, 1/2) is the standard gradient
+    assert effective_weights(torch.tensor([0.5, 0.5]), losses, 1e-8, "loss").tolist() == [1.0, 1.0]
+    assert effective_weights(torch.tensor([0.25, 0.75]), losses, 1e-8, "loss").tolist() == [0.5, 1.5]
 
 
 def test_logit_update_by_hand_and_direction():
@@ -159,33 +162,26 @@ def _toy_run(method, steps=3000, lr=0.004):
 
 @pytest.mark.parametrize("cls", [BalancedRD, BalancedRDQP])
 def test_balancing_reaches_a_more_balanced_point_than_the_weighted_sum(cls):
+    # space 'log': equal weights on log L1, log L2 are symmetric in the two objectives whatever their scales
     t_std, l1_std, l2_std = _toy_run(Standard())
     assert t_std[0].item() == pytest.approx(99 / 101, abs=1e-3)
-    t_bal, l1_bal, l2_bal = _toy_run(cls())
+    t_bal, l1_bal, l2_bal = _toy_run(cls(space="log"))
     assert t_bal.abs().max().item() < 1e-3  # the midpoint
     imbalance = lambda l1, l2: abs(math.log(11 / l1) - math.log(1100 / l2))  # noqa: E731
     assert imbalance(l1_bal, l2_bal) < 1e-3 < 1.0 < imbalance(l1_std, l2_std)
 
 
-class _NeutralBalancedRD(BalancedRD):
-    """Solution 1's machinery (weights, reevaluation, logit updates) with the multipliers pinned at (1, 1)."""
-
-    name = "neutral-balanced-rd"
-
-    def effective(self, losses):
-        return torch.ones(2, dtype=torch.float64)
-
-
-def test_neutral_weights_reproduce_the_standard_method_bit_for_bit(tmp_path, monkeypatch):
-    monkeypatch.setitem(METHODS, "neutral", _NeutralBalancedRD)
+def test_equal_weights_reproduce_the_standard_method_bit_for_bit(tmp_path):
+    """Space 'loss' at w = (1/2, 1/2) (weight_lr 0 keeps the logits at 0) is R + lmbda * D exactly: same weights
+    after training, so the extra same-noise forward pass did not disturb the RNG either."""
     common = ("train.steps=5", "train.val_every=5", "train.log_every=2")
     train(tiny_config(tmp_path, *common, name="std"))
-    train(tiny_config(tmp_path, *common, "method.name=neutral", name="neutral"))
+    train(tiny_config(tmp_path, *common, "method.name=balanced-rd", "method.options={weight_lr: 0.0}",
+                      name="neutral"))
     a, b = load_checkpoint(tmp_path / "std"), load_checkpoint(tmp_path / "neutral")
     for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k  # the extra forward pass did not touch the RNG either
-    logits = b["method"]["logits"]
-    assert logits.abs().max() > 0  # the weights did adapt (they just do not act)
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert b["method"]["logits"].abs().max() == 0
 
 
 def test_qp_with_neutral_weights_gives_the_standard_gradient():
@@ -243,5 +239,7 @@ def test_unknown_method_option_is_a_clear_error(tmp_path):
 
     with pytest.raises(LictrainError, match="no option gamm"):
         train(tiny_config(tmp_path, "method.name=balanced-rd", "method.options={gamm: 0.1}"))
+    with pytest.raises(LictrainError, match="space must be one of loss, log"):
+        train(tiny_config(tmp_path, "method.name=balanced-rd-qp", "method.options={space: exp}"))
     with pytest.raises(LictrainError, match="logit_optimizer"):
         train(tiny_config(tmp_path, "method.name=balanced-rd", "method.options={logit_optimizer: lbfgs}"))

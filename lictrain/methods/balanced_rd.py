@@ -1,34 +1,36 @@
 """Balanced R-D (Zhang, Duan, Huang, Zhu, CVPR 2025, arXiv 2502.20161): rate and distortion as two objectives.
 
 The objectives are L_R = R (bpp) and L_D = lmbda * D. Both solutions choose, every step, weights w = (w_R, w_D) on
-the simplex for the *log* objectives and update along
+the simplex and update along g = effective_R * grad L_R + effective_D * grad L_D, in one of two spaces:
 
-    g = n * sum_i a_i * grad L_i,    a_i = (w_i / L_i) / sum_j (w_j / L_j),    n = 2,
-
-the gradient of sum_i w_i log L_i brought back to the loss scale. The factor n is our choice: it makes the weights
-under which both objectives progress at the same relative rate (w_i proportional to L_i, so a = (1/2, 1/2)) give
-exactly the standard gradient of R + lmbda * D, so learning rates, clipping and schedules tuned for the standard
-method carry over unchanged. `effective` (a_R * n, a_D * n) is what multiplies each raw gradient; it is logged
-beside w.
+  space 'loss' (default):  effective = n * w,  n = 2
+      the weighted sum of the two objectives; w = (1/2, 1/2) is exactly the standard gradient of R + lmbda * D,
+      so learning rates, clipping and schedules tuned for the standard method carry over unchanged.
+  space 'log' (FAMO's):    effective_i = n * (w_i / L_i) / sum_j (w_j / L_j)
+      the gradient of sum_i w_i log L_i brought back to the loss scale (w_i proportional to L_i gives the
+      standard gradient). On our miniature benchmark this space collapses the rate: log R is unbounded below as
+      R -> 0, and with R ~ 0.02 bpp against lmbda*D ~ 10 the rate gradient is amplified ~500x on the shared
+      (encoder) parameters: bpp fell to 0.002 and PSNR stayed at 14 dB (benchmarks/RESULTS.md), hence 'loss'.
 
 Solution 1, `balanced-rd` (training from scratch), coarse-to-fine gradient descent on the weights:
     w = softmax(xi);   delta_i = log L_i(theta_t) - log L_i(theta_{t+1})   (same batch, same noise draw)
     xi <- xi - beta_t * (J^T delta + gamma * xi),   J = diag(w) - w w^T   (the softmax Jacobian)
-The objective that improved more in relative terms loses weight; gamma pulls the logits back towards equal weights.
-beta_t goes from coarse to fine: a cosine decay from `weight_lr` to `weight_lr * final_ratio` over the run (or over
-`schedule_steps`). The step on xi is taken by Adam by default, as the reference implementations of FAMO (Liu et al.,
-NeurIPS 2023, which this solution builds on) do: delta is O(1e-3) per step, so a plain step of 0.025 would leave the
-weights where they started; `logit_optimizer: sgd` is the literal equation above. Measuring delta costs one extra forward pass without
-a graph (StepContext.reevaluate); no second backward pass is needed, because the weights depend on the losses only.
+The objective that improved more in relative terms (delta is measured in log space in both spaces: scale-free)
+loses weight; gamma pulls the logits back towards equal weights. beta_t goes from coarse to fine: a cosine decay
+from `weight_lr` to `weight_lr * final_ratio` over the run (or over `schedule_steps`). The step on xi is taken by
+Adam by default, as the reference implementations of FAMO (Liu et al., NeurIPS 2023, which this solution builds on)
+do: delta is O(1e-3) per step, so a plain step of 0.025 would leave the weights where they started;
+`logit_optimizer: sgd` is the literal equation above. Measuring delta costs one extra forward pass without a graph
+(StepContext.reevaluate); no second backward pass is needed, because the weights depend on the losses only.
 
-Solution 2, `balanced-rd-qp` (fine-tuning), an equality-constrained quadratic program on the normalised gradients
-g_i = grad L_i / L_i:
+Solution 2, `balanced-rd-qp` (fine-tuning), an equality-constrained quadratic program on the gradients
+g_i = grad L_i (space 'loss') or g_i = grad L_i / L_i (space 'log'):
     min_w 1/2 || w_R g_R + w_D g_D ||^2   subject to   w_R + w_D = 1,
 closed form w_R = (|g_D|^2 - g_R.g_D) / |g_R - g_D|^2. At the solution d = w_R g_R + w_D g_D satisfies
-g_R.d = g_D.d = |d|^2: both log objectives decrease at the same first-order rate. Safeguards: losses are floored
+g_R.d = g_D.d = |d|^2: both objectives decrease at the same first-order rate. Safeguards: losses are floored
 at `loss_floor`; when |g_R - g_D|^2 is below `parallel_tol` * (|g_R|^2 + |g_D|^2) (parallel gradients of equal
-normalised length: every w gives the same direction) w = (1/2, 1/2); w is clipped to [0, 1], since a negative
-weight can make sum_j w_j / L_j vanish and the rescaled update explode (clipping gives the two-objective
+length: every w gives the same direction) w = (1/2, 1/2); w is clipped to [0, 1], since a negative weight can
+make sum_j w_j / L_j vanish in space 'log' and the rescaled update explode (clipping gives the two-objective
 min-norm point of Sener & Koltun, which still decreases both objectives). This needs both gradients separately:
 two backward passes through the shared graph (the rate one stops at the encoder and entropy model), no second
 forward pass.
@@ -50,6 +52,7 @@ from ..errors import LictrainError
 from .base import Method, StepContext
 
 N_OBJECTIVES = 2
+SPACES = ("loss", "log")
 
 
 def objective_values(ctx: StepContext) -> torch.Tensor:
@@ -57,10 +60,18 @@ def objective_values(ctx: StepContext) -> torch.Tensor:
     return torch.stack([ctx.terms.rate.detach(), ctx.terms.weighted_distortion.detach()]).double().cpu()
 
 
-def effective_weights(w: torch.Tensor, losses: torch.Tensor, floor: float) -> torch.Tensor:
-    """The multipliers of the raw gradients (grad L_R, grad L_D): n * (w_i / L_i) / sum_j (w_j / L_j)."""
+def effective_weights(w: torch.Tensor, losses: torch.Tensor, floor: float, space: str) -> torch.Tensor:
+    """The multipliers of the raw gradients (grad L_R, grad L_D): n * w in space 'loss',
+    n * (w_i / L_i) / sum_j (w_j / L_j) in space 'log'."""
+    if space == "loss":
+        return N_OBJECTIVES * w
     a = w / losses.clamp_min(floor)
     return N_OBJECTIVES * a / a.sum()
+
+
+def _check_space(method: str, space: str) -> None:
+    if space not in SPACES:
+        raise LictrainError(f"{method}: space must be one of {', '.join(SPACES)}, got '{space}'")
 
 
 def qp_weight_rate(gr_gr: float, gd_gd: float, gr_gd: float, parallel_tol: float = 1e-6) -> float:
@@ -111,13 +122,15 @@ class BalancedRD(Method):
     needs_reevaluation = True
 
     def __init__(self, weight_lr: float = 0.025, final_ratio: float = 0.1, gamma: float = 0.001,
-                 logit_optimizer: str = "adam", loss_floor: float = 1e-8, schedule_steps: int | None = None):
+                 logit_optimizer: str = "adam", loss_floor: float = 1e-8, schedule_steps: int | None = None,
+                 space: str = "loss"):
+        _check_space("balanced-rd", space)
         if weight_lr < 0 or not 0 <= final_ratio <= 1 or gamma < 0 or loss_floor <= 0:
             raise LictrainError("balanced-rd needs weight_lr >= 0, final_ratio in [0, 1], gamma >= 0, loss_floor > 0")
         if logit_optimizer not in ("adam", "sgd"):
             raise LictrainError(f"balanced-rd: logit_optimizer must be adam or sgd, got '{logit_optimizer}'")
         self.weight_lr, self.final_ratio, self.gamma = weight_lr, final_ratio, gamma
-        self.logit_optimizer, self.loss_floor = logit_optimizer, loss_floor
+        self.logit_optimizer, self.loss_floor, self.space = logit_optimizer, loss_floor, space
         self.logits = torch.zeros(N_OBJECTIVES, dtype=torch.float64, requires_grad=True)  # equal weights at start
         self._adam = torch.optim.Adam([self.logits], lr=weight_lr)
         self.schedule_steps = schedule_steps  # None: the run's train.steps (a resume that extends the run stretches it)
@@ -132,7 +145,7 @@ class BalancedRD(Method):
         return torch.softmax(self.logits.detach(), 0)
 
     def effective(self, losses: torch.Tensor) -> torch.Tensor:
-        return effective_weights(self.weights, losses, self.loss_floor)
+        return effective_weights(self.weights, losses, self.loss_floor, self.space)
 
     def backward(self, ctx: StepContext) -> dict[str, float]:
         losses = objective_values(ctx)
@@ -186,10 +199,11 @@ class BalancedRDQP(Method):
 
     name = "balanced-rd-qp"
 
-    def __init__(self, parallel_tol: float = 1e-6, loss_floor: float = 1e-8):
+    def __init__(self, parallel_tol: float = 1e-6, loss_floor: float = 1e-8, space: str = "loss"):
+        _check_space("balanced-rd-qp", space)
         if parallel_tol < 0 or loss_floor <= 0:
             raise LictrainError("balanced-rd-qp needs parallel_tol >= 0 and loss_floor > 0")
-        self.parallel_tol, self.loss_floor = parallel_tol, loss_floor
+        self.parallel_tol, self.loss_floor, self.space = parallel_tol, loss_floor, space
 
     def backward(self, ctx: StepContext) -> dict[str, float]:
         losses = objective_values(ctx)
@@ -204,7 +218,7 @@ class BalancedRDQP(Method):
 
     def weights_for(self, losses: torch.Tensor, rr: float, dd: float, rd: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(w, effective multipliers) from the losses and the raw gradients' Gram entries |g_R|^2, |g_D|^2, g_R.g_D."""
-        l_r, l_d = (float(v) for v in losses.clamp_min(self.loss_floor))
+        l_r, l_d = (float(v) for v in losses.clamp_min(self.loss_floor)) if self.space == "log" else (1.0, 1.0)
         w_r = qp_weight_rate(rr / l_r**2, dd / l_d**2, rd / (l_r * l_d), self.parallel_tol)
         w = torch.tensor([w_r, 1.0 - w_r], dtype=torch.float64)
-        return w, effective_weights(w, losses, self.loss_floor)
+        return w, effective_weights(w, losses, self.loss_floor, self.space)
