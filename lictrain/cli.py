@@ -103,13 +103,66 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--run-dir", default="runs/demo")
 
+    p = sub.add_parser("analyze", help="gradient conflicts and outliers (the SOAP-for-LIC paper's analyses)",
+                       description="conflicts: fine-tune from a checkpoint with each optimizer at a small lr and "
+                                   "track intra-/inter-step update cosines (Figure 3). outliers: Kurt / MaxMed of "
+                                   "latents and activations and deviation maps (Table 2, Figure 4). plot: probe "
+                                   "metrics logged during training, several runs on one figure (Figure 14).")
+    asub = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
+    a = asub.add_parser("conflicts", help="intra-/inter-step cosines from a checkpoint")
+    a.add_argument("checkpoint", help="checkpoint file or run folder to start from")
+    a.add_argument("--optimizers", default="adam,soap", help="comma-separated (default adam,soap)")
+    a.add_argument("--steps", type=int, default=200)
+    a.add_argument("--lr", type=float, default=1e-5, help="the paper uses 1e-5 (default)")
+    a.add_argument("--every", type=int, default=1, help="probe every N steps (default 1)")
+    a.add_argument("--per-layer", action="store_true", help="also log per-tensor cosines")
+    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the checkpoint's config (e.g. data.train=...)")
+    a.add_argument("--out", default="runs/analysis/conflicts")
+    a = asub.add_parser("outliers", help="Kurt / MaxMed table and deviation maps for checkpoints")
+    a.add_argument("checkpoints", nargs="+", help="checkpoint files or run folders")
+    a.add_argument("--data", default="samples:val", help="image folder or samples spec (default samples:val)")
+    a.add_argument("--layer", default="g_a.3", help="module whose activations to measure (default g_a.3; "
+                                                      "'none' for latents only)")
+    a.add_argument("--max-images", type=int)
+    a.add_argument("--maps", type=int, default=3, help="deviation-map figures for the first N images (default 3)")
+    a.add_argument("--names", help="comma-separated names for the checkpoints (default: run folder names)")
+    a.add_argument("--out", default="runs/analysis/outliers")
+    a = asub.add_parser("plot", help="probe metrics of several runs over training on one figure")
+    a.add_argument("runs", nargs="+", help="run folders trained with probe.* options")
+    a.add_argument("--metrics", default="latent_kurt,latent_maxmed",
+                   help="comma-separated (default latent_kurt,latent_maxmed; or intra_cos,inter_cos)")
+    a.add_argument("--out", default="runs/analysis/probes.png")
+
     sub.add_parser("list", help="list models, presets, optimizers and methods")
     return parser
 
 
 # What may change when a run is resumed: how long and how it is watched, not what it computes per step.
 RESUME_KEYS = {"train.steps", "train.val_every", "train.ckpt_every", "train.log_every", "train.progress",
-               "train.tensorboard", "train.max_consecutive_skips", "device", "data.workers", "data.cache_mb"}
+               "train.tensorboard", "train.max_consecutive_skips", "device", "data.workers", "data.cache_mb",
+               "probe.conflicts_every", "probe.conflicts_per_layer", "probe.outliers_every", "probe.outliers_images"}
+
+
+def cmd_analyze(args) -> int:
+    from .analysis import commands
+
+    if args.analysis == "conflicts":
+        opts = [o for o in args.optimizers.split(",") if o]
+        summary = commands.conflicts(args.checkpoint, opts, Path(args.out), args.steps, args.lr, args.every,
+                                     args.per_layer, args.overrides)
+        print((Path(args.out) / "conflicts.md").read_text())
+        print(f"wrote {Path(args.out) / 'conflicts.png'} and conflicts.json ({len(summary)} optimizers)")
+    elif args.analysis == "outliers":
+        layer = None if args.layer.lower() == "none" else args.layer
+        names = args.names.split(",") if args.names else None
+        commands.outliers(args.checkpoints, args.data, Path(args.out), layer, args.max_images, args.maps, names)
+        print((Path(args.out) / "outliers.md").read_text())
+        print(f"wrote {Path(args.out)}/outliers.json and deviation_*.png")
+    else:
+        commands.plot_runs(args.runs, [m for m in args.metrics.split(",") if m], Path(args.out))
+        print(f"wrote {args.out}")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -241,8 +294,8 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "compress": cmd_compress, "decompress": cmd_decompress,
-            "demo": cmd_demo, "list": cmd_list}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "compress": cmd_compress,
+            "decompress": cmd_decompress, "demo": cmd_demo, "list": cmd_list, "analyze": cmd_analyze}
 
 
 def main(argv: list[str] | None = None) -> int:

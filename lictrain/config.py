@@ -77,6 +77,16 @@ class TrainConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Read-only measurements during training, logged as `kind: probe` lines of metrics.jsonl (0 = off)."""
+
+    conflicts_every: int = 0  # intra/inter-step cosines of the optimizer's updates (lictrain.analysis.conflicts)
+    conflicts_per_layer: bool = False
+    outliers_every: int = 0  # Kurt / MaxMed of the latent on a fixed validation batch (lictrain.analysis.outliers)
+    outliers_images: int = 4  # the first N validation images (centre-cropped to data.val_crop when set)
+
+
+@dataclass
 class CompareConfig:
     """`lictrain compare`: every recipe at every lambda and seed, from the same initial weights and data order."""
 
@@ -100,6 +110,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
     def to_dict(self) -> dict:
@@ -285,6 +296,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.clip_max_norm >= 0, "train.clip_max_norm must be >= 0"),
         (0 < cfg.train.plateau_factor < 1, "train.plateau_factor must be in (0, 1)"),
         (cfg.train.max_consecutive_skips >= 1, "train.max_consecutive_skips must be at least 1"),
+        (cfg.probe.conflicts_every >= 0 and cfg.probe.outliers_every >= 0, "probe intervals must be >= 0"),
+        (cfg.probe.outliers_images >= 1, "probe.outliers_images must be at least 1"),
         (len(cfg.compare.recipes) >= 1, "compare.recipes needs at least one recipe (the anchor)"),
         (all(isinstance(x, (int, float)) and x > 0 for x in cfg.compare.lambdas), "compare.lambdas must be positive"),
         (all(isinstance(x, int) for x in cfg.compare.seeds), "compare.seeds must be integers"),

@@ -103,12 +103,12 @@ class BDRateUnavailable(ValueError):
 
 
 def bd_rate(anchor: tuple[list[float], list[float]], test: tuple[list[float], list[float]],
-            method: str = "akima") -> float:
+            method: str = "akima", min_overlap: float = 0.25) -> float:
     """BD-rate (%) of test against anchor, each (bpp list, psnr list), by the bjontegaard package.
 
     The package interpolates log-rate as a function of PSNR, so each curve is sorted by PSNR. Raises
-    BDRateUnavailable with fewer than 4 points, PSNR values that repeat, or PSNR ranges that do not overlap
-    (where BD-rate would be an extrapolation).
+    BDRateUnavailable with fewer than 4 points, PSNR values that repeat, PSNR ranges that do not overlap (where
+    BD-rate would be an extrapolation) or overlap by less than `min_overlap` of the narrower curve's PSNR range.
     """
     import bjontegaard
 
@@ -123,8 +123,13 @@ def bd_rate(anchor: tuple[list[float], list[float]], test: tuple[list[float], li
             raise BDRateUnavailable("repeated PSNR")
         curves.append((r, d))
     (r_a, d_a), (r_t, d_t) = curves
-    if min(d_a[-1], d_t[-1]) <= max(d_a[0], d_t[0]):
+    overlap = min(d_a[-1], d_t[-1]) - max(d_a[0], d_t[0])
+    if overlap <= 0:
         raise BDRateUnavailable("PSNR ranges do not overlap")
+    narrower = min(d_a[-1] - d_a[0], d_t[-1] - d_t[0])
+    if overlap < min_overlap * narrower:
+        # an average over a sliver of the curves (e.g. 0.03 dB) is noise, not a BD-rate
+        raise BDRateUnavailable(f"PSNR ranges overlap by {overlap:.2f} dB only")
     with warnings.catch_warnings():  # the package warns on partial overlap; the result is over the overlap
         warnings.simplefilter("ignore")
         return float(bjontegaard.bd_rate(r_a, d_a, r_t, d_t, method=method, require_matching_points=False))

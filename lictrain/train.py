@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic, write_atomic
 from .config import RunConfig, dump_config
+from . import distributed
 from .data import EvalImages, ImageList, crop_to, pad_to_multiple, train_loader
 from .ema import EMA
 from .errors import LictrainError
@@ -88,18 +89,25 @@ def validate(model, dataset: EvalImages, criterion: RateDistortionLoss, device, 
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per line) and, optionally, TensorBoard."""
+    """metrics.jsonl (one JSON object per line) and, optionally, TensorBoard. `enabled=False` (ranks other than
+    0 under torchrun) writes nothing."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None):
+    def __init__(self, path: Path, tensorboard_dir: Path | None, enabled: bool = True):
         self.path = path
-        self.file = open(path, "a", buffering=1)
+        self.file = open(path, "a", buffering=1) if enabled else None
         self.tb = None
-        if tensorboard_dir is not None:
+        if tensorboard_dir is not None and enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(tensorboard_dir))
 
+    @property
+    def closed(self) -> bool:
+        return self.file is None or self.file.closed
+
     def write(self, record: dict) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps(record) + "\n")
         if self.tb is not None:
             kind = record["kind"]
@@ -108,7 +116,8 @@ class MetricsLog:
                     self.tb.add_scalar(f"{kind}/{k}", v, record["step"])
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -129,25 +138,28 @@ class MetricsLog:
 
 @contextmanager
 def _graceful_interrupt():
-    """First Ctrl-C asks the loop to stop at the next step boundary (and checkpoint); a second one aborts."""
+    """First Ctrl-C (or SIGTERM: a scheduler's pre-emption, torchrun stopping its workers) asks the loop to stop at
+    the next step boundary and checkpoint; a second one aborts."""
     flag = {"stop": False}
+    previous = {}
+
+    def handler(signum, frame):
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        log.warning("interrupt: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
     try:
-        previous = signal.getsignal(signal.SIGINT)
-
-        def handler(signum, frame):
-            if flag["stop"]:
-                raise KeyboardInterrupt
-            flag["stop"] = True
-            log.warning("interrupt: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
-
-        signal.signal(signal.SIGINT, handler)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, handler)
     except ValueError:  # not the main thread: no signal handling
-        previous = None
+        pass
     try:
         yield flag
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 def _load_initial_weights(model, cfg: RunConfig) -> None:
@@ -160,6 +172,23 @@ def _load_initial_weights(model, cfg: RunConfig) -> None:
                             f"{cfg.model.name} ({cfg.model.preset})")
     model.load_state_dict(ckpt["ema"]["model"] if ckpt.get("ema") else ckpt["model"])
     log.info("initialised from %s (step %d)", cfg.train.init_from, ckpt["state"]["step"])
+
+
+def _probes(cfg: RunConfig, model, main_named, val_set: EvalImages, multiple: int) -> tuple[StepHook, ...]:
+    """The measurement hooks the config's probe section asks for."""
+    probes: list[StepHook] = []
+    if cfg.probe.conflicts_every:
+        from .analysis.conflicts import ConflictProbe
+
+        probes.append(ConflictProbe(cfg.probe.conflicts_every, cfg.train.clip_max_norm, cfg.probe.conflicts_per_layer,
+                                    names=[n for n, _ in main_named]))
+    if cfg.probe.outliers_every:
+        from .analysis.outliers import OutlierProbe
+
+        n = min(cfg.probe.outliers_images, len(val_set))
+        images = [pad_to_multiple(val_set[i].unsqueeze(0), multiple)[0] for i in range(n)]
+        probes.append(OutlierProbe(images, cfg.probe.outliers_every))
+    return tuple(probes)
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -191,6 +220,17 @@ def _is_finite(t: torch.Tensor) -> bool:
 
 
 def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()) -> RunResult:
+    """Train (or resume) the run `cfg` describes. Under torchrun every process calls this; see distributed.py."""
+    device = distributed.local_device(resolve_device(cfg.device))
+    dd = distributed.setup(device)
+    try:
+        return _train(cfg, resume, hooks, device, dd)
+    finally:
+        dd.close()
+
+
+def _train(cfg: RunConfig, resume: bool, hooks: tuple[StepHook, ...], device: torch.device,
+           dd: distributed.Dist) -> RunResult:
     run_dir = Path(cfg.run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
     metrics_path = run_dir / "metrics.jsonl"
@@ -199,8 +239,12 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
     if not resume and ckpt_path.exists():
         raise LictrainError(f"{run_dir} already holds a run; pass --resume to continue it or choose another run_dir")
 
+    if cfg.data.batch_size % dd.world:
+        raise LictrainError(f"data.batch_size is the global batch and must be divisible by the {dd.world} processes, "
+                            f"got {cfg.data.batch_size}")
+    dd.barrier()  # every rank has checked the run folder before rank 0 writes into it
+
     # ---- set-up -------------------------------------------------------------------------------------------------
-    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, cfg.model.preset).to(device)
     if cfg.train.init_from and not resume:
@@ -221,6 +265,16 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
     ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     method = build_method(cfg.method.name, cfg.method.options)
     method.attach(model, optimizer, params, total_steps=cfg.train.steps)
+    # Under torchrun the forward pass goes through DistributedDataParallel, which averages gradients during the
+    # backward pass; methods that need each objective's gradient separately run the plain module and average
+    # their gradients themselves (StepContext.reduce_mean). The quantiles stay out of DDP: their auxiliary loss
+    # depends only on parameters that are identical on every rank, so every rank computes the same update.
+    forward_model = model
+    if dd.enabled and not method.reduces_gradients:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, _ in aux_named])
+        forward_model = DDP(model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
     criterion = RateDistortionLoss(cfg.loss.lmbda, cfg.loss.metric)
     train_images = ImageList.scan(cfg.data.train, cfg.data.cache_mb)
     val_set = EvalImages(cfg.data.val, cfg.data.val_crop, cfg.data.val_max_images)
@@ -240,15 +294,20 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())  # map_location moved it; RNG states live on the CPU
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
-        MetricsLog.truncate_after(metrics_path, st["step"])
-        log.info("resuming %s at step %d", run_dir, st["step"])
-    else:
+        if dd.is_main:
+            MetricsLog.truncate_after(metrics_path, st["step"])
+            log.info("resuming %s at step %d", run_dir, st["step"])
+    elif dd.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path.unlink(missing_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
-    mlog = MetricsLog(metrics_path, run_dir / "tb" if cfg.train.tensorboard else None)
+    if dd.is_main:
+        dump_config(cfg, run_dir / "config.yaml")
+    mlog = MetricsLog(metrics_path, run_dir / "tb" if cfg.train.tensorboard else None, enabled=dd.is_main)
+    hooks = tuple(hooks) + _probes(cfg, model, main_named, val_set, multiple)
 
     def save_checkpoint() -> None:
+        if not dd.is_main:
+            return
         save_atomic(
             {
                 "format": CHECKPOINT_FORMAT,
@@ -269,7 +328,10 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
         )
 
     def run_validation(step_scheduler: bool, extra: dict | None = None) -> dict:
-        val = validate(ema.model if ema is not None else model, val_set, criterion, device, multiple)
+        # Rank 0 validates; every rank steps its LR scheduler on rank 0's numbers, so learning rates stay equal.
+        val = validate(ema.model if ema is not None else model, val_set, criterion, device, multiple) \
+            if dd.is_main else None
+        val = dd.broadcast_object(val)
         if step_scheduler and st["step"] > cfg.train.warmup_steps:
             scheduler.step(val["loss"])
         record = {"kind": "val", "step": st["step"], "images_seen": st["images_seen"],
@@ -281,13 +343,15 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
 
     total = cfg.train.steps
     bar = tqdm(total=total, initial=st["step"], desc="train", dynamic_ncols=True,
-               disable=None if cfg.train.progress else True)
-    say = bar.write if not bar.disable else log.info
+               disable=None if cfg.train.progress and dd.is_main else True)
+    say = (bar.write if not bar.disable else log.info) if dd.is_main else (lambda msg: None)
     last_val: dict = {}
     if st["step"] == 0 and not resume:
         last_val = run_validation(step_scheduler=False)  # the untrained starting point of every curve
 
-    loader = train_loader(train_images, cfg.data.crop, cfg.data.batch_size, cfg.seed, st["step"], cfg.data.workers)
+    # Each rank takes its share of every global batch (data.RunSampler): the same crops as one process would see.
+    loader = train_loader(train_images, cfg.data.crop, cfg.data.batch_size // dd.world, cfg.seed, st["step"],
+                          cfg.data.workers, rank=dd.rank, world=dd.world)
     batches = iter(loader)
     window: dict[str, list] = {"loss": [], "bpp": [], "mse": []}
     grad_norm = torch.zeros(())
@@ -302,14 +366,17 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
                         g["lr"] = g["initial_lr"] * (step + 1) / cfg.train.warmup_steps
                 model.train()
                 rng = _rng_state(device) if method.needs_reevaluation else None
-                terms = criterion(model(x), x)
+                terms = criterion(forward_model(x), x)
                 will_log = (step + 1) % cfg.train.log_every == 0 or step + 1 == total
                 ctx = StepContext(step=step, model=model, optimizer=optimizer, params=params, terms=terms,
-                                  will_log=will_log, reevaluate=_reevaluator(model, criterion, x, rng, device))
+                                  will_log=will_log, reevaluate=_reevaluator(model, criterion, x, rng, device),
+                                  reduce_mean=dd.mean_, broadcast_=dd.broadcast_, batch=x, criterion=criterion)
                 logs: dict = {}
+                probe_logs: dict = {}  # hooks' measurements: written at their own steps, not only at log steps
                 for h in hooks:
-                    logs.update(h.before_backward(ctx) or {})
-                skipped = not _is_finite(terms.loss.detach())
+                    probe_logs.update(h.before_backward(ctx) or {})
+                # A non-finite loss on any rank skips the step on every rank (DDP would hang on a partial backward).
+                skipped = dd.any([not _is_finite(terms.loss.detach())], device)[0]
                 if not skipped:
                     logs.update(method.backward(ctx))
                     clip = cfg.train.clip_max_norm if cfg.train.clip_max_norm > 0 else math.inf
@@ -332,9 +399,11 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
                 if ema is not None and not skipped:
                     ema.update(model)
                 for h in hooks:
-                    logs.update(h.after_step(ctx) or {})
+                    probe_logs.update(h.after_step(ctx) or {})
                 st["step"] += 1
-                st["images_seen"] += x.shape[0]
+                if probe_logs:
+                    mlog.write({"kind": "probe", "step": st["step"], **probe_logs})
+                st["images_seen"] += x.shape[0] * dd.world
                 bar.update(1)
                 if not skipped:
                     for k, v in (("loss", terms.loss), ("bpp", terms.rate), ("mse", terms.mse)):
@@ -348,10 +417,12 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
                         f"loss or gradient ({kept}); try a lower optim.lr or train.clip_max_norm"
                     )
 
-                at_end = st["step"] == total or interrupt["stop"]
+                stop_requested = dd.any([interrupt["stop"]], device)[0]  # a stop on any rank stops all, here
+                at_end = st["step"] == total or stop_requested
                 if st["step"] % cfg.train.log_every == 0 or at_end:
-                    if window["loss"]:
-                        mean = {k: torch.stack(v).mean().item() for k, v in window.items()}
+                    if window["loss"]:  # skipped steps are the same on every rank, so windows have equal lengths
+                        means = dd.mean(torch.stack([torch.stack(v).mean() for v in window.values()]))
+                        mean = dict(zip(window, means.tolist()))
                         record = {"kind": "train", "step": st["step"], "loss": mean["loss"], "bpp": mean["bpp"],
                                   "psnr": psnr_from_mse(mean["mse"]), "grad_norm": float(grad_norm),
                                   "lr": optimizer.param_groups[0]["lr"], "skipped_steps": st["skipped_steps"], **logs}
@@ -363,7 +434,7 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
                 regular_ckpt = st["step"] % cfg.train.ckpt_every == 0
                 if regular_val or regular_ckpt or at_end:
                     _sync(device)
-                    st["train_time"] += time.perf_counter() - tick
+                    st["train_time"] += dd.max(time.perf_counter() - tick, device)  # the slowest rank's time
                     if regular_val or at_end:
                         # A validation only because of Ctrl-C is marked: curves compared between runs leave it out,
                         # so an interrupted run gains no extra resolution in Steps-to-anchor.
@@ -373,12 +444,12 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
                     if regular_ckpt or at_end:
                         save_checkpoint()
                     tick = time.perf_counter()
-                if interrupt["stop"]:
+                if stop_requested:
                     say(f"interrupted at step {st['step']}; continue with: lictrain train --resume {run_dir}")
                     break
     finally:
         bar.close()
-        if not mlog.file.closed:
+        if not mlog.closed:
             mlog.close()
 
     if not ckpt_path.exists():  # train.steps = 0: keep the initial weights as the run's checkpoint
@@ -388,5 +459,7 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
     result = RunResult(run_dir, st["step"], st["train_time"], st["skipped_steps"], len(train_images.skipped), last_val)
     summary = {"step": result.step, "train_time": result.train_time, "skipped_steps": result.skipped_steps,
                "skipped_images": [str(p) for p, _ in train_images.skipped + val_set.skipped], "last_val": last_val}
-    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    if dd.is_main:
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    dd.barrier()  # no rank leaves before rank 0 has written the run's last files
     return result

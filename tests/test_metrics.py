@@ -63,6 +63,9 @@ def test_bd_rate_sorts_points_by_psnr():
     (([0.1, 0.2, 0.4], [26.0, 29.0, 32.0]), ([0.1, 0.2, 0.4], [26.5, 29.5, 32.5]), "<4"),
     (([0.1, 0.2, 0.4, 0.8], [26.0, 29.0, 32.0, 35.0]), ([0.3, 0.4, 0.5, 0.7], [36.0, 37.0, 38.0, 39.0]), "overlap"),
     (([0.1, 0.2, 0.4, 0.8], [26.0, 29.0, 29.0, 35.0]), ([0.1, 0.2, 0.4, 0.8], [26.0, 29.0, 32.0, 35.0]), "repeated"),
+    # the miniature benchmark's case: the anchor spans 0.17 dB and the curves share 0.03 dB of it
+    (([0.30, 0.27, 0.37, 0.34], [23.31, 23.41, 23.47, 23.48]), ([0.07, 0.15, 0.18, 0.23], [22.54, 22.92, 23.11, 23.34]),
+     "overlap by 0.03 dB only"),
 ])
 def test_bd_rate_is_unavailable_rather_than_extrapolated(anchor, test, why):
     with pytest.raises(BDRateUnavailable, match=why):

@@ -7,9 +7,11 @@ import inspect
 from ..errors import LictrainError
 from .balanced_rd import BalancedRD, BalancedRDQP
 from .base import Method, StepContext, StepHook
+from .cmd import CMDLIC
 from .standard import Standard
 
-METHODS: dict[str, type[Method]] = {"standard": Standard, "balanced-rd": BalancedRD, "balanced-rd-qp": BalancedRDQP}
+METHODS: dict[str, type[Method]] = {"standard": Standard, "balanced-rd": BalancedRD, "balanced-rd-qp": BalancedRDQP,
+                                 "cmd-lic": CMDLIC}
 
 
 def build_method(name: str, options: dict | None = None) -> Method:

@@ -55,9 +55,12 @@ N_OBJECTIVES = 2
 SPACES = ("loss", "log")
 
 
-def objective_values(ctx: StepContext) -> torch.Tensor:
-    """(L_R, L_D) = (R, lmbda * D) as a float64 CPU tensor (the weights are computed there: 2 numbers)."""
-    return torch.stack([ctx.terms.rate.detach(), ctx.terms.weighted_distortion.detach()]).double().cpu()
+def objective_values(ctx: StepContext, terms=None) -> torch.Tensor:
+    """(L_R, L_D) = (R, lmbda * D), averaged over processes (so every rank derives the same weights), as a float64
+    CPU tensor (the weights are computed there: 2 numbers)."""
+    terms = terms or ctx.terms
+    values = torch.stack([terms.rate.detach(), terms.weighted_distortion.detach()]).float()
+    return ctx.reduce_mean([values])[0].double().cpu()
 
 
 def effective_weights(w: torch.Tensor, losses: torch.Tensor, floor: float, space: str) -> torch.Tensor:
@@ -152,7 +155,7 @@ class BalancedRD(Method):
         w, eff = self.weights, self.effective(losses)
         logs = _weight_logs(w, eff)
         rate, dist = ctx.terms.rate, ctx.terms.weighted_distortion
-        if ctx.will_log:  # diagnostics only: the update below is the same with or without them
+        if ctx.will_log:  # diagnostics (on this process's gradients): the update is the same with or without them
             g_r, g_d = _grads(rate, ctx.params, True), _grads(dist, ctx.params, True)
             logs["grad_cos"] = _cosine(_dot(g_r, g_d), _dot(g_r, g_r), _dot(g_d, g_d))
         (float(eff[0]) * rate + float(eff[1]) * dist).backward()
@@ -162,8 +165,7 @@ class BalancedRD(Method):
     def after_step(self, ctx: StepContext) -> dict[str, float]:
         if self._before is None or ctx.reevaluate is None:
             return {}
-        new = ctx.reevaluate()
-        after = torch.stack([new.rate.detach(), new.weighted_distortion.detach()]).double().cpu()
+        after = objective_values(ctx, ctx.reevaluate())
         delta = self._before.clamp_min(self.loss_floor).log() - after.clamp_min(self.loss_floor).log()
         self._before = None
         if not bool(torch.isfinite(delta).all()):
@@ -198,6 +200,7 @@ class BalancedRDQP(Method):
     """Solution 2: per-step closed-form equality-constrained QP on the normalised gradients (module docstring)."""
 
     name = "balanced-rd-qp"
+    reduces_gradients = True  # the QP needs the averaged g_R and g_D separately, not only their weighted sum
 
     def __init__(self, parallel_tol: float = 1e-6, loss_floor: float = 1e-8, space: str = "loss"):
         _check_space("balanced-rd-qp", space)
@@ -209,6 +212,8 @@ class BalancedRDQP(Method):
         losses = objective_values(ctx)
         g_r = _grads(ctx.terms.rate, ctx.params, True)
         g_d = _grads(ctx.terms.weighted_distortion, ctx.params, False)
+        ctx.reduce_mean(g_r)
+        ctx.reduce_mean(g_d)
         rr, dd, rd = _dot(g_r, g_r), _dot(g_d, g_d), _dot(g_r, g_d)
         w, eff = self.weights_for(losses, rr, dd, rd)
         e_r, e_d = float(eff[0]), float(eff[1])

@@ -41,11 +41,21 @@ class StepContext:
     # Re-runs the forward pass on this step's batch with this step's noise (no graph, RNG untouched); set when the
     # method asks for it (needs_reevaluation), e.g. to measure how much each objective improved after the update.
     reevaluate: Callable[[], RDTerms] | None = None
+    # Averages tensors over the processes of a torchrun job in place (identity in a single process). Methods use it
+    # for anything their update depends on beyond the DDP-averaged .grad: losses that set weights, and gradients
+    # they compute themselves (methods with reduces_gradients = True, which run outside DDP's averaging).
+    reduce_mean: Callable[[list[torch.Tensor]], list[torch.Tensor]] = lambda tensors: tensors
+    # Rank 0's values of these tensors on every process, in place (identity in a single process): for decisions
+    # that must be identical everywhere but depend on per-rank data (CMD-LIC's modes and embedding).
+    broadcast_: Callable[[list[torch.Tensor]], list[torch.Tensor]] = lambda tensors: tensors
+    batch: torch.Tensor | None = None  # this step's training crops (this process's share)
+    criterion: Callable | None = None  # the run's RateDistortionLoss
 
 
 class Method:
     name = "method"
     needs_reevaluation = False  # ask the loop for StepContext.reevaluate
+    reduces_gradients = False  # True: the method averages its gradients over processes itself (see reduce_mean)
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
                total_steps: int = 0) -> None:

@@ -1,7 +1,8 @@
 """Optimizer registry: one table of optimizers with their defaults, plus wrappers applied by name.
 
 `build_optimizer("adam", params, lr)` builds Adam with the defaults below; `options` override them. A name such as
-"soap+sma" applies the registered wrapper "sma" around "soap" (wrappers arrive with the CMD-LIC work).
+"soap+sma" applies the registered wrapper "sma" (CMD-LIC's sampling-then-moving-average, sma.py) around "soap",
+with its options under `optim.options.sma`, e.g. {sma: {alpha: 0.8, every: 5}}.
 
 The entropy bottlenecks' `quantiles` never go to these optimizers: they are trained by CompressAI's auxiliary loss
 with their own Adam (see `split_parameters` and train.py), exactly as CompressAI's reference training script does.
@@ -19,6 +20,7 @@ import torch.nn as nn
 from ..errors import LictrainError
 from .muon import MuonWithAdamW
 from .shampoo import Shampoo
+from .sma import SMA
 from .soap import SOAP
 
 
@@ -54,8 +56,10 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     ),
 }
 
-# name -> function(optimizer, **options) returning a wrapped optimizer
-WRAPPERS: dict[str, Callable[..., torch.optim.Optimizer]] = {}
+# name -> function(optimizer, **options) returning a wrapped optimizer; options under optim.options.<name>
+WRAPPERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sma": SMA,  # CMD-LIC's sampling-then-moving-average: alpha 0.8, every 5 (Table 11)
+}
 
 
 def split_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
@@ -92,5 +96,10 @@ def build_optimizer(name: str, params: Iterable, lr: float, options: dict | None
     except (ValueError, TypeError) as e:  # torch's own checks of option values (betas, eps, ...)
         raise LictrainError(f"optimizer '{base}': {str(e).splitlines()[0]}") from None
     for w in wrappers:
+        accepted = set(inspect.signature(WRAPPERS[w]).parameters) - {"base", "self"}
+        unknown = sorted(set(wrapper_options[w]) - accepted)
+        if unknown:
+            raise LictrainError(f"optimizer wrapper '{w}' has no option {', '.join(unknown)}; "
+                                f"valid options: {', '.join(sorted(accepted))}")
         opt = WRAPPERS[w](opt, **wrapper_options[w])
     return opt

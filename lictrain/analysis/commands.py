@@ -1,0 +1,169 @@
+"""`lictrain analyze conflicts | outliers | plot`: the standalone analyses and their figures and tables."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from pathlib import Path
+
+from ..checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint, write_atomic
+from ..config import set_key, validate
+from ..data import EvalImages
+from ..errors import LictrainError
+from ..models import downsampling
+from .outliers import DEFAULT_LAYER, outlier_stats, save_deviation_figure
+
+log = logging.getLogger("lictrain")
+
+
+def _name(path: str | Path) -> str:
+    p = Path(path)
+    return (p.parent.name if p.is_file() else p.name) or str(p)
+
+
+def read_probes(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise LictrainError(f"no metrics.jsonl in {run_dir}")
+    rows = []
+    for ln in path.read_text().splitlines():
+        try:
+            r = json.loads(ln)
+        except ValueError:
+            continue
+        if r.get("kind") == "probe":
+            rows.append(r)
+    return rows
+
+
+def conflicts(checkpoint: str, optimizers: list[str], out: Path, steps: int = 200, lr: float = 1e-5,
+              every: int = 1, per_layer: bool = False, overrides: list[str] = ()) -> dict:
+    """Fine-tune from `checkpoint` with each optimizer at a small learning rate (the paper's Figure 3 protocol),
+    probing every `every` steps; returns {optimizer: {"intra": [...], "inter": [...], "steps": [...]}}."""
+    from ..train import train
+
+    out = Path(out)
+    ckpt = load_checkpoint(checkpoint)
+    series = {}
+    for opt in optimizers:
+        cfg = checkpoint_config(ckpt)
+        cfg.run_dir = str(out / f"{_name(checkpoint)}-{opt}")
+        for key, value in [("train.init_from", str(checkpoint)), ("optim.name", opt), ("optim.lr", lr),
+                           ("optim.options", {}), ("train.steps", steps), ("train.warmup_steps", 0),
+                           ("train.val_every", steps), ("train.ckpt_every", steps), ("method.name", "standard"),
+                           ("method.options", {}), ("probe.conflicts_every", every),
+                           ("probe.conflicts_per_layer", per_layer), ("probe.outliers_every", 0)]:
+            set_key(cfg, key, value)
+        for o in overrides:
+            from ..config import parse_override
+
+            set_key(cfg, *parse_override(o))
+        validate(cfg)
+        run_dir = Path(cfg.run_dir)
+        if not (run_dir / "summary.json").exists():
+            train(cfg, resume=(run_dir / "checkpoint.pt").exists())
+        rows = read_probes(run_dir)
+        series[opt] = {"steps": [r["step"] for r in rows if "intra_cos" in r],
+                       "intra": [r["intra_cos"] for r in rows if "intra_cos" in r],
+                       "inter_steps": [r["step"] for r in rows if "inter_cos" in r],
+                       "inter": [r["inter_cos"] for r in rows if "inter_cos" in r]}
+    summary = {opt: {"intra_mean": _mean(s["intra"]), "intra_std": _std(s["intra"]),
+                     "inter_mean": _mean(s["inter"]), "inter_std": _std(s["inter"])} for opt, s in series.items()}
+    lines = [f"# Gradient conflicts from {checkpoint} (lr {lr:g}, {steps} steps)", "",
+             "| optimizer | intra-step S(p_R, p_D) mean ± std | inter-step S(p_t-1, p_t) mean ± std |", "|---|---:|---:|"]
+    for opt, m in summary.items():
+        lines.append(f"| {opt} | {m['intra_mean']:.3f} ± {m['intra_std']:.3f} | {m['inter_mean']:.3f} ± "
+                     f"{m['inter_std']:.3f} |")
+    write_atomic(out / "conflicts.md", "\n".join(lines) + "\n")
+    write_atomic(out / "conflicts.json", json.dumps({"checkpoint": str(checkpoint), "lr": lr, "steps": steps,
+                                                     "summary": summary, "series": series}, indent=2))
+    plot_series({opt: {"intra_cos": (s["steps"], s["intra"]), "inter_cos": (s["inter_steps"], s["inter"])}
+                 for opt, s in series.items()}, out / "conflicts.png",
+                titles={"intra_cos": "intra-step S(p_R, p_D)", "inter_cos": "inter-step S(p_t-1, p_t)"},
+                ylim=(-1.05, 1.05))
+    return summary
+
+
+def _mean(xs):
+    xs = [x for x in xs if x == x]
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def _std(xs):
+    xs = [x for x in xs if x == x]
+    return statistics.pstdev(xs) if len(xs) > 1 else float("nan")
+
+
+def outliers(checkpoints: list[str], data: str, out: Path, layer: str | None = DEFAULT_LAYER,
+             max_images: int | None = None, maps: int = 3, names: list[str] | None = None) -> list[dict]:
+    """Table 2's outlier columns for each checkpoint (EMA weights), and Figure 4's deviation maps."""
+    out = Path(out)
+    names = names or [_name(c) for c in checkpoints]
+    if len(names) != len(checkpoints):
+        raise LictrainError(f"{len(names)} names for {len(checkpoints)} checkpoints")
+    images = EvalImages(data, None, max_images)
+    rows, all_maps = [], {}
+    for name, path in zip(names, checkpoints):
+        ckpt = load_checkpoint(path)
+        cfg = checkpoint_config(ckpt)
+        model = model_from_checkpoint(ckpt)
+        stats = outlier_stats(model, images, downsampling(cfg.model.name), layer, maps=maps > 0)
+        all_maps[name] = stats.pop("maps", [])[:maps]
+        rows.append({"name": name, "checkpoint": str(path), "model": cfg.model.name, "preset": cfg.model.preset,
+                     "lmbda": cfg.loss.lmbda, "optimizer": cfg.optim.name, "layer": layer, **stats})
+    head = "| checkpoint | latent Kurt | latent MaxMed |" + (f" {layer} Kurt | {layer} MaxMed |" if layer else "")
+    lines = [f"# Outliers on {data} ({len(images)} images; Eq. 8, averaged over images)", "", head,
+             "|---|---:|---:|" + ("---:|---:|" if layer else "")]
+    for r in rows:
+        cells = f"| {r['name']} | {r['latent_kurt']:.2f} | {r['latent_maxmed']:.2f} |"
+        if layer:
+            cells += f" {r['act_kurt']:.2f} | {r['act_maxmed']:.2f} |"
+        lines.append(cells)
+    write_atomic(out / "outliers.md", "\n".join(lines) + "\n")
+    write_atomic(out / "outliers.json", json.dumps(rows, indent=2))
+    for i in range(min(maps, len(images))):
+        save_deviation_figure(out / f"deviation_{i}.png", images[i], {n: m[i] for n, m in all_maps.items()},
+                              title=images.name(i) if hasattr(images, "name") else f"image {i}")
+    return rows
+
+
+def plot_series(series: dict[str, dict[str, tuple[list, list]]], path: Path, titles: dict | None = None,
+                ylim: tuple | None = None) -> None:
+    """One panel per metric, one line per run: series[run][metric] = (steps, values)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = sorted({m for s in series.values() for m in s}, key=lambda m: list(titles or {}).index(m)
+                     if titles and m in titles else 99)
+    if not metrics:
+        raise LictrainError("nothing to plot: no probe measurements found")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for run, s in series.items():
+            if metric in s and s[metric][0]:
+                ax.plot(s[metric][0], s[metric][1], label=run, lw=1)
+        ax.set_title((titles or {}).get(metric, metric))
+        ax.set_xlabel("step")
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_runs(run_dirs: list[str], metrics: list[str], out: Path) -> None:
+    """Probe metrics over training for several runs on one figure (e.g. Figure 14: latent_kurt, latent_maxmed)."""
+    series = {}
+    for d in run_dirs:
+        rows = read_probes(Path(d))
+        series[_name(d)] = {m: ([r["step"] for r in rows if m in r], [r[m] for r in rows if m in r])
+                            for m in metrics}
+    if not any(s[m][0] for s in series.values() for m in metrics):
+        raise LictrainError(f"no probe lines with {', '.join(metrics)} in these runs "
+                            "(train with --set probe.outliers_every=N or probe.conflicts_every=N)")
+    plot_series(series, out)

@@ -1,0 +1,481 @@
+"""CMD-LIC's STDET (Zhang, Duan, Huang, Zhu, TMLR 2025, Section 3.2 and Algorithm 1): parameters grouped into
+correlated modes, stable ones embedded as affine functions of their mode's reference parameter and frozen.
+
+An "epoch" is `epoch_steps` optimizer steps (our data sets are small). Every trainable parameter coordinate is one
+trajectory w_i(t), sampled at epoch boundaries.
+
+Step 1 (once, after `head_epochs` = F epochs of ordinary training): for M in `modes` (S = `samples_per_mode` * M
+trajectories sampled uniformly): |corr| matrix of the sample, complete-linkage ("farthest point") hierarchical
+clustering into M modes on the distance 1 - |corr| (SciPy), per mode the reference = the member with the highest
+mean |corr| to its mode's other members; every trajectory joins the reference it correlates with most (|corr|);
+(k_i, d_i) by least squares (Eq. 4). The instant CMD model (every w_i replaced by k_i w_m(F) + d_i) is evaluated
+on the sampled images; the search stops at the first M whose R-D loss changed by less than `saturation` (relative)
+from the previous M's and keeps that M (Algorithm 1, 3(i)); otherwise the last M.
+Step 2 (once): each layer (module) is perturbed by Gaussian noise of std `perturb_std` * max|w| of the layer, and
+the loss increase measured on the sampled images: the R-D loss for layers of g_a / g_s, the rate alone for all
+other layers (they only shape the entropy model). The top half of the g_a/g_s layers and the top half of the other
+layers are the sensitive layers; within them the top half of the parameters by |w| * |E[dL/dw]| (Eq. 5) are not
+embeddable; all other non-reference parameters are (75% when the sensitive layers hold half of the parameters).
+Step 3 (every epoch after F): (k_i, d_i) by the recursive least-squares update of Eq. 6 (equal to the batch fit on
+all epochs so far); embedded coefficients stay fixed.
+Step 4 (every `period` = L epochs): c_i = |(k_i, d_i)(t) - (k_i, d_i)(t - L)| (Eq. 7); the `embed_percent` = P% (of
+all trainable coordinates) most stable embeddable ones are embedded for good: w_i = k_i w_ref(t) + d_i from then
+on, their gradients zeroed before every optimizer step and their values re-imposed after it; dummy embedding resets
+the next min(t * P / 2 %, `dummy_cap` %) most stable ones to their affine value without freezing (t = epochs since
+the start of training).
+
+Decisions are computed on rank 0's data and broadcast, so every process of a torchrun job embeds the same
+coordinates. Memory: the head-stage trajectories are N x F values on the CPU (float32, or float16 beyond
+`trajectory_mb`); after Step 1 they are dropped and K, D, the previous K, D (for Eq. 7), the mode of each
+coordinate and two masks remain (the paper's Appendix A.5).
+Optimizer state: for torch's Adam/AdamW/SGD the moments of an embedded coordinate are zeroed when it is embedded
+and, its gradient being zero from then on, stay zero, so the optimizer neither moves it nor drifts its state. For
+SOAP (moments in a rotated basis) the values are re-imposed after each step. Embedding is element-wise inside
+tensors, so it removes no optimizer work until a whole tensor is embedded: such tensors get requires_grad False
+(no weight-gradient computation, skipped by the optimizer).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import LictrainError
+from .base import Method, StepContext
+
+MAIN_TRANSFORMS = ("g_a.", "g_s.")
+
+
+# ---- Step 1: correlation mode decomposition ------------------------------------------------------------------
+
+def _normalised(traj: torch.Tensor) -> torch.Tensor:
+    """Rows centred and scaled to unit norm (float64); constant rows become zero (correlation 0 with anything)."""
+    t = traj.double()
+    t = t - t.mean(1, keepdim=True)
+    norm = t.norm(dim=1, keepdim=True)
+    return torch.where(norm > 0, t / norm.clamp_min(1e-300), torch.zeros_like(t))
+
+
+def abs_corr(traj: torch.Tensor) -> torch.Tensor:
+    z = _normalised(traj)
+    c = (z @ z.T).abs()
+    c.fill_diagonal_(1.0)
+    return c
+
+
+def cluster_modes(corr: torch.Tensor, modes: int) -> np.ndarray:
+    """Labels 0..M-1 from complete-linkage clustering on the distance 1 - |corr|."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    dist = (1.0 - corr).clamp_min(0).cpu().numpy()
+    np.fill_diagonal(dist, 0.0)
+    z = linkage(squareform(dist, checks=False), method="complete")
+    labels = fcluster(z, t=modes, criterion="maxclust") - 1
+    return labels
+
+
+def pick_references(corr: torch.Tensor, labels: np.ndarray) -> list[int]:
+    """Per mode, the member with the highest mean |corr| to the other members (row positions in `corr`)."""
+    refs = []
+    for m in np.unique(labels):
+        members = np.flatnonzero(labels == m)
+        sub = corr[np.ix_(members, members)] if len(members) > 1 else None
+        if sub is None:
+            refs.append(int(members[0]))
+            continue
+        mean = (sub.sum(1) - 1.0) / (len(members) - 1)
+        refs.append(int(members[int(torch.argmax(mean))]))
+    return refs
+
+
+def assign_modes(traj: torch.Tensor, ref_traj: torch.Tensor, chunk: int = 1 << 18) -> torch.Tensor:
+    """For every trajectory, the mode whose reference it correlates with most (|corr|)."""
+    zr = _normalised(ref_traj)
+    out = torch.empty(traj.shape[0], dtype=torch.long)
+    for s in range(0, traj.shape[0], chunk):
+        out[s:s + chunk] = (_normalised(traj[s:s + chunk]) @ zr.T).abs().argmax(1)
+    return out
+
+
+def affine_fit(traj: torch.Tensor, ref_traj: torch.Tensor, mode: torch.Tensor, chunk: int = 1 << 18):
+    """(k, d) minimising sum_t (w_i(t) - k w_m(t) - d)^2 per trajectory (Eq. 4); k = 0 for a constant reference."""
+    k = torch.empty(traj.shape[0], dtype=torch.float64)
+    d = torch.empty(traj.shape[0], dtype=torch.float64)
+    r = ref_traj.double()
+    rc = r - r.mean(1, keepdim=True)
+    var = (rc * rc).sum(1)
+    for s in range(0, traj.shape[0], chunk):
+        w = traj[s:s + chunk].double()
+        m = mode[s:s + chunk]
+        cov = ((w - w.mean(1, keepdim=True)) * rc[m]).sum(1)
+        kk = torch.where(var[m] > 0, cov / var[m].clamp_min(1e-300), torch.zeros_like(cov))
+        k[s:s + chunk] = kk
+        d[s:s + chunk] = w.mean(1) - kk * r[m].mean(1)
+    return k, d
+
+
+def decompose(traj: torch.Tensor, modes: int, samples: int, generator: torch.Generator):
+    """One CMD at a given M: (reference flat indices (M,), mode per coordinate (N,), k (N,), d (N,))."""
+    n = traj.shape[0]
+    s = min(samples, n)
+    sample = torch.randperm(n, generator=generator)[:s].sort().values
+    corr = abs_corr(traj[sample])
+    labels = cluster_modes(corr, min(modes, s))
+    refs = sample[torch.tensor(pick_references(corr, labels))]
+    ref_traj = traj[refs]
+    mode = assign_modes(traj, ref_traj)
+    mode[refs] = torch.arange(len(refs))  # a reference is its own mode's member, k = 1, d = 0
+    k, d = affine_fit(traj, ref_traj, mode)
+    k[refs], d[refs] = 1.0, 0.0
+    return refs, mode, k, d
+
+
+# ---- Step 3: the recursive least-squares update (Eq. 6) -------------------------------------------------------
+
+def gram(ref_values: torch.Tensor) -> torch.Tensor:
+    """Per mode, sum over epochs of [w_m; 1][w_m; 1]^T: (M, 2, 2) from (M, E) reference trajectories."""
+    r = ref_values.double()
+    g = torch.empty(r.shape[0], 2, 2, dtype=torch.float64)
+    g[:, 0, 0] = (r * r).sum(1)
+    g[:, 0, 1] = g[:, 1, 0] = r.sum(1)
+    g[:, 1, 1] = r.shape[1]
+    return g
+
+
+def rls_update(k, d, mode, g_prev, w_now, ref_now):
+    """Eq. 6: K~(t) = (K~(t-1) G(t-1) + W(t) w~(t)^T) (G(t-1) + w~(t) w~(t)^T)^-1, for all coordinates at once."""
+    r = ref_now.double()
+    outer = torch.zeros_like(g_prev)
+    outer[:, 0, 0], outer[:, 0, 1], outer[:, 1, 0], outer[:, 1, 1] = r * r, r, r, 1.0
+    g_new = g_prev + outer
+    inv = torch.linalg.inv(g_new)
+    gp, gi = g_prev[mode], inv[mode]
+    kt = torch.stack([k, d], 1).unsqueeze(1)  # (N, 1, 2)
+    b = (kt @ gp).squeeze(1) + w_now.double().unsqueeze(1) * torch.stack([r[mode], torch.ones_like(r[mode])], 1)
+    new = (b.unsqueeze(1) @ gi).squeeze(1)
+    return new[:, 0], new[:, 1], g_new
+
+
+# ---- Step 2: sensitivity ------------------------------------------------------------------------------------
+
+def _layers(named_params: list[tuple[str, nn.Parameter]]) -> dict[str, list[int]]:
+    layers: dict[str, list[int]] = {}
+    for i, (name, _) in enumerate(named_params):
+        layers.setdefault(name.rsplit(".", 1)[0], []).append(i)
+    return layers
+
+
+@torch.no_grad()
+def _sample_loss(model, images: list[torch.Tensor], criterion, seed: int) -> tuple[float, float]:
+    """(R-D loss, rate) over the images in training mode with a fixed noise draw (so two calls compare weights)."""
+    loss = rate = 0.0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for x in images:
+            t = criterion(model(x), x)
+            loss, rate = loss + float(t.loss), rate + float(t.rate)
+    return loss / len(images), rate / len(images)
+
+
+def layer_sensitivity(model, named_params, images, criterion, perturb_std: float, seed: int = 0) -> dict[str, float]:
+    """Loss increase when a layer's parameters get Gaussian noise of std perturb_std * max|w| (R-D loss for
+    g_a / g_s layers, rate for the others)."""
+    base_loss, base_rate = _sample_loss(model, images, criterion, seed)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer, idx in _layers(named_params).items():
+        ps = [named_params[i][1] for i in idx]
+        saved = [p.detach().clone() for p in ps]
+        scale = max(float(p.detach().abs().max()) for p in ps) * perturb_std
+        with torch.no_grad():
+            for p in ps:
+                p.add_(torch.randn(p.shape, generator=g).to(p) * scale)
+        loss, rate = _sample_loss(model, images, criterion, seed)
+        with torch.no_grad():
+            for p, s in zip(ps, saved):
+                p.copy_(s)
+        out[layer] = (loss - base_loss) if layer.startswith(MAIN_TRANSFORMS) else (rate - base_rate)
+    return out
+
+
+def sensitive_layers(scores: dict[str, float]) -> list[str]:
+    """The top half of the g_a/g_s layers and the top half of the other layers, by loss increase."""
+    main = sorted((v, k) for k, v in scores.items() if k.startswith(MAIN_TRANSFORMS))
+    rest = sorted((v, k) for k, v in scores.items() if not k.startswith(MAIN_TRANSFORMS))
+    pick = [k for _, k in main[::-1][: math.ceil(len(main) / 2)]] + [k for _, k in rest[::-1][: math.ceil(len(rest) / 2)]]
+    return pick
+
+
+def parameter_saliency(model, named_params, images, criterion, seed: int = 0) -> list[torch.Tensor]:
+    """|w| * |E_X[dL/dw]| per parameter (Eq. 5), gradients by autograd.grad (the .grad fields are untouched)."""
+    params = [p for _, p in named_params]
+    total = [torch.zeros_like(p) for p in params]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for x in images:
+            t = criterion(model(x), x)
+            gs = torch.autograd.grad(t.loss, params, allow_unused=True)
+            for acc, gr in zip(total, gs):
+                if gr is not None:
+                    acc.add_(gr.detach())
+    return [(p.detach().abs() * (acc / len(images))).abs() for p, acc in zip(params, total)]
+
+
+# ---- the method -------------------------------------------------------------------------------------------------
+
+def _zero_moments(optimizer, p: torch.Tensor, idx: torch.Tensor) -> None:
+    """Zero the coordinate-wise optimizer state of p at flat positions idx (Adam/AdamW moments, SGD momentum)."""
+    base = getattr(optimizer, "base", optimizer)  # through the SMA wrapper
+    state = base.state.get(p)
+    if not state:
+        return
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
+        buf = state.get(key)
+        if isinstance(buf, torch.Tensor) and buf.shape == p.shape:
+            buf.view(-1)[idx] = 0
+
+
+class CMDLIC(Method):
+    """STDET (see the module docstring). Use with the SMA wrapper (`adam+sma`): recipe `cmd-lic`."""
+
+    name = "cmd-lic"
+
+    def __init__(self, epoch_steps: int = 100, head_epochs: int = 10, modes: list | tuple = (10, 30, 50),
+                 samples_per_mode: int = 200, period: int = 1, embed_percent: float = 1.0, dummy: bool = True,
+                 dummy_cap: float = 25.0, perturb_std: float = 0.1, sensitivity_images: int = 16,
+                 saturation: float = 0.001, trajectory_mb: int = 2048, seed: int = 0):
+        if epoch_steps < 1 or head_epochs < 2 or period < 1 or not modes or samples_per_mode < 1:
+            raise LictrainError("cmd-lic needs epoch_steps >= 1, head_epochs >= 2 (a trajectory needs two points), "
+                                "period >= 1, samples_per_mode >= 1 and at least one value in modes")
+        if not 0 <= embed_percent <= 100 or not 0 <= dummy_cap <= 100 or perturb_std <= 0 or sensitivity_images < 1:
+            raise LictrainError("cmd-lic needs embed_percent and dummy_cap in [0, 100], perturb_std > 0, "
+                                "sensitivity_images >= 1")
+        self.epoch_steps, self.head_epochs, self.modes = epoch_steps, head_epochs, sorted(int(m) for m in modes)
+        self.samples_per_mode, self.period, self.embed_percent = samples_per_mode, period, embed_percent
+        self.dummy, self.dummy_cap, self.perturb_std = dummy, dummy_cap, perturb_std
+        self.sensitivity_images, self.saturation = sensitivity_images, saturation
+        self.trajectory_mb, self.seed = trajectory_mb, seed
+        self.epoch = 0
+        self.trajectories: list[torch.Tensor] = []
+        self.images: list[torch.Tensor] = []
+        self.decomposed = False
+        self.overhead = 0.0
+        self.chosen_modes = 0
+
+    # -- bookkeeping over the flat parameter vector --
+    def attach(self, model, optimizer, params, total_steps: int = 0) -> None:
+        self.model, self.optimizer, self.params = model, optimizer, list(params)
+        self.named = [(n, p) for n, p in model.named_parameters() if any(p is q for q in self.params)]
+        self.sizes = [p.numel() for p in self.params]
+        self.offsets = np.cumsum([0] + self.sizes)
+        self.n = int(self.offsets[-1])
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    def _split(self, flat_idx: torch.Tensor):
+        """Flat indices -> {tensor position: local indices} (sorted)."""
+        out = {}
+        t = np.searchsorted(self.offsets, flat_idx.cpu().numpy(), side="right") - 1
+        for j in np.unique(t):
+            sel = flat_idx[torch.from_numpy(t == j)]
+            out[int(j)] = (sel - int(self.offsets[j])).to(self.params[j].device)
+        return out
+
+    # -- the loop's interface --
+    def backward(self, ctx: StepContext) -> dict[str, float]:
+        ctx.terms.loss.backward()
+        if self.decomposed and self.embedded_count:
+            for j, idx in self.embedded_by_tensor.items():
+                g = self.params[j].grad
+                if g is not None:
+                    g.view(-1)[idx] = 0
+        frac = self.embedded_count / self.n if self.decomposed else 0.0
+        return {"embedded_fraction": frac, "trainable_fraction": 1.0 - frac, "cmd_overhead_s": self.overhead}
+
+    def after_step(self, ctx: StepContext) -> dict[str, float]:
+        tick = time.perf_counter()
+        if self.decomposed and self.embedded_count:
+            self.impose(self.embedded_by_tensor)
+        if not self.decomposed and len(self.images) * (ctx.batch.shape[0] if ctx.batch is not None else 1) \
+                < self.sensitivity_images and ctx.batch is not None:
+            self.images.append(ctx.batch.detach().clone())
+        logs = {}
+        if (ctx.step + 1) % self.epoch_steps == 0:
+            self.epoch += 1
+            if self.epoch <= self.head_epochs:
+                self.record()
+            if self.epoch == self.head_epochs:
+                logs.update(self.decompose_and_rank(ctx))
+            elif self.epoch > self.head_epochs and self.decomposed:
+                logs.update(self.epoch_update(ctx))
+        self.overhead += time.perf_counter() - tick
+        return logs
+
+    def record(self) -> None:
+        bytes32 = self.n * 4 * self.head_epochs
+        dtype = torch.float32 if bytes32 <= self.trajectory_mb * 2**20 else torch.float16
+        self.trajectories.append(self.flat().to("cpu", dtype))
+
+    def decompose_and_rank(self, ctx: StepContext) -> dict[str, float]:
+        ctx.broadcast_(self.images)  # every process decides on rank 0's images: the same decisions everywhere
+        traj = torch.stack(self.trajectories, 1)  # (N, F)
+        images = [x for x in self._sample_images()]
+        gen = torch.Generator().manual_seed(self.seed)
+        prev, best = 10_000.0, None
+        for m in self.modes:
+            refs, mode, k, d = decompose(traj, m, self.samples_per_mode * m, gen)
+            loss = self.instant_loss(refs, mode, k, d, traj[:, -1], images, ctx.criterion)
+            best = (refs, mode, k, d, m, loss)
+            if abs(loss - prev) / prev < self.saturation:
+                break
+            prev = loss
+        refs, mode, k, d, m, loss = best
+        # Step 2 on the final weights
+        scores = layer_sensitivity(self.model, self.named, images, ctx.criterion, self.perturb_std, self.seed)
+        sensitive = set(sensitive_layers(scores))
+        saliency = parameter_saliency(self.model, self.named, images, ctx.criterion, self.seed)
+        layers = _layers(self.named)
+        blocked = torch.zeros(self.n, dtype=torch.bool)
+        for layer in sensitive:
+            idx = layers[layer]
+            flat_idx = torch.cat([torch.arange(int(self.offsets[i]), int(self.offsets[i + 1])) for i in idx])
+            s = torch.cat([saliency[i].reshape(-1).cpu() for i in idx])
+            top = flat_idx[torch.argsort(s, descending=True)[: len(s) // 2]]
+            blocked[top] = True
+        embeddable = ~blocked
+        embeddable[refs] = False
+        self.install(refs, mode, k, d, embeddable, gram(traj[refs]), ctx)
+        self.chosen_modes = m
+        self.trajectories = []  # the head-stage memory goes
+        self.layer_scores = scores
+        return {"cmd_modes": float(m), "cmd_instant_loss": loss, "embeddable_fraction": float(embeddable.float().mean())}
+
+    def _sample_images(self) -> list[torch.Tensor]:
+        if not self.images:
+            raise LictrainError("cmd-lic: no training images were kept for the sensitivity analysis")
+        return self.images
+
+    def instant_loss(self, refs, mode, k, d, last, images, criterion) -> float:
+        """R-D loss of the CMD model w_i = k_i w_m(F) + d_i on the sampled images; the weights are restored."""
+        saved = [p.detach().clone() for p in self.params]
+        ref_now = last[refs].double()
+        approx = (k * ref_now[mode] + d).float()
+        with torch.no_grad():
+            for j, p in enumerate(self.params):
+                p.copy_(approx[int(self.offsets[j]):int(self.offsets[j + 1])].view_as(p).to(p))
+        try:
+            loss, _ = _sample_loss(self.model, images, criterion, self.seed)
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
+        return loss
+
+    def install(self, refs, mode, k, d, embeddable, g, ctx: StepContext) -> None:
+        """Broadcast rank 0's decomposition (so all processes agree) and set up the embedding state."""
+        dev = self.params[0].device
+        refs, mode, k, d, g = refs.to(dev), mode.to(dev), k.to(dev), d.to(dev), g.to(dev)
+        emb = embeddable.to(dev).to(torch.uint8)
+        ctx.broadcast_([refs, mode, k, d, emb, g])
+        self.refs, self.mode, self.k, self.d = refs, mode, k, d
+        self.embeddable = emb.bool()
+        self.embedded = torch.zeros(self.n, dtype=torch.bool, device=dev)
+        self.g = g  # Eq. 6's Gram, from the head-stage reference trajectories on
+        self._after_install()
+
+    def _after_install(self) -> None:
+        self.embedded_count = int(self.embedded.sum())
+        self.embedded_by_tensor = self._split(torch.nonzero(self.embedded).flatten())
+        if not hasattr(self, "k_prev") or self.k_prev is None:
+            self.k_prev, self.d_prev = self.k.clone(), self.d.clone()
+        self._ref_loc = None
+        self.decomposed = True
+
+    def epoch_update(self, ctx: StepContext) -> dict[str, float]:
+        w_now = self.flat().double()
+        k, d, self.g = rls_update(self.k, self.d, self.mode, self.g, w_now, w_now[self.refs])
+        keep = self.embedded
+        self.k = torch.where(keep, self.k, k)
+        self.d = torch.where(keep, self.d, d)
+        self.k[self.refs], self.d[self.refs] = 1.0, 0.0
+        logs = {}
+        if (self.epoch - self.head_epochs) % self.period == 0:
+            logs = self.embed_step(ctx)
+        return logs
+
+    def embed_step(self, ctx: StepContext) -> dict[str, float]:
+        c = ((self.k - self.k_prev) ** 2 + (self.d - self.d_prev) ** 2).sqrt()
+        self.k_prev, self.d_prev = self.k.clone(), self.d.clone()
+        candidates = self.embeddable & ~self.embedded
+        order = torch.argsort(torch.where(candidates, c, torch.full_like(c, math.inf)))
+        n_true = min(int(round(self.n * self.embed_percent / 100)), int(candidates.sum()))
+        new = order[:n_true]
+        self.embedded[new] = True
+        self.embedded_count = int(self.embedded.sum())
+        self.embedded_by_tensor = self._split(torch.nonzero(self.embedded).flatten())
+        for j, idx in self._split(new).items():
+            _zero_moments(self.optimizer, self.params[j], idx)
+        self.impose(self.embedded_by_tensor)
+        n_dummy = 0
+        if self.dummy:
+            pct = min(self.epoch * self.embed_percent / 2, self.dummy_cap)
+            n_dummy = min(int(round(self.n * pct / 100)), int(candidates.sum()) - n_true)
+            if n_dummy > 0:
+                self.impose(self._split(order[n_true:n_true + n_dummy]))
+        self._freeze_whole_tensors()
+        return {"embedded_now": float(n_true), "dummy_reset": float(n_dummy),
+                "embedded_fraction": self.embedded_count / self.n}
+
+    @torch.no_grad()
+    def impose(self, by_tensor: dict[int, torch.Tensor]) -> None:
+        """w_i <- k_i w_ref(now) + d_i at the given coordinates."""
+        ref_now = torch.stack([self.params[j].detach().reshape(-1)[i]
+                               for j, i in self._ref_locations()]).double()
+        for j, idx in by_tensor.items():
+            flat = idx + int(self.offsets[j])
+            p = self.params[j]
+            p.view(-1)[idx] = (self.k[flat] * ref_now[self.mode[flat]] + self.d[flat]).to(p.dtype)
+
+    def _ref_locations(self):
+        if getattr(self, "_ref_loc", None) is None:
+            t = np.searchsorted(self.offsets, self.refs.cpu().numpy(), side="right") - 1
+            self._ref_loc = [(int(j), int(r) - int(self.offsets[j])) for j, r in zip(t, self.refs.cpu().numpy())]
+        return self._ref_loc
+
+    def _freeze_whole_tensors(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return  # DDP expects a gradient for every parameter it was built with: grads stay masked instead
+        for j, idx in self.embedded_by_tensor.items():
+            p = self.params[j]
+            if p.requires_grad and idx.numel() == p.numel():
+                p.requires_grad_(False)
+                p.grad = None
+
+    # -- checkpoints: everything, so a resumed run continues exactly --
+    def state_dict(self) -> dict:
+        state = {"epoch": self.epoch, "trajectories": self.trajectories, "images": [x.cpu() for x in self.images],
+                 "overhead": self.overhead, "chosen_modes": self.chosen_modes, "decomposed": self.decomposed}
+        if self.decomposed:
+            state.update(refs=self.refs, mode=self.mode, k=self.k, d=self.d, k_prev=self.k_prev, d_prev=self.d_prev,
+                         embeddable=self.embeddable, embedded=self.embedded, g=self.g,
+                         frozen=[not p.requires_grad for p in self.params])
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.trajectories = state["epoch"], list(state["trajectories"])
+        dev = self.params[0].device
+        self.images = [x.to(dev) for x in state["images"]]
+        self.overhead, self.chosen_modes = state["overhead"], state["chosen_modes"]
+        if state["decomposed"]:
+            for key in ("refs", "mode", "k", "d", "k_prev", "d_prev", "embeddable", "embedded", "g"):
+                setattr(self, key, state[key].to(dev))
+            for p, frozen in zip(self.params, state["frozen"]):
+                if frozen:
+                    p.requires_grad_(False)
+            self._after_install()
