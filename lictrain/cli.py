@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def _setup_logging(verbose: bool) -> None:
     handler.setFormatter(_Formatter())
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 reports progress; others warn and fail
+        log.setLevel(logging.WARNING)
     log.propagate = False
 
 

@@ -54,16 +54,39 @@ def _params():
     return [torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(5))]
 
 
-def test_sgd_preview_is_linear_and_p_r_plus_p_d_is_p():
+def test_sgd_p_r_plus_p_d_is_the_total_update():
     params = _params()
     opt = torch.optim.SGD(params, lr=0.1)
     g_r = [torch.randn_like(p) for p in params]
     g_d = [torch.randn_like(p) for p in params]
-    p_r, p_d = preview_update(opt, g_r), preview_update(opt, g_d)
-    p = preview_update(opt, [a + b for a, b in zip(g_r, g_d)])
-    for a, b, c, g in zip(p_r, p_d, p, g_r):
+    p, (p_r, p_d) = preview_update(opt, [a + b for a, b in zip(g_r, g_d)], parts=[g_r, g_d])
+    for a, b, c in zip(p_r, p_d, p):
         torch.testing.assert_close(a + b, c)
     torch.testing.assert_close(p_r[0], -0.1 * g_r[0])  # the gradient itself, scaled by -lr
+
+
+@pytest.mark.parametrize("name", ["adam", "soap"])
+def test_shares_are_linear_and_add_up_to_the_update_without_momentum(name):
+    """beta1 = 0 (no momentum share): p_R + p_D must be p (one preconditioner, linear in the part). Checked after
+    a few steps: from a fresh state the second moment is the step's own g^2, and where g_R and g_D cancel the
+    shares are huge and opposite (their sum is still p, but only to float precision relative to them)."""
+    params = _params()
+    opt = build_optimizer(name, params, 1e-2, {"betas": (0.0, 0.95)} | ({"precondition_frequency": 2}
+                                                                       if name == "soap" else {}))
+    for step in range(6):
+        g_r = [torch.randn_like(p) for p in params]
+        g_d = [torch.randn_like(p) for p in params]
+        g = [a + b for a, b in zip(g_r, g_d)]
+        if step >= 3:
+            p, (p_r, p_d) = preview_update(opt, g, parts=[g_r, g_d])
+            for a, b, c in zip(p_r, p_d, p):
+                assert float((a + b - c).norm()) <= 1e-5 * float(c.norm())
+            two_r = preview_update(opt, g, parts=[[2 * x for x in g_r]])[1][0]
+            for a, b in zip(two_r, p_r):
+                torch.testing.assert_close(a, 2 * b)
+        for q, gg in zip(params, g):
+            q.grad = gg
+        opt.step()
 
 
 @pytest.mark.parametrize("name", ["adam", "soap", "sgd"])

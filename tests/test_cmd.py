@@ -9,7 +9,7 @@ import torch
 
 from lictrain.checkpoint import load_checkpoint
 from lictrain.losses import RateDistortionLoss
-from lictrain.methods.cmd import (affine_fit, decompose, gram, layer_sensitivity, rls_update, sensitive_layers)
+from lictrain.methods.cmd_modes import affine_fit, decompose, gram, layer_sensitivity, rls_update, sensitive_layers
 from lictrain.models import build_model
 from lictrain.optim import build_optimizer
 from lictrain.optim.sma import SMA

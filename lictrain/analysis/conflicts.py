@@ -1,16 +1,24 @@
 """Gradient conflicts (SOAP-for-LIC, Section 4.1): intra-step S(p_R, p_D) and inter-step S(p_{t-1}, p_t).
 
-g_R = grad R and g_D = grad (lmbda * D) on the step's batch (from the shared graph, before the method's backward);
-p_R, p_D and p are the updates the optimizer would apply to g_R, g_D and g = grad (R + lmbda D) (which equals
-g_R + g_D except at CompressAI's lower bounds, whose backward depends on the gradient's sign) from its current state,
-without changing it. The total gradient is scaled by the loop's clipping factor (min(1, max_norm / |g|)), and g_R
-and g_D by the same factor, so p is exactly the update the next step applies for the standard method.
+g_R = grad R and g_D = grad (lmbda * D) on the step's batch (from the shared graph, before the method's backward),
+g = grad (R + lmbda D) by its own backward pass (it equals g_R + g_D except at CompressAI's lower bounds, whose
+backward depends on the gradient's sign). From the optimizer's current state, without changing it:
 
-    sgd          p = -lr * (momentum * buffer + g)   (a fresh buffer is g itself); p_R, p_D from g_R, g_D alone
-    adam, adamw  the bias-corrected Adam step with the moments updated by the given gradient (amsgrad unsupported)
-    soap         SOAP.precondition (side-effect free)
-Weight decay is left out of all three (it does not come from the gradients); with it, p differs from the applied
-update by -lr * wd * theta.
+    p          the update the next step applies for g (momentum included, clipped as the loop clips): the
+               inter-step score compares consecutive p
+    p_R, p_D   the gradient-driven shares of that update: each component's contribution to the new first moment,
+               preconditioned by the second moments (and, for SOAP, the eigenbasis) the step will use. They are
+               linear in the component, so p = (momentum share) + p_R + p_D when g = g_R + g_D.
+
+Why shares and not "the update the optimizer would make from g_R alone": with momentum, that update is mostly the
+momentum both components share (0.9 of Adam's first moment), so S(p_R, p_D) would measure the history, not the
+conflict (we measured ~0.92 for Adam that way on the miniature benchmark). Per optimizer:
+    sgd          p_X = -lr (1 - dampening) g_X  (times 1 + momentum with Nesterov);  p adds -lr momentum * buffer
+    adam, adamw  p_X = -lr (1 - beta1) g_X / (1 - beta1^t) / (sqrt(v_t / (1 - beta2^t)) + eps), v_t from g
+    soap         SOAP.precondition(g, parts=[g_R, g_D]) (the same in SOAP's eigenbasis)
+Weight decay is left out (it does not come from the gradients). Where g_R and g_D nearly cancel, the second moment
+(built from g) is small and the two shares are large and opposite: that is the conflict this score measures (near a
+minimum of R + lmbda D, g_R ~ -g_D everywhere), strongest in a fresh optimizer state whose v is the step's own g^2.
 """
 
 from __future__ import annotations
@@ -31,26 +39,39 @@ def _state_params(optimizer):
     return [(p, g) for g in optimizer.param_groups for p in g["params"]]
 
 
-def preview_update(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The update (to add to each parameter) the optimizer's next step would apply for these gradients."""
+def preview_update(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],
+                   parts: list[list[torch.Tensor]] | None = None):
+    """The update (to add to each parameter) the optimizer's next step would apply for these gradients; with
+    `parts`, also each part's gradient-driven share of it (module docstring)."""
+    optimizer = getattr(optimizer, "base", optimizer)  # through wrappers such as SMA
     if isinstance(optimizer, SOAP):
         saved = [g["weight_decay"] for g in optimizer.param_groups]
         try:
             for g in optimizer.param_groups:
                 g["weight_decay"] = 0.0
-            out = optimizer.precondition(list(grads))
+            result = optimizer.precondition(list(grads), parts=parts)
         finally:
             for g, wd in zip(optimizer.param_groups, saved):
                 g["weight_decay"] = wd
-        return [torch.zeros_like(g) if u is None else u for u, g in zip(out, grads)]
+        out, shares = result if parts is not None else (result, [])
+        fill = lambda us: [torch.zeros_like(g) if u is None else u for u, g in zip(us, grads)]  # noqa: E731
+        return (fill(out), [fill(s) for s in shares]) if parts is not None else fill(out)
     if isinstance(optimizer, torch.optim.Adam):  # AdamW is a subclass
-        return [_adam_update(optimizer, p, group, g) for (p, group), g in zip(_state_params(optimizer), grads)]
-    if isinstance(optimizer, torch.optim.SGD):
-        return [_sgd_update(optimizer, p, group, g) for (p, group), g in zip(_state_params(optimizer), grads)]
-    raise LictrainError(f"the conflict analysis supports the optimizers {SUPPORTED}, not {type(optimizer).__name__}")
+        fn = _adam_update
+    elif isinstance(optimizer, torch.optim.SGD):
+        fn = _sgd_update
+    else:
+        raise LictrainError(f"the conflict analysis supports the optimizers {SUPPORTED}, "
+                            f"not {type(optimizer).__name__}")
+    results = [fn(optimizer, p, group, g, [part[i] for part in parts or []])
+               for i, ((p, group), g) in enumerate(zip(_state_params(optimizer), grads))]
+    out = [r[0] for r in results]
+    if parts is None:
+        return out
+    return out, [[r[1][k] for r in results] for k in range(len(parts))]
 
 
-def _adam_update(optimizer, p, group, g):
+def _adam_update(optimizer, p, group, g, parts):
     if group.get("amsgrad"):
         raise LictrainError("the conflict analysis does not support amsgrad")
     b1, b2 = group["betas"]
@@ -62,20 +83,20 @@ def _adam_update(optimizer, p, group, g):
     m = torch.lerp(m, g, 1 - b1)
     v = v * b2 + (1 - b2) * g * g
     denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(group["eps"])
-    return -(group["lr"] / (1 - b1**t)) * m / denom
+    scale = group["lr"] / (1 - b1**t)
+    return -scale * m / denom, [-scale * (1 - b1) * x / denom for x in parts]
 
 
-def _sgd_update(optimizer, p, group, g):
-    momentum = group.get("momentum", 0.0)
-    state = optimizer.state.get(p, {})
-    d = g
+def _sgd_update(optimizer, p, group, g, parts):
+    momentum, damp = group.get("momentum", 0.0), group.get("dampening", 0.0)
+    buf = optimizer.state.get(p, {}).get("momentum_buffer") if momentum else None
+    d, coef = g, 1.0
     if momentum:
-        buf = state.get("momentum_buffer")
         if buf is not None:
-            d = buf * momentum + (1 - group.get("dampening", 0.0)) * g
+            d, coef = buf * momentum + (1 - damp) * g, 1 - damp
         if group.get("nesterov"):
-            d = g + momentum * d
-    return -group["lr"] * d
+            d, coef = g + momentum * d, 1 + momentum * coef
+    return -group["lr"] * d, [-group["lr"] * coef * x for x in parts]
 
 
 def _grads(loss, params):
@@ -114,8 +135,8 @@ class ConflictProbe(StepHook):
             factor = min(1.0, self.clip / (norm + 1e-6))
             if factor < 1.0:
                 g_r, g_d, g = ([t * factor for t in ts] for ts in (g_r, g_d, g))
-        opt = ctx.optimizer
-        return preview_update(opt, g_r), preview_update(opt, g_d), preview_update(opt, g)
+        p, (p_r, p_d) = preview_update(ctx.optimizer, g, parts=[g_r, g_d])
+        return p_r, p_d, p
 
     def before_backward(self, ctx: StepContext):
         if not self.wants(ctx.step):

@@ -321,21 +321,29 @@ class SOAP(Optimizer):
         return list(updates)
 
     @torch.no_grad()
-    def precondition(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    def precondition(self, grads: list[torch.Tensor | None], parts: list[list[torch.Tensor]] | None = None):
         """The update step() would apply (as a tensor to add to the parameter) if these were the gradients.
 
         Side-effect free: moments, factors and bases are read, never written. Parameters without state yet use
         the basis of the factors their gradient would create. Weight decay is included. `grads` follows the order
         of the parameters over all groups; None gives None.
+
+        With `parts` (lists of gradients laid out like `grads`, e.g. the rate and distortion gradients whose sum
+        is `grads`), also returns, per part, the gradient-driven share of that update: the part's contribution to
+        the new first moment, preconditioned with the basis and the second moments the step would use. It is
+        linear in the part, so the parts' shares add up to the update minus its momentum (and decay) share.
         """
         params = [p for group in self.param_groups for p in group["params"]]
         if len(grads) != len(params):
             raise ValueError(f"precondition got {len(grads)} gradients for {len(params)} parameters")
         groups = [group for group in self.param_groups for _ in group["params"]]
         out: list[torch.Tensor | None] = []
-        for p, grad, group in zip(params, grads, groups):
+        shares: list[list[torch.Tensor | None]] = [[] for _ in (parts or [])]
+        for i, (p, grad, group) in enumerate(zip(params, grads, groups)):
             if grad is None:
                 out.append(None)
+                for sh in shares:
+                    sh.append(None)
                 continue
             b1, b2 = group["betas"]
             shampoo_beta = b2 if group["shampoo_beta"] is None else group["shampoo_beta"]
@@ -358,7 +366,11 @@ class SOAP(Optimizer):
             if group["weight_decay"]:
                 update = update - group["lr"] * group["weight_decay"] * p.to(update.dtype)
             out.append(update.to(p.dtype))
-        return out
+            for sh, part in zip(shares, parts or []):
+                x_rot = _project(part[i].reshape(g.shape).to(g.dtype), state["Q"]) * (1 - b1)
+                (d,) = self._directions([{"step": t}], group, [x_rot], [v])
+                sh.append(-_project(d, state["Q"], back=True).reshape(p.shape).to(p.dtype))
+        return (out, shares) if parts is not None else out
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts loaded state to each parameter's dtype (bf16 would round the factors and bases); put back the
