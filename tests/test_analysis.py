@@ -187,7 +187,8 @@ def test_analyze_commands_end_to_end(tmp_path, capsys):
     assert main(["analyze", "outliers", str(tmp_path / "src"), "--layer", "g_a.99", "--out", str(tmp_path / "x")]) == 2
     assert "no module 'g_a.99'" in capsys.readouterr().err
     assert main(["analyze", "plot", str(tmp_path / "src"), "--out", str(tmp_path / "p.png")]) == 2
-    assert main(["analyze", "plot", str(out / "src-adam"), "--metrics", "intra_cos,inter_cos",
+    (run,) = out.glob("src-adam-*")
+    assert main(["analyze", "plot", str(run), "--metrics", "intra_cos,inter_cos",
                  "--out", str(tmp_path / "p.png")]) == 0
 
 

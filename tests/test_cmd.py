@@ -55,6 +55,21 @@ def test_cmd_recovers_known_modes_and_affine_coefficients():
         torch.testing.assert_close(d[members], want_d, atol=1e-2, rtol=1e-3)
 
 
+def test_constant_trajectories_are_neither_sampled_nor_references():
+    """Masked weights of context models never change: they must not collapse the clustering or become references
+    (a constant reference makes Eq. 6's Gram singular); their fit is k = 0, d = their value."""
+    traj, truth, *_ = _synthetic()
+    constant = torch.full((40, traj.shape[1]), 0.25, dtype=torch.float64)
+    both = torch.cat([traj, constant])
+    refs, mode, k, d = decompose(both, 3, samples=200, generator=torch.Generator().manual_seed(1))
+    assert len(refs) == 3 and (refs < len(traj)).all()
+    assert len({(int(a), int(b)) for a, b in zip(mode[: len(traj)], truth)}) == 3  # still the true partition
+    assert (k[len(traj):] == 0).all() and torch.allclose(d[len(traj):], torch.full((40,), 0.25, dtype=torch.float64))
+    g = gram(both[refs, :4])
+    k2, d2, _ = rls_update(k, d, mode, g, both[:, 4], both[refs, 4])
+    assert torch.isfinite(k2).all() and torch.isfinite(d2).all()
+
+
 def test_recursive_update_equals_the_batch_least_squares_fit():
     traj, *_ = _synthetic(noise=0.3, epochs=15)  # far from exactly affine: the fit is a real least-squares one
     head = 6
@@ -158,3 +173,5 @@ def test_sma_options_are_checked(tmp_path):
         build_optimizer("adam+sma", [torch.nn.Parameter(torch.zeros(1))], 0.1, {"sma": {"beta": 1}})
     with pytest.raises(LictrainError, match="alpha must be in"):
         build_optimizer("adam+sma", [torch.nn.Parameter(torch.zeros(1))], 0.1, {"sma": {"alpha": 0}})
+    with pytest.raises(LictrainError, match="modes must be a list of positive integers"):
+        train(tiny_config(tmp_path, "method.name=cmd-lic", "method.options={modes: 30}"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import statistics
@@ -48,7 +49,9 @@ def conflicts(checkpoint: str, optimizers: list[str], out: Path, steps: int = 20
     series = {}
     for opt in optimizers:
         cfg = checkpoint_config(ckpt)
-        cfg.run_dir = str(out / f"{_name(checkpoint)}-{opt}")
+        # the settings are in the folder name, so a rerun with other settings never reuses an older run
+        tag = hashlib.sha256(json.dumps([lr, steps, every, per_layer, list(overrides)]).encode()).hexdigest()[:6]
+        cfg.run_dir = str(out / f"{_name(checkpoint)}-{opt}-{tag}")
         for key, value in [("train.init_from", str(checkpoint)), ("optim.name", opt), ("optim.lr", lr),
                            ("optim.options", {}), ("train.steps", steps), ("train.warmup_steps", 0),
                            ("train.val_every", steps), ("train.ckpt_every", steps), ("method.name", "standard"),

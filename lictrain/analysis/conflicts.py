@@ -100,8 +100,14 @@ def _sgd_update(optimizer, p, group, g, parts):
 
 
 def _grads(loss, params):
-    gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, gs)]
+    """Gradients of loss for every parameter (zeros for frozen or unused ones)."""
+    live = [p for p in params if p.requires_grad]
+    gs = iter(torch.autograd.grad(loss, live, retain_graph=True, allow_unused=True))
+    out = []
+    for p in params:
+        g = next(gs) if p.requires_grad else None
+        out.append(torch.zeros_like(p) if g is None else g.detach())
+    return out
 
 
 class ConflictProbe(StepHook):
@@ -130,6 +136,8 @@ class ConflictProbe(StepHook):
         # The total gradient by its own backward pass, not as g_R + g_D: CompressAI's LowerBound (GDN, entropy
         # bottleneck) passes a gradient depending on its sign, so at a bound grad(R + D) != grad R + grad D.
         g = _grads(ctx.terms.loss, ctx.params)
+        for grads in (g_r, g_d, g):  # under torchrun: the averaged gradients the step uses (every rank probes)
+            ctx.reduce_mean(grads)
         if self.clip > 0:  # the factor torch.nn.utils.clip_grad_norm_ applies to the total gradient
             norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in g))
             factor = min(1.0, self.clip / (norm + 1e-6))

@@ -54,6 +54,8 @@ from .cmd_modes import (_layers, _sample_loss, decompose, gram, layer_sensitivit
 def _zero_moments(optimizer, p: torch.Tensor, idx: torch.Tensor) -> None:
     """Zero the coordinate-wise optimizer state of p at flat positions idx (Adam/AdamW moments, SGD momentum)."""
     base = getattr(optimizer, "base", optimizer)  # through the SMA wrapper
+    if not isinstance(base, (torch.optim.Adam, torch.optim.SGD)):
+        return  # e.g. SOAP: its moments live in a rotated basis, coordinates do not map; values are re-imposed
     state = base.state.get(p)
     if not state:
         return
@@ -72,6 +74,8 @@ class CMDLIC(Method):
                  samples_per_mode: int = 200, period: int = 1, embed_percent: float = 1.0, dummy: bool = True,
                  dummy_cap: float = 25.0, perturb_std: float = 0.1, sensitivity_images: int = 16,
                  saturation: float = 0.001, trajectory_mb: int = 2048, seed: int = 0):
+        if not isinstance(modes, (list, tuple)) or not all(isinstance(m, int) and m >= 1 for m in modes):
+            raise LictrainError(f"cmd-lic: modes must be a list of positive integers, e.g. [10, 30, 50], got {modes!r}")
         if epoch_steps < 1 or head_epochs < 2 or period < 1 or not modes or samples_per_mode < 1:
             raise LictrainError("cmd-lic needs epoch_steps >= 1, head_epochs >= 2 (a trajectory needs two points), "
                                 "period >= 1, samples_per_mode >= 1 and at least one value in modes")
@@ -129,7 +133,8 @@ class CMDLIC(Method):
                 < self.sensitivity_images and ctx.batch is not None:
             self.images.append(ctx.batch.detach().clone())
         logs = {}
-        if (ctx.step + 1) % self.epoch_steps == 0:
+        # An epoch boundary whose step was skipped (non-finite loss: after_step does not run) is caught up here.
+        if (ctx.step + 1) // self.epoch_steps > self.epoch:
             self.epoch += 1
             if self.epoch <= self.head_epochs:
                 self.record()
@@ -173,6 +178,7 @@ class CMDLIC(Method):
             blocked[top] = True
         embeddable = ~blocked
         embeddable[refs] = False
+        embeddable &= traj.double().var(1) > 0  # a coordinate that never moved (e.g. a masked weight) stays as it is
         self.install(refs, mode, k, d, embeddable, gram(traj[refs]), ctx)
         self.chosen_modes = m
         self.trajectories = []  # the head-stage memory goes
@@ -260,10 +266,13 @@ class CMDLIC(Method):
         """w_i <- k_i w_ref(now) + d_i at the given coordinates."""
         ref_now = torch.stack([self.params[j].detach().reshape(-1)[i]
                                for j, i in self._ref_locations()]).double()
+        average = getattr(self.optimizer, "average", None)  # SMA's moving average sees the imposed values too
         for j, idx in by_tensor.items():
             flat = idx + int(self.offsets[j])
             p = self.params[j]
             p.view(-1)[idx] = (self.k[flat] * ref_now[self.mode[flat]] + self.d[flat]).to(p.dtype)
+            if average is not None:
+                average[j].view(-1)[idx] = p.view(-1)[idx]
 
     def _ref_locations(self):
         if getattr(self, "_ref_loc", None) is None:
@@ -298,7 +307,8 @@ class CMDLIC(Method):
         if state["decomposed"]:
             for key in ("refs", "mode", "k", "d", "k_prev", "d_prev", "embeddable", "embedded", "g"):
                 setattr(self, key, state[key].to(dev))
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
             for p, frozen in zip(self.params, state["frozen"]):
-                if frozen:
+                if frozen and not distributed:  # under DDP gradients stay masked instead (see _freeze_whole_tensors)
                     p.requires_grad_(False)
             self._after_install()

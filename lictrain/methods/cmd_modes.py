@@ -84,10 +84,16 @@ def affine_fit(traj: torch.Tensor, ref_traj: torch.Tensor, mode: torch.Tensor, c
 
 
 def decompose(traj: torch.Tensor, modes: int, samples: int, generator: torch.Generator):
-    """One CMD at a given M: (reference flat indices (M,), mode per coordinate (N,), k (N,), d (N,))."""
-    n = traj.shape[0]
-    s = min(samples, n)
-    sample = torch.randperm(n, generator=generator)[:s].sort().values
+    """One CMD at a given M: (reference flat indices (M,), mode per coordinate (N,), k (N,), d (N,)).
+
+    Trajectories that never changed (masked weights of context models, parameters without gradients) correlate
+    with nothing: they are neither sampled nor references (a constant reference would make Eq. 6's Gram singular);
+    their fit is k = 0, d = their value."""
+    live = torch.nonzero(traj.double().var(1) > 0).flatten()
+    if len(live) == 0:
+        raise ValueError("no parameter changed during the head stage: nothing to decompose")
+    s = min(samples, len(live))
+    sample = live[torch.randperm(len(live), generator=generator)[:s]].sort().values
     corr = abs_corr(traj[sample])
     labels = cluster_modes(corr, min(modes, s))
     refs = sample[torch.tensor(pick_references(corr, labels))]
@@ -117,7 +123,7 @@ def rls_update(k, d, mode, g_prev, w_now, ref_now):
     outer = torch.zeros_like(g_prev)
     outer[:, 0, 0], outer[:, 0, 1], outer[:, 1, 0], outer[:, 1, 1] = r * r, r, r, 1.0
     g_new = g_prev + outer
-    inv = torch.linalg.inv(g_new)
+    inv = torch.linalg.pinv(g_new)  # = the inverse when the reference moved; never an error when it did not
     gp, gi = g_prev[mode], inv[mode]
     kt = torch.stack([k, d], 1).unsqueeze(1)  # (N, 1, 2)
     b = (kt @ gp).squeeze(1) + w_now.double().unsqueeze(1) * torch.stack([r[mode], torch.ones_like(r[mode])], 1)
@@ -134,11 +140,17 @@ def _layers(named_params: list[tuple[str, nn.Parameter]]) -> dict[str, list[int]
     return layers
 
 
+def _rng_devices(model) -> list:
+    """The CUDA device whose RNG a fixed-seed evaluation must restore (torch.manual_seed seeds CUDA too)."""
+    dev = next(model.parameters()).device
+    return [dev] if dev.type == "cuda" else []
+
+
 @torch.no_grad()
 def _sample_loss(model, images: list[torch.Tensor], criterion, seed: int) -> tuple[float, float]:
     """(R-D loss, rate) over the images in training mode with a fixed noise draw (so two calls compare weights)."""
     loss = rate = 0.0
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=_rng_devices(model)):
         torch.manual_seed(seed)
         for x in images:
             t = criterion(model(x), x)
@@ -179,7 +191,7 @@ def parameter_saliency(model, named_params, images, criterion, seed: int = 0) ->
     """|w| * |E_X[dL/dw]| per parameter (Eq. 5), gradients by autograd.grad (the .grad fields are untouched)."""
     params = [p for _, p in named_params]
     total = [torch.zeros_like(p) for p in params]
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=_rng_devices(model)):
         torch.manual_seed(seed)
         for x in images:
             t = criterion(model(x), x)
