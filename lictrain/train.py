@@ -275,6 +275,8 @@ def _train(cfg: RunConfig, resume: bool, hooks: tuple[StepHook, ...], device: to
 
         DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, _ in aux_named])
         forward_model = DDP(model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+    if dd.enabled:  # same initial weights everywhere (seeded above), but each rank its own quantization noise
+        torch.manual_seed(cfg.seed + 1_000_003 * (dd.rank + 1))
     criterion = RateDistortionLoss(cfg.loss.lmbda, cfg.loss.metric)
     train_images = ImageList.scan(cfg.data.train, cfg.data.cache_mb)
     val_set = EvalImages(cfg.data.val, cfg.data.val_crop, cfg.data.val_max_images)
@@ -291,9 +293,18 @@ def _train(cfg: RunConfig, resume: bool, hooks: tuple[StepHook, ...], device: to
             ema.load_state_dict(ckpt["ema"])
         method.load_state_dict(ckpt["method"])
         st.update(ckpt["state"])
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())  # map_location moved it; RNG states live on the CPU
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
+        rng = ckpt["rng"]
+        ranks = rng.get("ranks")  # every rank's RNG state, when the run was distributed
+        if dd.enabled and ranks is not None and len(ranks) == dd.world:
+            rng = ranks[dd.rank]
+        elif dd.enabled:
+            log.warning("the number of processes changed since the checkpoint: random streams start afresh")
+            torch.manual_seed(cfg.seed + 1_000_003 * (dd.rank + 1) + st["step"])
+            rng = None
+        if rng is not None:
+            torch.set_rng_state(rng["torch"].cpu())  # map_location moved it; RNG states live on the CPU
+            if device.type == "cuda" and rng.get("cuda") is not None:
+                torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
         if dd.is_main:
             MetricsLog.truncate_after(metrics_path, st["step"])
             log.info("resuming %s at step %d", run_dir, st["step"])
@@ -304,8 +315,13 @@ def _train(cfg: RunConfig, resume: bool, hooks: tuple[StepHook, ...], device: to
         dump_config(cfg, run_dir / "config.yaml")
     mlog = MetricsLog(metrics_path, run_dir / "tb" if cfg.train.tensorboard else None, enabled=dd.is_main)
     hooks = tuple(hooks) + _probes(cfg, model, main_named, val_set, multiple)
+    saved = {"any": False}  # the end-of-run checkpoint decision must be the same on every rank (not a file test)
 
     def save_checkpoint() -> None:
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        ranks = dd.all_gather_object({k: v for k, v in rng.items()}) if dd.enabled else None  # every rank calls
+        saved["any"] = True
         if not dd.is_main:
             return
         save_atomic(
@@ -319,10 +335,7 @@ def _train(cfg: RunConfig, resume: bool, hooks: tuple[StepHook, ...], device: to
                 "scheduler": scheduler.state_dict(),
                 "method": method.state_dict(),
                 "state": dict(st),
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                },
+                "rng": {**rng, "ranks": ranks},
             },
             ckpt_path,
         )
@@ -452,7 +465,7 @@ def _train(cfg: RunConfig, resume: bool, hooks: tuple[StepHook, ...], device: to
         if not mlog.closed:
             mlog.close()
 
-    if not ckpt_path.exists():  # train.steps = 0: keep the initial weights as the run's checkpoint
+    if not saved["any"] and not (resume and st["step"] >= total):  # train.steps = 0: keep the initial weights
         save_checkpoint()
     if not last_val and (run_dir / "summary.json").exists():  # a finished run resumed: nothing new to report
         last_val = json.loads((run_dir / "summary.json").read_text()).get("last_val", {})
