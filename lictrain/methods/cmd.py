@@ -266,13 +266,13 @@ class CMDLIC(Method):
         """w_i <- k_i w_ref(now) + d_i at the given coordinates."""
         ref_now = torch.stack([self.params[j].detach().reshape(-1)[i]
                                for j, i in self._ref_locations()]).double()
-        average = getattr(self.optimizer, "average", None)  # SMA's moving average sees the imposed values too
+        # Only the weights are set, not SMA's moving average: the paper resets w_i (Eq. 10, dummy embedding) and
+        # says nothing of w_SMA, so a dummy reset is blended at the next sync. (Writing it into the average too made
+        # the resets stick and cost 10-90% more loss on the miniature benchmark: benchmarks/RESULTS.md.)
         for j, idx in by_tensor.items():
             flat = idx + int(self.offsets[j])
             p = self.params[j]
             p.view(-1)[idx] = (self.k[flat] * ref_now[self.mode[flat]] + self.d[flat]).to(p.dtype)
-            if average is not None:
-                average[j].view(-1)[idx] = p.view(-1)[idx]
 
     def _ref_locations(self):
         if getattr(self, "_ref_loc", None) is None:
