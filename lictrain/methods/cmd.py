@@ -98,8 +98,7 @@ class CMDLIC(Method):
     def attach(self, model, optimizer, params, total_steps: int = 0) -> None:
         self.model, self.optimizer, self.params = model, optimizer, list(params)
         self.named = [(n, p) for n, p in model.named_parameters() if any(p is q for q in self.params)]
-        self.sizes = [p.numel() for p in self.params]
-        self.offsets = np.cumsum([0] + self.sizes)
+        self.offsets = np.cumsum([0] + [p.numel() for p in self.params])
         self.n = int(self.offsets[-1])
 
     def flat(self) -> torch.Tensor:
@@ -129,8 +128,8 @@ class CMDLIC(Method):
         tick = time.perf_counter()
         if self.decomposed and self.embedded_count:
             self.impose(self.embedded_by_tensor)
-        if not self.decomposed and len(self.images) * (ctx.batch.shape[0] if ctx.batch is not None else 1) \
-                < self.sensitivity_images and ctx.batch is not None:
+        if not self.decomposed and ctx.batch is not None and \
+                sum(x.shape[0] for x in self.images) < self.sensitivity_images:  # crops for Steps 1-2
             self.images.append(ctx.batch.detach().clone())
         logs = {}
         # An epoch boundary whose step was skipped (non-finite loss: after_step does not run) is caught up here.
@@ -153,7 +152,9 @@ class CMDLIC(Method):
     def decompose_and_rank(self, ctx: StepContext) -> dict[str, float]:
         ctx.broadcast_(self.images)  # every process decides on rank 0's images: the same decisions everywhere
         traj = torch.stack(self.trajectories, 1)  # (N, F)
-        images = [x for x in self._sample_images()]
+        if not self.images:
+            raise LictrainError("cmd-lic: no training images were kept for the sensitivity analysis")
+        images = self.images
         gen = torch.Generator().manual_seed(self.seed)
         prev, best = 10_000.0, None
         for m in self.modes:
@@ -182,13 +183,7 @@ class CMDLIC(Method):
         self.install(refs, mode, k, d, embeddable, gram(traj[refs]), ctx)
         self.chosen_modes = m
         self.trajectories = []  # the head-stage memory goes
-        self.layer_scores = scores
         return {"cmd_modes": float(m), "cmd_instant_loss": loss, "embeddable_fraction": float(embeddable.float().mean())}
-
-    def _sample_images(self) -> list[torch.Tensor]:
-        if not self.images:
-            raise LictrainError("cmd-lic: no training images were kept for the sensitivity analysis")
-        return self.images
 
     def instant_loss(self, refs, mode, k, d, last, images, criterion) -> float:
         """R-D loss of the CMD model w_i = k_i w_m(F) + d_i on the sampled images; the weights are restored."""
