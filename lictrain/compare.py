@@ -19,10 +19,12 @@ import numpy as np
 
 from .checkpoint import load_checkpoint, write_atomic
 from .config import RunConfig, config_from_dict, set_key, validate
-from .data import active_spec
+from .data import active_spec, resolve_image_files
 from .errors import LictrainError
 from .evaluate import evaluate
-from .metrics import BDRateUnavailable, bd_rate, converged_loss, mean_and_spread, read_val_curve, to_anchor
+from .metrics import (BDRateUnavailable, bd_rate, converged_loss, mean_and_spread, read_val_curve, read_val_records,
+                      to_anchor)
+from .schedule import finish_state
 from .train import train
 
 log = logging.getLogger("lictrain")
@@ -75,6 +77,11 @@ def config_hash(cfg: RunConfig) -> str:
     d["train"].pop("tensorboard")
     if d["train"].get("init_from") is None:  # added after the first benchmarks: unset, it must not change hashes
         d["train"].pop("init_from", None)
+    if d["train"]["schedule"] == "plateau":  # added later: unused by plateau runs, must not change their hashes
+        for k in ("schedule", "decay_start", "final_lr_factor"):
+            d["train"].pop(k)
+    for k in ("train", "val"):  # what a run computes depends on the alternative in use, not on its fallbacks
+        d["data"][k] = active_spec(d["data"][k])
     d.pop("probe")  # read-only measurements: they do not change what a run computes
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -159,6 +166,7 @@ def compare(base: RunConfig, out_dir: str | Path) -> dict:
             r = evaluate_or_reuse(run, spec, cc.eval_max_images)["results"]
             points.setdefault((run.recipe, run.seed, spec), []).append((run.lmbda, r["bpp"][0], r["psnr-rgb"][0]))
     summary = summarize(runs, points, cc.recipes, cc.eval_data, cc.bd_method)
+    summary["data"] = data_roles(base)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     write_atomic(out_dir / "summary.md", summary_markdown(summary))
@@ -167,6 +175,23 @@ def compare(base: RunConfig, out_dir: str | Path) -> dict:
     summary["plots"] = [str(p) for p in plot_compare(runs, points, cc.eval_data, out_dir)]
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def data_roles(cfg: RunConfig) -> dict:
+    """Which images did what in a compare, and whether any image plays two roles (file paths compared)."""
+    sets = {"train": [cfg.data.train], "validation": [cfg.data.val], "test": list(cfg.compare.eval_data)}
+    limits = {"train": None, "validation": cfg.data.val_max_images, "test": cfg.compare.eval_max_images}
+    files = {role: {p.resolve() for spec in specs for p in resolve_image_files(spec)[:limits[role]]}
+             for role, specs in sets.items()}  # the images actually used: the first N where a limit is set
+    shared = {f"{a}&{b}": len(files[a] & files[b])
+              for a, b in (("train", "validation"), ("train", "test"), ("validation", "test"))}
+    return {"specs": {role: [active_spec(s) for s in specs] for role, specs in sets.items()},
+            "images": {role: len(f) for role, f in files.items()}, "shared_images": shared}
+
+
+def _finish(run: Run) -> str:
+    t = run.cfg.train
+    return str(finish_state(read_val_records(run.run_dir / "metrics.jsonl"), t.schedule, t.steps, run.cfg.optim.lr))
 
 
 def summarize(runs: list[Run], points: dict, recipes: list[str], eval_sets: list[str], method: str) -> dict:
@@ -182,7 +207,8 @@ def summarize(runs: list[Run], points: dict, recipes: list[str], eval_sets: list
             per_point.append({"lmbda": r.lmbda, "seed": r.seed, "steps_to_anchor": ta.steps,
                               "time_to_anchor": ta.time, "final_gap": ta.final_gap,
                               "target": converged_loss(curves[(anchor, r.lmbda, r.seed)]),
-                              "final_val_loss": curves[(name, r.lmbda, r.seed)][-1].loss})
+                              "final_val_loss": curves[(name, r.lmbda, r.seed)][-1].loss,
+                              "finish": _finish(r)})
         row = {"recipe": name, "points": per_point}
         for key in ("steps_to_anchor", "time_to_anchor"):
             values = [p[key] for p in per_point]
@@ -198,12 +224,33 @@ def summarize(runs: list[Run], points: dict, recipes: list[str], eval_sets: list
                                           ([p[1] for p in t], [p[2] for p in t]), method))
                 except BDRateUnavailable as why:
                     row["bd_rate_unavailable"][spec] = str(why)
-            row["bd_rate"][spec] = float(np.mean(values)) if spec not in row["bd_rate_unavailable"] else None
+            ok = spec not in row["bd_rate_unavailable"]
+            row["bd_rate"][spec] = float(np.mean(values)) if ok else None
+            row.setdefault("bd_rate_std", {})[spec] = mean_and_spread(values)[1] if ok and len(values) > 1 else None
         available = [v for v in row["bd_rate"].values() if v is not None]
         row["bd_rate_average"] = float(np.mean(available)) if len(available) == len(eval_sets) else None
         rows.append(row)
     return {"anchor": anchor, "eval_sets": eval_sets, "bd_method": method, "rows": rows,
-            "lambdas": sorted({r.lmbda for r in runs}), "seeds": sorted({r.seed for r in runs})}
+            "lambdas": sorted({r.lmbda for r in runs}), "seeds": sorted({r.seed for r in runs}),
+            "noise_floor": noise_floor(points, anchor, sorted({r.seed for r in runs}), eval_sets, method)}
+
+
+def noise_floor(points: dict, anchor: str, seeds: list[int], eval_sets: list[str], method: str) -> dict:
+    """BD-rate of the anchor's other seeds against its first seed, per evaluation set: the same recipe, so any
+    number here is seed noise, and a BD-rate between recipes must exceed it to mean something."""
+    out = {}
+    for spec in eval_sets:
+        ref = points[(anchor, seeds[0], spec)]
+        values = {}
+        for seed in seeds[1:]:
+            t = points[(anchor, seed, spec)]
+            try:
+                values[seed] = bd_rate(([p[1] for p in ref], [p[2] for p in ref]), ([p[1] for p in t], [p[2] for p in t]),
+                                       method)
+            except BDRateUnavailable as why:
+                values[seed] = f"unavailable ({why})"
+        out[spec] = values
+    return out
 
 
 def _cell_ratio(row: dict, key: str) -> str:
@@ -224,17 +271,40 @@ def summary_markdown(summary: dict) -> str:
         + " | ".join(f"BD-rate {set_name(s)}" for s in sets) + " | BD-rate avg |",
         "|---|---:|---:|" + "---:|" * len(sets) + "---:|",
     ]
+    def bd_cell(row: dict, s: str) -> str:
+        if row["bd_rate"][s] is None:
+            return f"unavailable ({row['bd_rate_unavailable'].get(s, '')})"
+        std = (row.get("bd_rate_std") or {}).get(s)
+        return f"{row['bd_rate'][s]:+.2f}%" + (f" ± {std:.2f}" if std else "")
+
     for row in summary["rows"]:
-        bd_cells = [f"{row['bd_rate'][s]:+.2f}%" if row["bd_rate"][s] is not None
-                    else f"unavailable ({row['bd_rate_unavailable'].get(s, '')})" for s in sets]
+        bd_cells = [bd_cell(row, s) for s in sets]
         avg = row["bd_rate_average"]
         lines.append(f"| {row['recipe']} | {_cell_ratio(row, 'steps_to_anchor')} | {_cell_ratio(row, 'time_to_anchor')}"
                      f" | {' | '.join(bd_cells)} | {f'{avg:+.2f}%' if avg is not None else 'unavailable'} |")
-    lines += ["", "Per lambda and seed:", "", "| recipe | λ | seed | target | final val loss | steps | time |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    for spec, values in (summary.get("noise_floor") or {}).items():
+        if values:
+            cells = ", ".join(f"seed {k}: " + (f"{v:+.2f}%" if isinstance(v, float) else v) for k, v in values.items())
+            lines += ["", f"Noise floor ({set_name(spec)}): BD-rate of {summary['anchor']}'s other seeds against its "
+                          f"seed {summary['seeds'][0]}: {cells}."]
+    data = summary.get("data")
+    if data:
+        shared = [f"{k.replace('&', ' and ')}: {v}" for k, v in data["shared_images"].items() if v]
+        lines += ["", f"Validation (LR schedule, target loss, Steps/Time-to-{summary['anchor']}): "
+                      f"{'; '.join(data['specs']['validation'])} ({data['images']['validation']} images). "
+                      f"Test (BD-rate, R-D plots, real bitstreams): {'; '.join(data['specs']['test'])} "
+                      f"({data['images']['test']} images). Training: {data['images']['train']} images. "
+                      + ("Images shared between roles: " + ", ".join(shared) + "." if shared else
+                         "No image plays two roles.")]
+    lines += ["", "Per lambda and seed (finish: annealed = a fixed-budget schedule ended at <= lr0/10; converged = the "
+                  "plateau scheduler cut the LR >= 2 times and the validation loss moved < 1% over the last fifth; "
+                  "see lictrain/schedule.py):", "",
+              "| recipe | λ | seed | target | final val loss | steps | time | finish |",
+              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for row in summary["rows"]:
         for p in row["points"]:
             fmt = lambda v: f"{v:.2f}" if v is not None else "not reached"
             lines.append(f"| {row['recipe']} | {p['lmbda']:g} | {p['seed']} | {p['target']:.4f} | "
-                         f"{p['final_val_loss']:.4f} | {fmt(p['steps_to_anchor'])} | {fmt(p['time_to_anchor'])} |")
+                         f"{p['final_val_loss']:.4f} | {fmt(p['steps_to_anchor'])} | {fmt(p['time_to_anchor'])} | "
+                         f"{p.get('finish', '')} |")
     return "\n".join(lines) + "\n"

@@ -68,6 +68,9 @@ class TrainConfig:
     val_every: int = 100
     ckpt_every: int = 500
     log_every: int = 10  # training-loss lines in metrics.jsonl
+    schedule: str = "plateau"  # plateau | cosine | step (lictrain/schedule.py)
+    decay_start: float = 0.8  # cosine/step: the decay begins at this fraction of train.steps
+    final_lr_factor: float = 0.1  # cosine/step: the last step's lr is lr0 times this
     plateau_patience: int = 10  # ReduceLROnPlateau on the validation loss, counted in validations
     plateau_factor: float = 0.5
     min_lr: float = 0.0
@@ -295,6 +298,10 @@ def validate(cfg: RunConfig) -> None:
         (0 <= cfg.train.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
         (cfg.train.clip_max_norm >= 0, "train.clip_max_norm must be >= 0"),
         (0 < cfg.train.plateau_factor < 1, "train.plateau_factor must be in (0, 1)"),
+        (cfg.train.schedule in ("plateau", "cosine", "step"),
+         f"train.schedule must be plateau, cosine or step, got '{cfg.train.schedule}'"),
+        (0 <= cfg.train.decay_start < 1, "train.decay_start must be in [0, 1)"),
+        (0 < cfg.train.final_lr_factor <= 1, "train.final_lr_factor must be in (0, 1]"),
         (cfg.train.max_consecutive_skips >= 1, "train.max_consecutive_skips must be at least 1"),
         (cfg.probe.conflicts_every >= 0 and cfg.probe.outliers_every >= 0, "probe intervals must be >= 0"),
         (cfg.probe.outliers_images >= 1, "probe.outliers_images must be at least 1"),

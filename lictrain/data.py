@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,11 +46,31 @@ def samples_dir() -> Path:
     return Path(skimage.data.__file__).parent
 
 
+_SPLIT = re.compile(r"^(?P<path>.*?)\s*\[(?P<part>val|train):(?P<n>\d+)\]$")
+
+
+def split_files(files: list[Path], part: str, n_val: int, spec: str = "") -> list[Path]:
+    """A deterministic hold-out split of a sorted file list: 'val' is `n_val` files spread evenly over the list
+    (index floor((i + 1/2) * len / n_val) for i < n_val, so every region of the list contributes: file names
+    often group by category or source), 'train' is all the others. The two parts are disjoint and together the
+    whole list, whatever else the folder holds."""
+    n = len(files)
+    if not 1 <= n_val < n:
+        raise LictrainError(f"{spec or 'split'}: cannot hold out {n_val} of {n} images (need 1 <= N < {n})")
+    held = {int((i + 0.5) * n / n_val) for i in range(n_val)}
+    return [f for i, f in enumerate(files) if (i in held) == (part == "val")]
+
+
+def _split_parts(text: str) -> tuple[str, str | None, int]:
+    m = _SPLIT.match(text.strip())
+    return (m["path"].strip(), m["part"], int(m["n"])) if m else (text.strip(), None, 0)
+
+
 def active_spec(spec: str) -> str:
     """The alternative of an 'A || B' spec that is in use: A if every folder it names exists, else B."""
     while "||" in spec:
         first, rest = spec.split("||", 1)
-        parts = [x.strip() for x in first.split(",") if x.strip()]
+        parts = [_split_parts(x)[0] for x in first.split(",") if x.strip()]
         if all(x.startswith("samples") or Path(x).expanduser().exists() for x in parts):
             return first.strip()
         spec = rest.strip()
@@ -61,7 +82,9 @@ def resolve_image_files(spec: str) -> list[Path]:
 
     A spec is 'samples', 'samples:train', 'samples:val', a folder (searched recursively) or an image file; several
     joined by ',' are used together; 'A || B' means A if every folder it names exists, else B (a config can fall
-    back to the bundled photos where ../shared/data is absent).
+    back to the bundled photos where ../shared/data is absent). A part may end in a hold-out split,
+    'FOLDER[val:N]' (N images of FOLDER spread over its sorted list) or 'FOLDER[train:N]' (the others; see
+    split_files): validation apart from training without copying files.
     """
     if "||" in spec:
         return resolve_image_files(active_spec(spec))
@@ -70,6 +93,9 @@ def resolve_image_files(spec: str) -> list[Path]:
         for part in (x.strip() for x in spec.split(",") if x.strip()):
             files += [f for f in resolve_image_files(part) if f not in files]
         return files
+    path, part, n_val = _split_parts(spec)
+    if part is not None:
+        return split_files(resolve_image_files(path), part, n_val, spec)
     if spec in ("samples", "samples:train", "samples:val"):
         names = {"samples": SAMPLES_TRAIN + SAMPLES_VAL, "samples:train": SAMPLES_TRAIN, "samples:val": SAMPLES_VAL}
         return sorted(samples_dir() / n for n in names[spec])

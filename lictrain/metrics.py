@@ -35,14 +35,19 @@ class CurvePoint:
     loss: float
 
 
-def read_val_curve(metrics_jsonl: str | Path) -> list[CurvePoint]:
-    points = []
+def read_val_records(metrics_jsonl: str | Path) -> list[dict]:
+    """The validation lines of a metrics.jsonl (step, train_time, lr, loss, bpp, psnr, ...), less Ctrl-C extras."""
+    records = []
     for line in Path(metrics_jsonl).read_text().splitlines():
         if line.strip():
             r = json.loads(line)
             if r.get("kind") == "val" and not r.get("interrupted"):
-                points.append(CurvePoint(r["step"], r["train_time"], r["loss"]))
-    return points
+                records.append(r)
+    return records
+
+
+def read_val_curve(metrics_jsonl: str | Path) -> list[CurvePoint]:
+    return [CurvePoint(r["step"], r["train_time"], r["loss"]) for r in read_val_records(metrics_jsonl)]
 
 
 def median_smooth(values: list[float]) -> list[float]:

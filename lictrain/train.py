@@ -35,6 +35,7 @@ from .losses import RateDistortionLoss, psnr_from_mse
 from .methods import StepContext, StepHook, build_method
 from .models import build_model, downsampling
 from .optim import build_optimizer, split_parameters
+from .schedule import lr_factor
 
 log = logging.getLogger("lictrain")
 
@@ -262,6 +263,7 @@ def _train(cfg: RunConfig, resume: bool, hooks: tuple[StepHook, ...], device: to
         optimizer, mode="min", factor=cfg.train.plateau_factor, patience=cfg.train.plateau_patience,
         min_lr=cfg.train.min_lr,
     )
+    fixed_schedule = cfg.train.schedule != "plateau"  # lr a function of the step alone (schedule.py)
     ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     method = build_method(cfg.method.name, cfg.method.options)
     method.attach(model, optimizer, params, total_steps=cfg.train.steps)
@@ -345,7 +347,7 @@ def _train(cfg: RunConfig, resume: bool, hooks: tuple[StepHook, ...], device: to
         val = validate(ema.model if ema is not None else model, val_set, criterion, device, multiple) \
             if dd.is_main else None
         val = dd.broadcast_object(val)
-        if step_scheduler and st["step"] > cfg.train.warmup_steps:
+        if step_scheduler and not fixed_schedule and st["step"] > cfg.train.warmup_steps:
             scheduler.step(val["loss"])
         record = {"kind": "val", "step": st["step"], "images_seen": st["images_seen"],
                   "train_time": st["train_time"], "lr": optimizer.param_groups[0]["lr"], **val, **(extra or {})}
@@ -374,9 +376,11 @@ def _train(cfg: RunConfig, resume: bool, hooks: tuple[StepHook, ...], device: to
             while st["step"] < total:
                 x = next(batches).to(device, non_blocking=True)
                 step = st["step"]
-                if cfg.train.warmup_steps and step < cfg.train.warmup_steps:
+                if fixed_schedule or (cfg.train.warmup_steps and step < cfg.train.warmup_steps):
+                    factor = lr_factor(step, total, cfg.train.schedule, cfg.train.decay_start,
+                                       cfg.train.final_lr_factor, cfg.train.warmup_steps)
                     for g in optimizer.param_groups:
-                        g["lr"] = g["initial_lr"] * (step + 1) / cfg.train.warmup_steps
+                        g["lr"] = g["initial_lr"] * factor
                 model.train()
                 rng = _rng_state(device) if method.needs_reevaluation else None
                 terms = criterion(forward_model(x), x)

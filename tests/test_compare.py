@@ -49,6 +49,12 @@ def test_compare_runs_summarises_reuses_and_plots(tmp_path, monkeypatch):
     for png in ("loss_vs_steps.png", "loss_vs_time.png", "rd_samples-val.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "summary.json").read_text())["anchor"] == "adam"
+    # every row says whether its run finished learning (plateau, 6 steps: no LR cut, so "not converged"), and the
+    # summary names what each data set did: validation and test are both samples:val here, and it says so
+    assert all(p["finish"].startswith("not converged (0 LR cuts") for r in summary["rows"] for p in r["points"])
+    assert "| not converged (0 LR cuts" in md
+    assert summary["data"]["shared_images"]["validation&test"] == 1  # one image each, the same one
+    assert "Images shared between roles: validation and test: 1" in md
 
     # a second compare trains and evaluates nothing again
     import lictrain.compare as cmp_mod
@@ -89,3 +95,18 @@ def test_an_interrupted_run_stops_the_compare_before_evaluation(tmp_path, monkey
     monkeypatch.setattr(cmp_mod, "evaluate", lambda *a, **k: pytest.fail("evaluated a half-trained run"))
     with pytest.raises(LictrainError, match="interrupted .* at step 2; run the same command again"):
         compare(compare_config(tmp_path), tmp_path / "cmp")
+
+
+def test_noise_floor_is_the_anchor_against_itself_across_seeds():
+    """BD-rate of the anchor's seed 1 against its seed 0: a curve whose every rate is 0.9x the other's at the same
+    PSNR is -10% by definition; an identical curve is 0."""
+    from lictrain.compare import noise_floor
+
+    bpp, psnr = [0.2, 0.35, 0.6, 1.0], [26.0, 27.5, 29.0, 30.5]
+    seed0 = [(i, b, p) for i, (b, p) in enumerate(zip(bpp, psnr))]
+    points = {("adam", 0, "k"): seed0, ("adam", 1, "k"): [(i, 0.9 * b, p) for i, b, p in seed0],
+              ("adam", 2, "k"): list(seed0)}
+    floor = noise_floor(points, "adam", [0, 1, 2], ["k"], "akima")
+    assert floor["k"][1] == pytest.approx(-10.0, abs=1e-6)
+    assert floor["k"][2] == pytest.approx(0.0, abs=1e-9)
+    assert noise_floor(points, "adam", [0], ["k"], "akima") == {"k": {}}

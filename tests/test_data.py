@@ -136,3 +136,40 @@ def test_specs_combine_with_comma_and_fall_back_with_double_bar(image_folder, tm
     assert len(both) == len(resolve_image_files(str(image_folder))) + 1
     assert resolve_image_files(f"{tmp_path / 'missing'},{other} || samples:val") == resolve_image_files("samples:val")
     assert resolve_image_files(f"{other} || samples:val") == [other / "z.png"]
+
+
+def test_hold_out_split_is_disjoint_complete_and_spread(tmp_path):
+    from PIL import Image
+
+    from tests.conftest import smooth_image
+
+    d = tmp_path / "photos"
+    d.mkdir()
+    for i in range(10):
+        Image.fromarray(smooth_image(32, 32, i)).save(d / f"{i:02d}.png")
+    val = resolve_image_files(f"{d}[val:3]")
+    train = resolve_image_files(f"{d}[train:3]")
+    # indices floor((i + 1/2) * 10 / 3) = 1, 5, 8: spread over the sorted list, not its first three
+    assert [p.name for p in val] == ["01.png", "05.png", "08.png"]
+    assert not set(val) & set(train) and sorted(val + train) == resolve_image_files(str(d))
+    both = resolve_image_files(f"{d}[val:3], {d}[train:3]")
+    assert len(both) == 10
+    with pytest.raises(LictrainError, match=r"cannot hold out 10 of 10"):
+        resolve_image_files(f"{d}[val:10]")
+    # a split inside a fallback: the folder's existence decides, the selector does not get in the way
+    assert resolve_image_files(f"{d}[val:3] || samples:val") == val
+    assert len(resolve_image_files(f"{tmp_path / 'missing'}[val:3] || samples:train[val:2]")) == 2
+
+
+def test_bench_config_keeps_training_validation_and_test_apart():
+    """configs/bench.yaml: no image in two roles, with ../shared/data and with the bundled fallback alike."""
+    from lictrain.compare import data_roles
+    from lictrain.config import load_config
+
+    cfg = load_config("bench")
+    roles = data_roles(cfg)
+    assert set(roles["shared_images"].values()) == {0}, roles
+    assert roles["images"]["validation"] >= 2 and roles["images"]["test"] >= 2
+    fallback = load_config("bench", [f"data.{k}=" + getattr(cfg.data, k).split("||")[1].strip() for k in ("train", "val")]
+                           + ["compare.eval_data=[" + cfg.compare.eval_data[0].split("||")[1].strip() + "]"])
+    assert set(data_roles(fallback)["shared_images"].values()) == {0}

@@ -1,0 +1,75 @@
+"""The fixed-budget learning-rate schedules and the finished-learning rule (lictrain/schedule.py)."""
+
+import json
+import math
+
+import pytest
+
+from lictrain.errors import LictrainError
+from lictrain.schedule import finish_state, lr_factor
+from lictrain.train import train
+from tests.conftest import tiny_config
+
+
+def test_cosine_hand_values():
+    # 100 steps, decay from step 80 to the last step 99 (span 19), to 0.1
+    f = lambda s: lr_factor(s, 100, "cosine", decay_start=0.8, final_factor=0.1)
+    assert f(0) == 1.0 and f(79) == 1.0 and f(80) == pytest.approx(1.0)
+    assert f(99) == pytest.approx(0.1)
+    # 11 steps, decay from step 2 (0.2 * 11 rounded) to step 10: step 6 is half-way, where the half cosine is at
+    # its middle, 0.1 + 0.9 / 2; step 4 is a quarter of the way: 0.1 + 0.9 * (1 + cos(pi/4)) / 2
+    assert lr_factor(6, 11, "cosine", 0.2, 0.1) == pytest.approx(0.55)
+    assert lr_factor(4, 11, "cosine", 0.2, 0.1) == pytest.approx(0.1 + 0.45 * (1 + math.sqrt(0.5)))
+    values = [f(s) for s in range(100)]
+    assert all(b <= a for a, b in zip(values, values[1:]))  # never rises
+
+
+def test_step_schedule_and_warmup():
+    assert lr_factor(79, 100, "step", 0.8, 0.1) == 1.0
+    assert lr_factor(80, 100, "step", 0.8, 0.1) == 0.1
+    assert lr_factor(0, 100, "step", 0.8, 0.1, warmup=4) == pytest.approx(0.25)
+    assert lr_factor(3, 100, "step", 0.8, 0.1, warmup=4) == 1.0
+    assert lr_factor(2, 100, "plateau", warmup=4) == pytest.approx(0.75)  # plateau: warm-up only
+    assert lr_factor(90, 100, "plateau") == 1.0
+
+
+def val(step, loss, lr):
+    return {"step": step, "loss": loss, "lr": lr}
+
+
+def test_annealed_needs_the_end_of_the_budget_and_a_tenth_of_lr0():
+    recs = [val(0, 9.0, 1e-3), val(50, 2.0, 1e-3), val(100, 1.5, 1e-4)]
+    assert finish_state(recs, "cosine", 100, 1e-3).state == "annealed"
+    assert finish_state(recs, "cosine", 200, 1e-3).state == "not converged"  # stopped early
+    recs[-1]["lr"] = 2e-4
+    assert finish_state(recs, "step", 100, 1e-3).state == "not converged"  # ended at lr0/5 only
+
+
+def test_converged_needs_two_cuts_and_less_than_one_percent():
+    base = [val(s, 3.0 - s / 1000, 1e-3) for s in range(0, 800, 100)]
+    # last fifth of 1000 steps: points at 800, 900, 1000
+    tail = [val(800, 2.0, 5e-4), val(900, 1.995, 2.5e-4), val(1000, 1.99, 2.5e-4)]  # moved 0.50%, 2 cuts
+    assert finish_state(base + tail, "plateau", 1000, 1e-3).state == "converged"
+    one_cut = [dict(r, lr=5e-4) for r in tail]
+    assert finish_state(base + one_cut, "plateau", 1000, 1e-3).state == "not converged"
+    moving = [val(800, 2.05, 5e-4), val(900, 2.02, 2.5e-4), val(1000, 2.0, 2.5e-4)]  # 2.05 -> 2.0: 2.50%
+    s = finish_state(base + moving, "plateau", 1000, 1e-3)
+    assert s.state == "not converged" and "2.50%" in s.detail
+
+
+def test_training_follows_the_cosine_schedule(tmp_path):
+    cfg = tiny_config(tmp_path, "train.steps=10", "train.val_every=5", "train.schedule=cosine",
+                      "train.decay_start=0.5", "train.final_lr_factor=0.1", "data.val_max_images=1")
+    train(cfg)
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in recs if r["kind"] == "train"}  # the lr of the step just taken (step - 1)
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(1e-3 * lr_factor(step - 1, 10, "cosine", 0.5, 0.1)), step
+    assert lrs[10] == pytest.approx(1e-4)
+    vals = [r for r in recs if r["kind"] == "val"]
+    assert finish_state(vals, "cosine", 10, 1e-3).state == "annealed"
+
+
+def test_schedule_name_is_checked(tmp_path):
+    with pytest.raises(LictrainError, match="train.schedule must be plateau, cosine or step"):
+        tiny_config(tmp_path, "train.schedule=linear")
