@@ -1,9 +1,8 @@
-"""Checkpoints: written atomically (temporary file, fsync, rename), so the last good one is never lost."""
+"""Checkpoints: the format, loading with clear errors, the model a checkpoint holds. Writing is atomic (io.py)."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
@@ -14,26 +13,6 @@ from .errors import LictrainError
 from .models import build_model
 
 CHECKPOINT_FORMAT = "lictrain-checkpoint-v1"
-
-
-def save_atomic(obj: dict, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a user-facing file (text or bytes) so that a crash or a full disk never leaves it half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

@@ -188,7 +188,7 @@ def cmd_train(args) -> int:
             set_key(cfg, key, value)
         validate(cfg)
     else:
-        from .compare import recipe_overrides
+        from .recipes import recipe_overrides
 
         overrides = recipe_overrides(args.recipe) if args.recipe else []
         overrides += list(args.overrides)

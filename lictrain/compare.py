@@ -17,43 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import load_checkpoint, write_atomic
+from .checkpoint import load_checkpoint
 from .config import RunConfig, config_from_dict, set_key, validate
-from .data import active_spec, resolve_image_files
+from .data import active_spec, resolve_image_files, set_name
 from .errors import LictrainError
 from .evaluate import evaluate
+from .io import write_atomic
 from .metrics import (BDRateUnavailable, bd_rate, converged_loss, mean_and_spread, read_val_curve, read_val_records,
                       to_anchor)
+from .plots import plot_compare
+from .recipes import RECIPES
 from .schedule import finish_state
 from .train import train
 
 log = logging.getLogger("lictrain")
-
-# name -> config overrides. Nothing else differs between recipes: same lr, schedule, clipping, EMA.
-RECIPES: dict[str, dict] = {
-    "adam": {"optim.name": "adam"},
-    "adamw": {"optim.name": "adamw"},
-    "soap": {"optim.name": "soap"},
-    "shampoo": {"optim.name": "shampoo"},
-    "muon": {"optim.name": "muon"},
-    "sgd": {"optim.name": "sgd"},
-    "balanced-rd": {"optim.name": "adam", "method.name": "balanced-rd"},  # Solution 1, from scratch
-    # Solution 2 is for fine-tuning: give the compare a train.init_from checkpoint (all its recipes start there)
-    "balanced-rd-qp": {"optim.name": "adam", "method.name": "balanced-rd-qp"},
-    "soap+balanced-rd": {"optim.name": "soap", "method.name": "balanced-rd"},
-    # CMD-LIC: STDET + SMA with Table 11's settings (F = 10 epochs, P = 1% per epoch, L = 1, alpha 0.8, l = 5); an
-    # "epoch" is 50 steps, so the miniature benchmark's 4000 steps are the paper's 80 baseline epochs
-    "cmd-lic": {"optim.name": "adam+sma", "method.name": "cmd-lic", "method.options": {"epoch_steps": 50}},
-    "adam+sma": {"optim.name": "adam+sma"},
-    "soap+sma": {"optim.name": "soap+sma"},
-}
-
-
-def recipe_overrides(name: str) -> list[str]:
-    """A built-in recipe as `key=value` overrides (for `lictrain train --recipe`)."""
-    if name not in RECIPES:
-        raise LictrainError(f"unknown recipe '{name}'; valid recipes: {', '.join(RECIPES)}")
-    return [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in RECIPES[name].items()]
 
 
 @dataclass
@@ -127,12 +104,6 @@ def train_or_reuse(run: Run) -> None:
                             "to resume")
 
 
-def set_name(spec: str) -> str:
-    """A short name for an evaluation set: the folder actually used ('kodak'), or 'samples-val'."""
-    first = active_spec(spec).split(",")[0].strip().rstrip("/")
-    return first.split("/")[-1].replace(":", "-") or first
-
-
 def evaluate_or_reuse(run: Run, spec: str, max_images: int | None) -> dict:
     """Results of this run on this set, reused only if they were made from the same checkpoint step, spec and
     image limit (recorded in results.json)."""
@@ -170,8 +141,6 @@ def compare(base: RunConfig, out_dir: str | Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     write_atomic(out_dir / "summary.md", summary_markdown(summary))
-    from .plots import plot_compare
-
     summary["plots"] = [str(p) for p in plot_compare(runs, points, cc.eval_data, out_dir)]
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

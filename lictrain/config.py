@@ -322,6 +322,6 @@ def config_from_dict(d: dict) -> RunConfig:
 
 
 def dump_config(cfg: RunConfig, path: Path) -> None:
-    from .checkpoint import write_atomic
+    from .io import write_atomic
 
     write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -77,6 +77,12 @@ def active_spec(spec: str) -> str:
     return spec.strip()
 
 
+def set_name(spec: str) -> str:
+    """A short name for an evaluation set: the folder actually used ('kodak'), or 'samples-val'."""
+    first = active_spec(spec).split(",")[0].strip().rstrip("/")
+    return first.split("/")[-1].replace(":", "-") or first
+
+
 def resolve_image_files(spec: str) -> list[Path]:
     """Files named by a data spec.
 

@@ -23,8 +23,9 @@ from PIL import Image
 
 from . import bitstream
 from .checkpoint import (
-    checkpoint_config, load_checkpoint, model_from_checkpoint, weights_fingerprint, write_atomic,
+    checkpoint_config, load_checkpoint, model_from_checkpoint, weights_fingerprint,
 )
+from .io import write_atomic
 from .data import EvalImages, crop_to, load_rgb, pad_to_multiple, to_tensor
 from .errors import LictrainError
 from .losses import MS_SSIM_MIN_SIDE, bpp_from_likelihoods, ms_ssim_value

@@ -8,6 +8,9 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
+from .data import set_name
+from .metrics import converged_loss, read_val_curve
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -52,9 +55,6 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, title: str = "") -> 
 def plot_compare(runs, points: dict, eval_sets: list[str], out_dir: Path) -> list[Path]:
     """Validation R-D loss against steps and against training time (a panel per lambda, the anchor's target
     dashed), and R-D curves (PSNR against bpp) per evaluation set."""
-    from .compare import set_name
-    from .metrics import converged_loss, read_val_curve
-
     out_dir = Path(out_dir)
     recipes = list(dict.fromkeys(r.recipe for r in runs))
     lambdas = sorted({r.lmbda for r in runs})

@@ -25,7 +25,8 @@ import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm import tqdm
 
-from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic, write_atomic
+from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from .io import save_atomic, write_atomic
 from .config import RunConfig, dump_config
 from . import distributed
 from .data import EvalImages, ImageList, crop_to, pad_to_multiple, train_loader

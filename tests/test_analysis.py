@@ -178,11 +178,25 @@ def test_analyze_commands_end_to_end(tmp_path, capsys):
     data = json.loads((out / "conflicts.json").read_text())
     assert len(data["series"]["adam"]["intra"]) == 3 and len(data["series"]["adam"]["inter"]) == 2
     assert (out / "conflicts.png").stat().st_size > 0 and "intra-step" in (out / "conflicts.md").read_text()
-    code = main(["analyze", "outliers", str(tmp_path / "src"), str(tmp_path / "src" / "checkpoint.pt"),
+    train(tiny_config(tmp_path, "train.steps=0", name="init"))  # a second, different model: the initial weights
+    code = main(["analyze", "outliers", str(tmp_path / "src"), str(tmp_path / "init" / "checkpoint.pt"),
                  "--names", "a,b", "--max-images", "2", "--maps", "1", "--out", str(tmp_path / "out")])
     assert code == 0
     rows = json.loads((tmp_path / "out" / "outliers.json").read_text())
-    assert [r["name"] for r in rows] == ["a", "b"] and rows[0]["latent_kurt"] == rows[1]["latent_kurt"] >= 1
+    assert [r["name"] for r in rows] == ["a", "b"] and rows[0]["latent_kurt"] != rows[1]["latent_kurt"]
+    # each row against Eq. 8 written out in numpy on the checkpoint's EMA latent of the first two sample photos
+    from lictrain.data import EvalImages, pad_to_multiple
+
+    images = EvalImages("samples:val", None, 2)
+    for row, ckpt in zip(rows, (tmp_path / "src", tmp_path / "init")):
+        model = model_from_checkpoint(load_checkpoint(ckpt)).eval()
+        kurts = []
+        for i in range(2):
+            with torch.no_grad():
+                y = model.g_a(pad_to_multiple(images[i].unsqueeze(0), 64))[0].double().numpy()
+            s2 = (y.reshape(y.shape[0], -1) ** 2).mean(1)  # per-channel mean square (scale cancels in the ratio)
+            kurts.append((s2 ** 2).mean() / s2.mean() ** 2)
+        assert row["latent_kurt"] == pytest.approx(np.mean(kurts), rel=1e-9)
     assert (tmp_path / "out" / "deviation_0.png").exists()
     assert main(["analyze", "outliers", str(tmp_path / "src"), "--layer", "g_a.99", "--out", str(tmp_path / "x")]) == 2
     assert "no module 'g_a.99'" in capsys.readouterr().err

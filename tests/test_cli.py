@@ -75,8 +75,21 @@ def test_demo_prints_table_writes_plots_and_reuses_finished_runs(capsys, tmp_pat
 
 
 def test_list_shows_registries(capsys):
+    from lictrain.methods import METHODS
+    from lictrain.models import MODELS
+    from lictrain.optim import OPTIMIZERS
+
     code, out, _ = run(["list"], capsys)
-    assert code == 0 and "elic" in out and "adam" in out and "standard" in out
+    assert code == 0
+    lines = out.splitlines()
+    for name, spec in MODELS.items():  # every model on its own line, followed by every preset with its widths
+        i = next(i for i, ln in enumerate(lines) if ln.strip().startswith(name + ":") or ln.strip().startswith(name + " "))
+        for preset, widths in spec.presets.items():
+            assert f"{preset} {widths}" in lines[i + 1], (name, preset)
+    for name in OPTIMIZERS:
+        assert any(ln.strip().startswith(name + ":") for ln in lines), name
+    methods = next(ln for ln in lines if ln.startswith("methods: "))
+    assert methods == "methods: " + ", ".join(METHODS)
 
 
 def test_resume_refuses_changes_that_do_not_fit_the_checkpoint(capsys, tmp_path):

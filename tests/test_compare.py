@@ -43,6 +43,21 @@ def test_compare_runs_summarises_reuses_and_plots(tmp_path, monkeypatch):
         assert not torch.equal(load_checkpoint(d)["model"]["g_a.0.weight"], init["g_a.0.weight"])
     rows = {r["recipe"]: r for r in summary["rows"]}
     assert rows["adam"]["steps_to_anchor"]["mean"] == pytest.approx(1.0)
+    # SOAP's ratios against a direct reading of the two validation logs: target = min over steps > 0 of the median
+    # of three neighbours of Adam's curve; ratio = first SOAP step at or below it / first Adam step at or below it
+    for p in rows["soap"]["points"]:
+        logs = {}
+        for name in ("adam", "soap"):
+            (d,) = (out / "runs").glob(f"{name}-lmbda{p['lmbda']:g}-*")
+            logs[name] = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
+            logs[name] = [(r["step"], r["loss"]) for r in logs[name] if r["kind"] == "val"]
+        a = [loss for step, loss in logs["adam"] if step > 0]
+        windows = [sorted(a[max(0, i - 1): i + 2]) for i in range(len(a))]
+        target = min(w[1] if len(w) == 3 else sum(w) / len(w) for w in windows)
+        reach = {n: next((s for s, loss in logs[n] if loss <= target), None) for n in logs}
+        expected = None if reach["soap"] is None else reach["soap"] / reach["adam"]
+        assert p["target"] == pytest.approx(target)
+        assert p["steps_to_anchor"] == (pytest.approx(expected) if expected is not None else None)
     assert rows["adam"]["bd_rate"]["samples:val"] is None  # 2 lambdas < 4: unavailable, not extrapolated
     md = (out / "summary.md").read_text()
     assert "| adam | 1.00 | 1.00 |" in md and "unavailable (<4 λ)" in md

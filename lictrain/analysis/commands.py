@@ -8,7 +8,8 @@ import logging
 import statistics
 from pathlib import Path
 
-from ..checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint, write_atomic
+from ..checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
+from ..io import write_atomic
 from ..config import set_key, validate
 from ..data import EvalImages
 from ..errors import LictrainError

@@ -1,23 +1,21 @@
-"""Method registry: names -> Method classes (see base.py for the interface)."""
+"""Training methods, registered by name in lictrain.registry.METHODS (see base.py for the interface).
+
+Each method module registers its classes with @register_method; importing them here fills the registry, in the
+order `lictrain list` shows (the standard method first).
+"""
 
 from __future__ import annotations
 
 import inspect
 
 from ..errors import LictrainError
-from .balanced_rd import BalancedRD, BalancedRDQP
+from ..registry import METHODS
 from .base import Method, StepContext, StepHook
-from .cmd import CMDLIC
-from .standard import Standard
-
-METHODS: dict[str, type[Method]] = {"standard": Standard, "balanced-rd": BalancedRD, "balanced-rd-qp": BalancedRDQP,
-                                 "cmd-lic": CMDLIC}
+from . import standard, balanced_rd, cmd  # noqa: F401,E402  (registration; order = listing order)
 
 
 def build_method(name: str, options: dict | None = None) -> Method:
-    if name not in METHODS:
-        raise LictrainError(f"unknown method '{name}'; valid methods: {', '.join(METHODS)}")
-    cls = METHODS[name]
+    cls = METHODS.lookup(name)
     options = options or {}
     accepted = set(inspect.signature(cls).parameters)
     unknown = sorted(set(options) - accepted)

@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import LictrainError
+from ..registry import register_method
 from .base import Method, StepContext
 
 N_OBJECTIVES = 2
@@ -118,6 +119,7 @@ def _weight_logs(w: torch.Tensor, eff: torch.Tensor) -> dict[str, float]:
     return {"w_R": float(w[0]), "w_D": float(w[1]), "eff_R": float(eff[0]), "eff_D": float(eff[1])}
 
 
+@register_method("balanced-rd")
 class BalancedRD(Method):
     """Solution 1: coarse-to-fine gradient descent on softmax weights (see the module docstring)."""
 
@@ -196,6 +198,7 @@ class BalancedRD(Method):
         self._adam.load_state_dict(state["adam"])
 
 
+@register_method("balanced-rd-qp")
 class BalancedRDQP(Method):
     """Solution 2: per-step closed-form equality-constrained QP on the normalised gradients (module docstring)."""
 

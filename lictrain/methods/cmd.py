@@ -44,9 +44,10 @@ import numpy as np
 import torch
 
 from ..errors import LictrainError
+from ..registry import register_method
 from .base import Method, StepContext
-from .cmd_modes import (_layers, _sample_loss, decompose, gram, layer_sensitivity, parameter_saliency, rls_update,
-                        sensitive_layers)
+from .cmd_modes import (decompose, gram, layer_sensitivity, parameter_saliency, rls_update, sample_loss,
+                        sensitive_layers, tensors_by_layer)
 
 
 # ---- the method -------------------------------------------------------------------------------------------------
@@ -65,6 +66,7 @@ def _zero_moments(optimizer, p: torch.Tensor, idx: torch.Tensor) -> None:
             buf.view(-1)[idx] = 0
 
 
+@register_method("cmd-lic")
 class CMDLIC(Method):
     """STDET (see the module docstring). Use with the SMA wrapper (`adam+sma`): recipe `cmd-lic`."""
 
@@ -169,7 +171,7 @@ class CMDLIC(Method):
         scores = layer_sensitivity(self.model, self.named, images, ctx.criterion, self.perturb_std, self.seed)
         sensitive = set(sensitive_layers(scores))
         saliency = parameter_saliency(self.model, self.named, images, ctx.criterion, self.seed)
-        layers = _layers(self.named)
+        layers = tensors_by_layer(self.named)
         blocked = torch.zeros(self.n, dtype=torch.bool)
         for layer in sensitive:
             idx = layers[layer]
@@ -194,7 +196,7 @@ class CMDLIC(Method):
             for j, p in enumerate(self.params):
                 p.copy_(approx[int(self.offsets[j]):int(self.offsets[j + 1])].view_as(p).to(p))
         try:
-            loss, _ = _sample_loss(self.model, images, criterion, self.seed)
+            loss, _ = sample_loss(self.model, images, criterion, self.seed)
         finally:
             with torch.no_grad():
                 for p, s in zip(self.params, saved):

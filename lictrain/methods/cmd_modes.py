@@ -133,7 +133,8 @@ def rls_update(k, d, mode, g_prev, w_now, ref_now):
 
 # ---- Step 2: sensitivity ------------------------------------------------------------------------------------
 
-def _layers(named_params: list[tuple[str, nn.Parameter]]) -> dict[str, list[int]]:
+def tensors_by_layer(named_params: list[tuple[str, nn.Parameter]]) -> dict[str, list[int]]:
+    """Positions in named_params of each layer's tensors (a layer = the parameter name less its last part)."""
     layers: dict[str, list[int]] = {}
     for i, (name, _) in enumerate(named_params):
         layers.setdefault(name.rsplit(".", 1)[0], []).append(i)
@@ -147,7 +148,7 @@ def _rng_devices(model) -> list:
 
 
 @torch.no_grad()
-def _sample_loss(model, images: list[torch.Tensor], criterion, seed: int) -> tuple[float, float]:
+def sample_loss(model, images: list[torch.Tensor], criterion, seed: int) -> tuple[float, float]:
     """(R-D loss, rate) over the images in training mode with a fixed noise draw (so two calls compare weights)."""
     loss = rate = 0.0
     with torch.random.fork_rng(devices=_rng_devices(model)):
@@ -161,17 +162,17 @@ def _sample_loss(model, images: list[torch.Tensor], criterion, seed: int) -> tup
 def layer_sensitivity(model, named_params, images, criterion, perturb_std: float, seed: int = 0) -> dict[str, float]:
     """Loss increase when a layer's parameters get Gaussian noise of std perturb_std * max|w| (R-D loss for
     g_a / g_s layers, rate for the others)."""
-    base_loss, base_rate = _sample_loss(model, images, criterion, seed)
+    base_loss, base_rate = sample_loss(model, images, criterion, seed)
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for layer, idx in _layers(named_params).items():
+    for layer, idx in tensors_by_layer(named_params).items():
         ps = [named_params[i][1] for i in idx]
         saved = [p.detach().clone() for p in ps]
         scale = max(float(p.detach().abs().max()) for p in ps) * perturb_std
         with torch.no_grad():
             for p in ps:
                 p.add_(torch.randn(p.shape, generator=g).to(p) * scale)
-        loss, rate = _sample_loss(model, images, criterion, seed)
+        loss, rate = sample_loss(model, images, criterion, seed)
         with torch.no_grad():
             for p, s in zip(ps, saved):
                 p.copy_(s)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from ..registry import register_method
 from .base import Method, StepContext
 
 
+@register_method("standard")
 class Standard(Method):
     name = "standard"
 

@@ -11,55 +11,44 @@ with their own Adam (see `split_parameters` and train.py), exactly as CompressAI
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn as nn
 
 from ..errors import LictrainError
+from ..registry import OPTIMIZERS, WRAPPERS, OptimizerSpec, register_optimizer, register_wrapper
 from .muon import MuonWithAdamW
 from .shampoo import Shampoo
 from .sma import SMA
 from .soap import SOAP
 
 
-@dataclass(frozen=True)
-class OptimizerSpec:
-    cls: Callable[..., torch.optim.Optimizer]
-    defaults: dict = field(default_factory=dict)
-    description: str = ""
-
-
-OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "adam": OptimizerSpec(torch.optim.Adam, dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0), "Adam (the LIC baseline)"),
-    "adamw": OptimizerSpec(torch.optim.AdamW, dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2), "AdamW"),
-    "sgd": OptimizerSpec(torch.optim.SGD, dict(momentum=0.9, weight_decay=0.0), "SGD with momentum"),
-    "adagrad": OptimizerSpec(torch.optim.Adagrad, dict(eps=1e-10, weight_decay=0.0), "Adagrad"),
-    # As in the LIC papers: a drop-in for Adam at Adam's learning rate, weight decay 0, basis refreshed every 10 steps.
-    "soap": OptimizerSpec(
-        SOAP,
-        dict(betas=(0.95, 0.95), shampoo_beta=None, eps=1e-8, weight_decay=0.0, precondition_frequency=10,
-             max_precond_dim=10000, merge_dims=False, precondition_1d=False),
-        "SOAP (Shampoo eigenbasis + Adam), lictrain's own implementation",
-    ),
-    "shampoo": OptimizerSpec(
-        Shampoo,
-        dict(betas=(0.9, 0.999), shampoo_beta=0.999, eps=1e-8, matrix_eps=1e-6, weight_decay=0.0,
-             precondition_frequency=10, max_precond_dim=10000),
-        "Shampoo (inverse-root Kronecker preconditioner) with Adam grafting, lictrain's own implementation",
-    ),
-    "muon": OptimizerSpec(
-        MuonWithAdamW,
-        dict(momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8),
-        "torch.optim.Muon on kernels viewed as out x (in*k*k), AdamW on the rest",
-    ),
-}
-
-# name -> function(optimizer, **options) returning a wrapped optimizer; options under optim.options.<name>
-WRAPPERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "sma": SMA,  # CMD-LIC's sampling-then-moving-average: alpha 0.8, every 5 (Table 11)
-}
+register_optimizer("adam", dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0), "Adam (the LIC baseline)")(
+    torch.optim.Adam)
+register_optimizer("adamw", dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2), "AdamW")(torch.optim.AdamW)
+register_optimizer("sgd", dict(momentum=0.9, weight_decay=0.0), "SGD with momentum")(torch.optim.SGD)
+register_optimizer("adagrad", dict(eps=1e-10, weight_decay=0.0), "Adagrad")(torch.optim.Adagrad)
+# As in the LIC papers: a drop-in for Adam at Adam's learning rate, weight decay 0, basis refreshed every 10 steps.
+register_optimizer(
+    "soap",
+    dict(betas=(0.95, 0.95), shampoo_beta=None, eps=1e-8, weight_decay=0.0, precondition_frequency=10,
+         max_precond_dim=10000, merge_dims=False, precondition_1d=False),
+    "SOAP (Shampoo eigenbasis + Adam), lictrain's own implementation",
+)(SOAP)
+register_optimizer(
+    "shampoo",
+    dict(betas=(0.9, 0.999), shampoo_beta=0.999, eps=1e-8, matrix_eps=1e-6, weight_decay=0.0,
+         precondition_frequency=10, max_precond_dim=10000),
+    "Shampoo (inverse-root Kronecker preconditioner) with Adam grafting, lictrain's own implementation",
+)(Shampoo)
+register_optimizer(
+    "muon",
+    dict(momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8),
+    "torch.optim.Muon on kernels viewed as out x (in*k*k), AdamW on the rest",
+)(MuonWithAdamW)
+# Wrappers (name -> function(optimizer, **options), options under optim.options.<name>)
+register_wrapper("sma")(SMA)  # CMD-LIC's sampling-then-moving-average: alpha 0.8, every 5 (Table 11)
 
 
 def split_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
@@ -74,12 +63,10 @@ def split_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], 
 
 def build_optimizer(name: str, params: Iterable, lr: float, options: dict | None = None) -> torch.optim.Optimizer:
     base, *wrappers = name.split("+")
-    if base not in OPTIMIZERS:
-        raise LictrainError(f"unknown optimizer '{base}'; valid optimizers: {', '.join(OPTIMIZERS)}")
+    OPTIMIZERS.lookup(base)
     for w in wrappers:
         if w not in WRAPPERS:
-            valid = ", ".join(WRAPPERS) or "none yet"
-            raise LictrainError(f"unknown optimizer wrapper '{w}' in '{name}'; valid wrappers: {valid}")
+            raise LictrainError(f"unknown optimizer wrapper '{w}' in '{name}'; valid wrappers: {', '.join(WRAPPERS)}")
     options = dict(options or {})
     wrapper_options = {w: options.pop(w, {}) for w in wrappers}
     spec = OPTIMIZERS[base]

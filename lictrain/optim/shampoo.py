@@ -13,7 +13,7 @@ import torch
 from torch.optim import Optimizer
 
 from .common import closure_loss
-from .soap import _project
+from .soap import project
 
 
 def inverse_root(f: torch.Tensor, root: int, matrix_eps: float) -> torch.Tensor | None:
@@ -81,7 +81,7 @@ class Shampoo(Optimizer):
                             state["P"][i] = root if root is not None else state["P"][i]
                 update = adam
                 if any(pi is not None for pi in state["P"]):
-                    direction = _project(m, state["P"])  # P_i symmetric: x_i P_i^T = x_i P_i
+                    direction = project(m, state["P"])  # P_i symmetric: x_i P_i^T = x_i P_i
                     norm = direction.norm()
                     if torch.isfinite(norm) and norm > 0:
                         update = direction * (adam.norm() / norm)

@@ -90,7 +90,7 @@ def _rotate(x: torch.Tensor, plan: list, back: bool = False) -> torch.Tensor:
     return x.reshape(shape)
 
 
-def _project(x: torch.Tensor, qs: list, back: bool = False) -> torch.Tensor:
+def project(x: torch.Tensor, qs: list, back: bool = False) -> torch.Tensor:
     """Rotate every dimension i of x by Q_i^T (into the eigenbasis) or, with back=True, by Q_i (out of it)."""
     return _rotate(x, _rotation_plan(tuple(x.shape), qs), back)
 
@@ -208,7 +208,7 @@ class SOAP(Optimizer):
     def _refresh_basis(state: dict, exact: bool) -> None:
         """New eigenbases: eigh (first time, or exact=True) or one power-iteration step + QR."""
         old = list(state["Q"])
-        m_orig = _project(state["exp_avg"], old, back=True) if any(q is not None for q in old) else state["exp_avg"]
+        m_orig = project(state["exp_avg"], old, back=True) if any(q is not None for q in old) else state["exp_avg"]
         v = state["exp_avg_sq"]
         new = list(old)
         for i, f in enumerate(state["GG"]):
@@ -235,7 +235,7 @@ class SOAP(Optimizer):
                 new[i] = q
         state["Q"] = new
         state["exp_avg_sq"] = v
-        state["exp_avg"] = _project(m_orig, new) if any(q is not None for q in new) else m_orig
+        state["exp_avg"] = project(m_orig, new) if any(q is not None for q in new) else m_orig
 
     # ---- public API ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -358,18 +358,18 @@ class SOAP(Optimizer):
                 self._refresh_basis(state, exact=True)
                 t = 1
             g = grad.reshape(state["exp_avg"].shape).to(state["exp_avg"].dtype)
-            g_rot = _project(g, state["Q"])
+            g_rot = project(g, state["Q"])
             m = torch.lerp(state["exp_avg"], g_rot, 1 - b1)
             v = state["exp_avg_sq"] * b2 + (1 - b2) * g_rot * g_rot
             (direction,) = self._directions([{"step": t}], group, [m], [v])
-            update = -_project(direction, state["Q"], back=True).reshape(p.shape)
+            update = -project(direction, state["Q"], back=True).reshape(p.shape)
             if group["weight_decay"]:
                 update = update - group["lr"] * group["weight_decay"] * p.to(update.dtype)
             out.append(update.to(p.dtype))
             for sh, part in zip(shares, parts or []):
-                x_rot = _project(part[i].reshape(g.shape).to(g.dtype), state["Q"]) * (1 - b1)
+                x_rot = project(part[i].reshape(g.shape).to(g.dtype), state["Q"]) * (1 - b1)
                 (d,) = self._directions([{"step": t}], group, [x_rot], [v])
-                sh.append(-_project(d, state["Q"], back=True).reshape(p.shape).to(p.dtype))
+                sh.append(-project(d, state["Q"], back=True).reshape(p.shape).to(p.dtype))
         return (out, shares) if parts is not None else out
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -1,0 +1,33 @@
+"""The built-in recipes: named sets of config overrides (`lictrain train --recipe NAME`, `compare.recipes`).
+
+Nothing else differs between recipes: the same lr, schedule, clipping, EMA. Users add their own under
+`compare.recipe_sets` in a config, or with `register_recipe` in Python.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .registry import RECIPES, register_recipe
+
+register_recipe("adam", {"optim.name": "adam"})
+register_recipe("adamw", {"optim.name": "adamw"})
+register_recipe("soap", {"optim.name": "soap"})
+register_recipe("shampoo", {"optim.name": "shampoo"})
+register_recipe("muon", {"optim.name": "muon"})
+register_recipe("sgd", {"optim.name": "sgd"})
+register_recipe("balanced-rd", {"optim.name": "adam", "method.name": "balanced-rd"})  # Solution 1, from scratch
+# Solution 2 is for fine-tuning: give the compare a train.init_from checkpoint (all its recipes start there)
+register_recipe("balanced-rd-qp", {"optim.name": "adam", "method.name": "balanced-rd-qp"})
+register_recipe("soap+balanced-rd", {"optim.name": "soap", "method.name": "balanced-rd"})
+# CMD-LIC: STDET + SMA with Table 11's settings (F = 10 epochs, P = 1% per epoch, L = 1, alpha 0.8, l = 5); an
+# "epoch" is 50 steps, so the miniature benchmark's 4000 steps are the paper's 80 baseline epochs
+register_recipe("cmd-lic", {"optim.name": "adam+sma", "method.name": "cmd-lic", "method.options": {"epoch_steps": 50}})
+register_recipe("adam+sma", {"optim.name": "adam+sma"})
+register_recipe("soap+sma", {"optim.name": "soap+sma"})
+
+
+def recipe_overrides(name: str) -> list[str]:
+    """A built-in recipe as `key=value` overrides (for `lictrain train --recipe`)."""
+    overrides = RECIPES.lookup(name)
+    return [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in overrides.items()]
