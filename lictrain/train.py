@@ -1,9 +1,10 @@
 """The one training loop. Methods (methods/) and hooks plug into it; nothing else copies it.
 
-Read top to bottom: set-up (model, optimizers, EMA, data, method), optional resume, then the loop:
-forward -> R and D -> hooks -> method.backward -> finite check -> clip -> optimizer.step -> method.after_step ->
-auxiliary (quantile) step -> EMA -> logs; every `val_every` steps a validation of the EMA model, every `ckpt_every`
-an atomic checkpoint.
+`Trainer.__init__` sets up (model, optimizers, EMA, data, method) and restores a checkpoint when resuming;
+`Trainer.fit` is the loop, one screen long; `Trainer.train_step` is one step: LR -> forward -> R and D -> hooks ->
+method.backward -> finite check -> clip -> optimizer.step -> method.after_step -> auxiliary (quantile) step -> EMA.
+Every `val_every` steps a validation of the EMA model (and `checkpoint_best.pt` when it is the best so far), every
+`ckpt_every` an atomic checkpoint.
 
 Timing is honest and comparable across runs: `train_time` counts only the training steps (data loading included,
 validation, checkpointing and logging of validation excluded), measured in segments between validations, with a
@@ -94,14 +95,14 @@ class MetricsLog:
     """metrics.jsonl (one JSON object per line) and, optionally, TensorBoard. `enabled=False` (ranks other than
     0 under torchrun) writes nothing."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None, enabled: bool = True):
+    def __init__(self, path: Path, tensorboard_dir: Path | None, enabled: bool = True, purge_step: int | None = None):
         self.path = path
         self.file = open(path, "a", buffering=1) if enabled else None
         self.tb = None
         if tensorboard_dir is not None and enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(tensorboard_dir))
+            self.tb = SummaryWriter(str(tensorboard_dir), purge_step=purge_step)
 
     @property
     def closed(self) -> bool:
@@ -226,258 +227,311 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
     device = distributed.local_device(resolve_device(cfg.device))
     dd = distributed.setup(device)
     try:
-        return _train(cfg, resume, hooks, device, dd)
+        return Trainer(cfg, resume, hooks, device, dd).fit()
     finally:
         dd.close()
 
 
-def _train(cfg: RunConfig, resume: bool, hooks: tuple[StepHook, ...], device: torch.device,
-           dd: distributed.Dist) -> RunResult:
-    run_dir = Path(cfg.run_dir)
-    ckpt_path = run_dir / "checkpoint.pt"
-    metrics_path = run_dir / "metrics.jsonl"
-    if resume and not ckpt_path.exists():
-        raise LictrainError(f"nothing to resume: {ckpt_path} does not exist")
-    if not resume and ckpt_path.exists():
-        raise LictrainError(f"{run_dir} already holds a run; pass --resume to continue it or choose another run_dir")
+class Trainer:
+    """One run: `__init__` sets up (and restores), `fit` is the loop; `train_step`, `validate`, `save` are its parts.
 
-    if cfg.data.batch_size % dd.world:
-        raise LictrainError(f"data.batch_size is the global batch and must be divisible by the {dd.world} processes, "
-                            f"got {cfg.data.batch_size}")
-    dd.barrier()  # every rank has checked the run folder before rank 0 writes into it
+    `state` (step, images_seen, train_time, skipped_steps, consecutive_skips, best_val) is all the loop's
+    bookkeeping and goes into every checkpoint with the model, EMA, optimizers, scheduler, method state and every
+    rank's RNG state. `checkpoint_best.pt` holds the weights of the best regular validation.
+    """
 
-    # ---- set-up -------------------------------------------------------------------------------------------------
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model.name, cfg.model.preset).to(device)
-    if cfg.train.init_from and not resume:
-        _load_initial_weights(model, cfg)
-    multiple = downsampling(cfg.model.name)
-    if cfg.data.crop % multiple:
-        raise LictrainError(f"data.crop must be a multiple of {multiple} for {cfg.model.name}, got {cfg.data.crop}")
-    main_named, aux_named = split_parameters(model)
-    params = [p for _, p in main_named]
-    optimizer = build_optimizer(cfg.optim.name, params, cfg.optim.lr, cfg.optim.options)
-    aux_optimizer = torch.optim.Adam([p for _, p in aux_named], lr=cfg.optim.aux_lr) if aux_named else None
-    for g in optimizer.param_groups:
-        g["initial_lr"] = g["lr"]
-    scheduler = ReduceLROnPlateau(
-        optimizer, mode="min", factor=cfg.train.plateau_factor, patience=cfg.train.plateau_patience,
-        min_lr=cfg.train.min_lr,
-    )
-    fixed_schedule = cfg.train.schedule != "plateau"  # lr a function of the step alone (schedule.py)
-    ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    method = build_method(cfg.method.name, cfg.method.options)
-    method.attach(model, optimizer, params, total_steps=cfg.train.steps)
-    # Under torchrun the forward pass goes through DistributedDataParallel, which averages gradients during the
-    # backward pass; methods that need each objective's gradient separately run the plain module and average
-    # their gradients themselves (StepContext.reduce_mean). The quantiles stay out of DDP: their auxiliary loss
-    # depends only on parameters that are identical on every rank, so every rank computes the same update.
-    forward_model = model
-    if dd.enabled and not method.reduces_gradients:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    def __init__(self, cfg: RunConfig, resume: bool, hooks: tuple[StepHook, ...], device: torch.device,
+                 dd: distributed.Dist):
+        self.cfg, self.resume, self.device, self.dd = cfg, resume, device, dd
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_path = self.run_dir / "checkpoint.pt"
+        self.best_path = self.run_dir / "checkpoint_best.pt"  # the weights of the best validation so far
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if resume and not self.ckpt_path.exists():
+            raise LictrainError(f"nothing to resume: {self.ckpt_path} does not exist")
+        if not resume and self.ckpt_path.exists():
+            raise LictrainError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another "
+                                "run_dir")
+        if cfg.data.batch_size % dd.world:
+            raise LictrainError(f"data.batch_size is the global batch and must be divisible by the {dd.world} "
+                                f"processes, got {cfg.data.batch_size}")
+        dd.barrier()  # every rank has checked the run folder before rank 0 writes into it
+        self._build()
+        self.state = dict(step=0, images_seen=0, train_time=0.0, skipped_steps=0, consecutive_skips=0,
+                          best_val=math.inf)
+        if resume:
+            self._restore()
+        elif dd.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.metrics_path.unlink(missing_ok=True)
+        if dd.is_main:
+            dump_config(cfg, self.run_dir / "config.yaml")
+        # TensorBoard drops the events a crashed run logged after the checkpoint it resumes from (metrics.jsonl is
+        # rewound by _restore); a fresh run starts its event file afresh too
+        self.metrics = MetricsLog(self.metrics_path, self.run_dir / "tb" if cfg.train.tensorboard else None,
+                                  enabled=dd.is_main, purge_step=self.state["step"] + 1)
+        self.hooks = tuple(hooks) + _probes(cfg, self.model, self.main_named, self.val_set, self.multiple)
+        self.saved_any = False  # the end-of-run checkpoint decision must be the same on every rank (not a file test)
+        self.say = log.info if dd.is_main else (lambda msg: None)
 
-        DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, _ in aux_named])
-        forward_model = DDP(model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
-    if dd.enabled:  # same initial weights everywhere (seeded above), but each rank its own quantization noise
-        torch.manual_seed(cfg.seed + 1_000_003 * (dd.rank + 1))
-    criterion = RateDistortionLoss(cfg.loss.lmbda, cfg.loss.metric)
-    train_images = ImageList.scan(cfg.data.train, cfg.data.cache_mb)
-    val_set = EvalImages(cfg.data.val, cfg.data.val_crop, cfg.data.val_max_images)
+    def _build(self) -> None:
+        cfg, device, dd = self.cfg, self.device, self.dd
+        torch.manual_seed(cfg.seed)
+        self.model = model = build_model(cfg.model.name, cfg.model.preset).to(device)
+        if cfg.train.init_from and not self.resume:
+            _load_initial_weights(model, cfg)
+        self.multiple = downsampling(cfg.model.name)
+        if cfg.data.crop % self.multiple:
+            raise LictrainError(f"data.crop must be a multiple of {self.multiple} for {cfg.model.name}, "
+                                f"got {cfg.data.crop}")
+        self.main_named, aux_named = split_parameters(model)
+        self.params = [p for _, p in self.main_named]
+        self.optimizer = build_optimizer(cfg.optim.name, self.params, cfg.optim.lr, cfg.optim.options)
+        self.aux_optimizer = torch.optim.Adam([p for _, p in aux_named], lr=cfg.optim.aux_lr) if aux_named else None
+        for g in self.optimizer.param_groups:
+            g["initial_lr"] = g["lr"]
+        self.scheduler = ReduceLROnPlateau(self.optimizer, mode="min", factor=cfg.train.plateau_factor,
+                                           patience=cfg.train.plateau_patience, min_lr=cfg.train.min_lr)
+        self.fixed_schedule = cfg.train.schedule != "plateau"  # lr a function of the step alone (schedule.py)
+        self.ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.method = build_method(cfg.method.name, cfg.method.options)
+        self.method.attach(model, self.optimizer, self.params, total_steps=cfg.train.steps)
+        # Under torchrun the forward pass goes through DistributedDataParallel, which averages gradients during the
+        # backward pass; methods that need each objective's gradient separately run the plain module and average
+        # their gradients themselves (StepContext.reduce_mean). The quantiles stay out of DDP: their auxiliary loss
+        # depends only on parameters that are identical on every rank, so every rank computes the same update.
+        self.forward_model = model
+        if dd.enabled and not self.method.reduces_gradients:
+            from torch.nn.parallel import DistributedDataParallel as DDP
 
-    st = dict(step=0, images_seen=0, train_time=0.0, skipped_steps=0, consecutive_skips=0)
-    if resume:
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if aux_optimizer is not None:
-            aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        method.load_state_dict(ckpt["method"])
-        st.update(ckpt["state"])
+            DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, _ in aux_named])
+            self.forward_model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
+                                     broadcast_buffers=False)
+        if dd.enabled:  # same initial weights everywhere (seeded above), but each rank its own quantization noise
+            torch.manual_seed(cfg.seed + 1_000_003 * (dd.rank + 1))
+        self.criterion = RateDistortionLoss(cfg.loss.lmbda, cfg.loss.metric)
+        self.train_images = ImageList.scan(cfg.data.train, cfg.data.cache_mb)
+        self.val_set = EvalImages(cfg.data.val, cfg.data.val_crop, cfg.data.val_max_images)
+
+    def _restore(self) -> None:
+        dd, device = self.dd, self.device
+        ckpt = load_checkpoint(self.ckpt_path, map_location=device)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.aux_optimizer is not None:
+            self.aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        self.method.load_state_dict(ckpt["method"])
+        self.state.update(ckpt["state"])
         rng = ckpt["rng"]
         ranks = rng.get("ranks")  # every rank's RNG state, when the run was distributed
         if dd.enabled and ranks is not None and len(ranks) == dd.world:
             rng = ranks[dd.rank]
         elif dd.enabled:
             log.warning("the number of processes changed since the checkpoint: random streams start afresh")
-            torch.manual_seed(cfg.seed + 1_000_003 * (dd.rank + 1) + st["step"])
+            torch.manual_seed(self.cfg.seed + 1_000_003 * (dd.rank + 1) + self.state["step"])
             rng = None
         if rng is not None:
             torch.set_rng_state(rng["torch"].cpu())  # map_location moved it; RNG states live on the CPU
             if device.type == "cuda" and rng.get("cuda") is not None:
                 torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
         if dd.is_main:
-            MetricsLog.truncate_after(metrics_path, st["step"])
-            log.info("resuming %s at step %d", run_dir, st["step"])
-    elif dd.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path.unlink(missing_ok=True)
-    if dd.is_main:
-        dump_config(cfg, run_dir / "config.yaml")
-    mlog = MetricsLog(metrics_path, run_dir / "tb" if cfg.train.tensorboard else None, enabled=dd.is_main)
-    hooks = tuple(hooks) + _probes(cfg, model, main_named, val_set, multiple)
-    saved = {"any": False}  # the end-of-run checkpoint decision must be the same on every rank (not a file test)
+            MetricsLog.truncate_after(self.metrics_path, self.state["step"])
+            log.info("resuming %s at step %d", self.run_dir, self.state["step"])
 
-    def save_checkpoint() -> None:
+    def save(self) -> None:
+        """An atomic checkpoint of everything a resumed run needs to continue bit-identically."""
+        device, dd = self.device, self.dd
         rng = {"torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        ranks = dd.all_gather_object({k: v for k, v in rng.items()}) if dd.enabled else None  # every rank calls
-        saved["any"] = True
+        ranks = dd.all_gather_object(dict(rng)) if dd.enabled else None  # every rank calls
+        self.saved_any = True
         if not dd.is_main:
             return
-        save_atomic(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "config": cfg.to_dict(),
-                "model": model.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "optimizer": optimizer.state_dict(),
-                "aux_optimizer": aux_optimizer.state_dict() if aux_optimizer is not None else None,
-                "scheduler": scheduler.state_dict(),
-                "method": method.state_dict(),
-                "state": dict(st),
-                "rng": {**rng, "ranks": ranks},
-            },
-            ckpt_path,
-        )
+        save_atomic({
+            "format": CHECKPOINT_FORMAT,
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "aux_optimizer": self.aux_optimizer.state_dict() if self.aux_optimizer is not None else None,
+            "scheduler": self.scheduler.state_dict(),
+            "method": self.method.state_dict(),
+            "state": dict(self.state),
+            "rng": {**rng, "ranks": ranks},
+        }, self.ckpt_path)
 
-    def run_validation(step_scheduler: bool, extra: dict | None = None) -> dict:
-        # Rank 0 validates; every rank steps its LR scheduler on rank 0's numbers, so learning rates stay equal.
-        val = validate(ema.model if ema is not None else model, val_set, criterion, device, multiple) \
-            if dd.is_main else None
+    def save_best(self) -> None:
+        """The weights (and EMA) of the best regular validation so far, for `lictrain eval` and fine-tuning; not
+        for resuming (no optimizer or RNG state)."""
+        if self.dd.is_main:
+            save_atomic({"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                         "ema": self.ema.state_dict() if self.ema is not None else None, "state": dict(self.state)},
+                        self.best_path)
+
+    def validate(self, step_scheduler: bool, track_best: bool = False, extra: dict | None = None) -> dict:
+        """Rank 0 validates the EMA model; every rank steps its LR scheduler on rank 0's numbers (equal LRs)."""
+        st, dd = self.state, self.dd
+        val = validate(self.ema.model if self.ema is not None else self.model, self.val_set, self.criterion,
+                       self.device, self.multiple) if dd.is_main else None
         val = dd.broadcast_object(val)
-        if step_scheduler and not fixed_schedule and st["step"] > cfg.train.warmup_steps:
-            scheduler.step(val["loss"])
-        record = {"kind": "val", "step": st["step"], "images_seen": st["images_seen"],
-                  "train_time": st["train_time"], "lr": optimizer.param_groups[0]["lr"], **val, **(extra or {})}
-        mlog.write(record)
-        say(f"step {st['step']:>7d}  val loss {val['loss']:.4f}  bpp {val['bpp']:.4f}  PSNR {val['psnr']:.2f} dB  "
-            f"train time {st['train_time']:.1f}s")
+        if step_scheduler and not self.fixed_schedule and st["step"] > self.cfg.train.warmup_steps:
+            self.scheduler.step(val["loss"])
+        if track_best and st["step"] > 0 and val["loss"] < st["best_val"]:
+            st["best_val"] = val["loss"]
+            self.save_best()
+        self.metrics.write({"kind": "val", "step": st["step"], "images_seen": st["images_seen"],
+                        "train_time": st["train_time"], "lr": self.optimizer.param_groups[0]["lr"], **val,
+                        **(extra or {})})
+        self.say(f"step {st['step']:>7d}  val loss {val['loss']:.4f}  bpp {val['bpp']:.4f}  PSNR {val['psnr']:.2f} dB"
+                 f"  train time {st['train_time']:.1f}s")
         return val
 
-    total = cfg.train.steps
-    bar = tqdm(total=total, initial=st["step"], desc="train", dynamic_ncols=True,
-               disable=None if cfg.train.progress and dd.is_main else True)
-    say = (bar.write if not bar.disable else log.info) if dd.is_main else (lambda msg: None)
-    last_val: dict = {}
-    if st["step"] == 0 and not resume:
-        last_val = run_validation(step_scheduler=False)  # the untrained starting point of every curve
+    def _set_lr(self, step: int) -> None:
+        t = self.cfg.train
+        if self.fixed_schedule or (t.warmup_steps and step < t.warmup_steps):
+            factor = lr_factor(step, t.steps, t.schedule, t.decay_start, t.final_lr_factor, t.warmup_steps)
+            for g in self.optimizer.param_groups:
+                g["lr"] = g["initial_lr"] * factor
 
-    # Each rank takes its share of every global batch (data.RunSampler): the same crops as one process would see.
-    loader = train_loader(train_images, cfg.data.crop, cfg.data.batch_size // dd.world, cfg.seed, st["step"],
-                          cfg.data.workers, rank=dd.rank, world=dd.world)
-    batches = iter(loader)
-    window: dict[str, list] = {"loss": [], "bpp": [], "mse": []}
-    grad_norm = torch.zeros(())
-    tick = time.perf_counter()
-    try:
-        with _graceful_interrupt() as interrupt:
-            while st["step"] < total:
-                x = next(batches).to(device, non_blocking=True)
-                step = st["step"]
-                if fixed_schedule or (cfg.train.warmup_steps and step < cfg.train.warmup_steps):
-                    factor = lr_factor(step, total, cfg.train.schedule, cfg.train.decay_start,
-                                       cfg.train.final_lr_factor, cfg.train.warmup_steps)
-                    for g in optimizer.param_groups:
-                        g["lr"] = g["initial_lr"] * factor
-                model.train()
-                rng = _rng_state(device) if method.needs_reevaluation else None
-                terms = criterion(forward_model(x), x)
-                will_log = (step + 1) % cfg.train.log_every == 0 or step + 1 == total
-                ctx = StepContext(step=step, model=model, optimizer=optimizer, params=params, terms=terms,
-                                  will_log=will_log, reevaluate=_reevaluator(model, criterion, x, rng, device),
-                                  reduce_mean=dd.mean_, broadcast_=dd.broadcast_, batch=x, criterion=criterion)
-                logs: dict = {}
-                probe_logs: dict = {}  # hooks' measurements: written at their own steps, not only at log steps
-                for h in hooks:
-                    probe_logs.update(h.before_backward(ctx) or {})
-                # A non-finite loss on any rank skips the step on every rank (DDP would hang on a partial backward).
-                skipped = dd.any([not _is_finite(terms.loss.detach())], device)[0]
-                if not skipped:
-                    logs.update(method.backward(ctx))
-                    clip = cfg.train.clip_max_norm if cfg.train.clip_max_norm > 0 else math.inf
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-                    skipped = not _is_finite(grad_norm)
-                if skipped:
-                    st["skipped_steps"] += 1
-                    st["consecutive_skips"] += 1
-                else:
-                    optimizer.step()
-                    st["consecutive_skips"] = 0
-                    logs.update(method.after_step(ctx))
-                optimizer.zero_grad(set_to_none=True)
-                if aux_optimizer is not None:
-                    aux_loss = model.aux_loss()
-                    if _is_finite(aux_loss.detach()):
-                        aux_loss.backward()
-                        aux_optimizer.step()
-                    aux_optimizer.zero_grad(set_to_none=True)
-                if ema is not None and not skipped:
-                    ema.update(model)
-                for h in hooks:
-                    probe_logs.update(h.after_step(ctx) or {})
-                st["step"] += 1
-                if probe_logs:
-                    mlog.write({"kind": "probe", "step": st["step"], **probe_logs})
-                st["images_seen"] += x.shape[0] * dd.world
-                bar.update(1)
-                if not skipped:
-                    for k, v in (("loss", terms.loss), ("bpp", terms.rate), ("mse", terms.mse)):
-                        window[k].append(v.detach())
+    def train_step(self, x: torch.Tensor) -> tuple[object, dict, bool]:
+        """One step on batch x: forward, hooks, method backward, finite check, clip, optimizer step, method and
+        auxiliary steps, EMA. Returns (R-D terms, the method's logs, skipped)."""
+        model, st, dd = self.model, self.state, self.dd
+        step = st["step"]
+        self._set_lr(step)
+        model.train()
+        rng = _rng_state(self.device) if self.method.needs_reevaluation else None
+        terms = self.criterion(self.forward_model(x), x)
+        will_log = (step + 1) % self.cfg.train.log_every == 0 or step + 1 == self.cfg.train.steps
+        ctx = StepContext(step=step, model=model, optimizer=self.optimizer, params=self.params, terms=terms,
+                          will_log=will_log, reevaluate=_reevaluator(model, self.criterion, x, rng, self.device),
+                          reduce_mean=dd.mean_, broadcast_=dd.broadcast_, batch=x, criterion=self.criterion)
+        logs: dict = {}
+        probe_logs: dict = {}  # hooks' measurements: written at their own steps, not only at log steps
+        for h in self.hooks:
+            probe_logs.update(h.before_backward(ctx) or {})
+        # A non-finite loss on any rank skips the step on every rank (DDP would hang on a partial backward).
+        skipped = dd.any([not _is_finite(terms.loss.detach())], self.device)[0]
+        if not skipped:
+            logs.update(self.method.backward(ctx))
+            clip = self.cfg.train.clip_max_norm if self.cfg.train.clip_max_norm > 0 else math.inf
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+            skipped = not _is_finite(self.grad_norm)
+        if skipped:
+            st["skipped_steps"] += 1
+            st["consecutive_skips"] += 1
+        else:
+            self.optimizer.step()
+            st["consecutive_skips"] = 0
+            logs.update(self.method.after_step(ctx))
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.aux_optimizer is not None:
+            aux_loss = model.aux_loss()
+            if _is_finite(aux_loss.detach()):
+                aux_loss.backward()
+                self.aux_optimizer.step()
+            self.aux_optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None and not skipped:
+            self.ema.update(model)
+        for h in self.hooks:
+            probe_logs.update(h.after_step(ctx) or {})
+        st["step"] += 1
+        if probe_logs:
+            self.metrics.write({"kind": "probe", "step": st["step"], **probe_logs})
+        st["images_seen"] += x.shape[0] * dd.world
+        return terms, logs, skipped
 
-                if st["consecutive_skips"] >= cfg.train.max_consecutive_skips:
-                    mlog.close()
-                    kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists() else "no checkpoint yet"
-                    raise LictrainError(
-                        f"stopped at step {st['step']}: {st['consecutive_skips']} consecutive steps with a non-finite "
-                        f"loss or gradient ({kept}); try a lower optim.lr or train.clip_max_norm"
-                    )
+    def _stop_if_stuck(self) -> None:
+        st = self.state
+        if st["consecutive_skips"] >= self.cfg.train.max_consecutive_skips:
+            self.metrics.close()
+            kept = (f"the last good checkpoint {self.ckpt_path} is kept" if self.ckpt_path.exists()
+                    else "no checkpoint yet")
+            raise LictrainError(
+                f"stopped at step {st['step']}: {st['consecutive_skips']} consecutive steps with a non-finite "
+                f"loss or gradient ({kept}); try a lower optim.lr or train.clip_max_norm")
 
-                stop_requested = dd.any([interrupt["stop"]], device)[0]  # a stop on any rank stops all, here
-                at_end = st["step"] == total or stop_requested
-                if st["step"] % cfg.train.log_every == 0 or at_end:
-                    if window["loss"]:  # skipped steps are the same on every rank, so windows have equal lengths
-                        means = dd.mean(torch.stack([torch.stack(v).mean() for v in window.values()]))
-                        mean = dict(zip(window, means.tolist()))
-                        record = {"kind": "train", "step": st["step"], "loss": mean["loss"], "bpp": mean["bpp"],
-                                  "psnr": psnr_from_mse(mean["mse"]), "grad_norm": float(grad_norm),
-                                  "lr": optimizer.param_groups[0]["lr"], "skipped_steps": st["skipped_steps"], **logs}
-                        mlog.write(record)
-                        bar.set_postfix(loss=f"{mean['loss']:.3f}", bpp=f"{mean['bpp']:.3f}",
-                                        psnr=f"{record['psnr']:.2f}", lr=f"{record['lr']:.1e}")
+    def _write_train_log(self, window: dict, logs: dict, bar) -> None:
+        # skipped steps are the same on every rank, so the windows have equal lengths
+        means = self.dd.mean(torch.stack([torch.stack(v).mean() for v in window.values()]))
+        mean = dict(zip(window, means.tolist()))
+        record = {"kind": "train", "step": self.state["step"], "loss": mean["loss"], "bpp": mean["bpp"],
+                  "psnr": psnr_from_mse(mean["mse"]), "grad_norm": float(self.grad_norm),
+                  "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": self.state["skipped_steps"], **logs}
+        self.metrics.write(record)
+        bar.set_postfix(loss=f"{mean['loss']:.3f}", bpp=f"{mean['bpp']:.3f}", psnr=f"{record['psnr']:.2f}",
+                        lr=f"{record['lr']:.1e}")
+
+    def fit(self) -> RunResult:
+        cfg, st, dd, device = self.cfg, self.state, self.dd, self.device
+        total = cfg.train.steps
+        bar = tqdm(total=total, initial=st["step"], desc="train", dynamic_ncols=True,
+                   disable=None if cfg.train.progress and dd.is_main else True)
+        if dd.is_main and not bar.disable:
+            self.say = bar.write
+        last_val: dict = {}
+        if st["step"] == 0 and not self.resume:
+            last_val = self.validate(step_scheduler=False)  # the untrained starting point of every curve
+        # Each rank takes its share of every global batch (data.RunSampler): the same crops one process would see.
+        loader = train_loader(self.train_images, cfg.data.crop, cfg.data.batch_size // dd.world, cfg.seed,
+                              st["step"], cfg.data.workers, rank=dd.rank, world=dd.world)
+        batches = iter(loader)
+        window: dict[str, list] = {"loss": [], "bpp": [], "mse": []}
+        self.grad_norm = torch.zeros(())
+        tick = time.perf_counter()
+        try:
+            with _graceful_interrupt() as interrupt:
+                while st["step"] < total:
+                    terms, logs, skipped = self.train_step(next(batches).to(device, non_blocking=True))
+                    bar.update(1)
+                    if not skipped:
+                        for k, v in (("loss", terms.loss), ("bpp", terms.rate), ("mse", terms.mse)):
+                            window[k].append(v.detach())
+                    self._stop_if_stuck()
+                    stop_requested = dd.any([interrupt["stop"]], device)[0]  # a stop on any rank stops all, here
+                    at_end = st["step"] == total or stop_requested
+                    if (st["step"] % cfg.train.log_every == 0 or at_end) and window["loss"]:
+                        self._write_train_log(window, logs, bar)
                         window = {k: [] for k in window}
-                regular_val = st["step"] % cfg.train.val_every == 0
-                regular_ckpt = st["step"] % cfg.train.ckpt_every == 0
-                if regular_val or regular_ckpt or at_end:
-                    _sync(device)
-                    st["train_time"] += dd.max(time.perf_counter() - tick, device)  # the slowest rank's time
-                    if regular_val or at_end:
-                        # A validation only because of Ctrl-C is marked: curves compared between runs leave it out,
-                        # so an interrupted run gains no extra resolution in Steps-to-anchor.
-                        off_schedule = not regular_val and st["step"] != total
-                        last_val = run_validation(step_scheduler=regular_val,
-                                                  extra={"interrupted": True} if off_schedule else None)
-                    if regular_ckpt or at_end:
-                        save_checkpoint()
-                    tick = time.perf_counter()
-                if stop_requested:
-                    say(f"interrupted at step {st['step']}; continue with: lictrain train --resume {run_dir}")
-                    break
-    finally:
-        bar.close()
-        if not mlog.closed:
-            mlog.close()
+                    regular_val = st["step"] % cfg.train.val_every == 0
+                    regular_ckpt = st["step"] % cfg.train.ckpt_every == 0
+                    if regular_val or regular_ckpt or at_end:
+                        _sync(device)
+                        st["train_time"] += dd.max(time.perf_counter() - tick, device)  # the slowest rank's time
+                        if regular_val or at_end:
+                            # A validation only because of Ctrl-C is marked: compared curves leave it out, so an
+                            # interrupted run gains no extra resolution in Steps-to-anchor.
+                            off_schedule = not regular_val and st["step"] != total
+                            last_val = self.validate(step_scheduler=regular_val, track_best=not off_schedule,
+                                                     extra={"interrupted": True} if off_schedule else None)
+                        if regular_ckpt or at_end:
+                            self.save()
+                        tick = time.perf_counter()
+                    if stop_requested:
+                        self.say(f"interrupted at step {st['step']}; continue with: lictrain train --resume "
+                                 f"{self.run_dir}")
+                        break
+        finally:
+            bar.close()
+            if not self.metrics.closed:
+                self.metrics.close()
+        return self._finish(last_val)
 
-    if not saved["any"] and not (resume and st["step"] >= total):  # train.steps = 0: keep the initial weights
-        save_checkpoint()
-    if not last_val and (run_dir / "summary.json").exists():  # a finished run resumed: nothing new to report
-        last_val = json.loads((run_dir / "summary.json").read_text()).get("last_val", {})
-    result = RunResult(run_dir, st["step"], st["train_time"], st["skipped_steps"], len(train_images.skipped), last_val)
-    summary = {"step": result.step, "train_time": result.train_time, "skipped_steps": result.skipped_steps,
-               "skipped_images": [str(p) for p, _ in train_images.skipped + val_set.skipped], "last_val": last_val}
-    if dd.is_main:
-        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
-    dd.barrier()  # no rank leaves before rank 0 has written the run's last files
-    return result
+    def _finish(self, last_val: dict) -> RunResult:
+        st, total = self.state, self.cfg.train.steps
+        if not self.saved_any and not (self.resume and st["step"] >= total):  # train.steps = 0: initial weights
+            self.save()
+        if not last_val and (self.run_dir / "summary.json").exists():  # a finished run resumed: nothing new
+            last_val = json.loads((self.run_dir / "summary.json").read_text()).get("last_val", {})
+        result = RunResult(self.run_dir, st["step"], st["train_time"], st["skipped_steps"],
+                           len(self.train_images.skipped), last_val)
+        summary = {"step": result.step, "train_time": result.train_time, "skipped_steps": result.skipped_steps,
+                   "skipped_images": [str(p) for p, _ in self.train_images.skipped + self.val_set.skipped],
+                   "last_val": last_val}
+        if self.dd.is_main:
+            write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        self.dd.barrier()  # no rank leaves before rank 0 has written the run's last files
+        return result

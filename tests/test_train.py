@@ -229,3 +229,41 @@ def test_init_from_starts_from_the_source_runs_evaluated_weights(tmp_path):
                           name="other"))
     with pytest.raises(LictrainError, match="checkpoint not found"):
         train(tiny_config(tmp_path, f"train.init_from={tmp_path / 'nowhere'}", name="missing"))
+
+
+def test_best_checkpoint_holds_the_best_regular_validation(tmp_path):
+    train(tiny_config(tmp_path, "train.steps=6", "train.val_every=2", "data.val_max_images=1"))
+    vals = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "val"}
+    best_step = min((s for s in vals if s > 0), key=vals.get)  # the untrained step 0 never counts
+    best = load_checkpoint(tmp_path / "run" / "checkpoint_best.pt")
+    assert best["state"]["step"] == best_step and best["state"]["best_val"] == vals[best_step]
+    # it is a model checkpoint that evaluation can load, whose EMA weights give that validation loss again
+    from lictrain.checkpoint import model_from_checkpoint
+    from lictrain.data import EvalImages
+    from lictrain.losses import RateDistortionLoss
+
+    model = model_from_checkpoint(best)
+    again = train_mod.validate(model, EvalImages("samples:val", 128, 1), RateDistortionLoss(0.013), "cpu", 64)
+    assert again["loss"] == pytest.approx(vals[best_step], rel=1e-5)
+
+
+def test_tensorboard_forgets_what_was_logged_after_the_checkpoint_a_run_resumes_from(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    real_save = train_mod.save_atomic
+    kept = {}
+
+    def save_and_keep_step_2(obj, path):  # a crash after step 4 would leave this checkpoint of step 2 behind
+        real_save(obj, path)
+        if path.name == "checkpoint.pt" and obj["state"]["step"] == 2:
+            kept["bytes"] = path.read_bytes()
+
+    monkeypatch.setattr(train_mod, "save_atomic", save_and_keep_step_2)
+    common = ("train.val_every=1", "train.ckpt_every=2", "train.tensorboard=true", "data.val_max_images=1")
+    train(tiny_config(tmp_path, "train.steps=4", *common))
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(kept["bytes"])
+    train(tiny_config(tmp_path, "train.steps=4", *common), resume=True)
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("val/loss")]
+    assert steps == [0, 1, 2, 3, 4]  # without the purge, 3 and 4 would appear twice
