@@ -252,7 +252,7 @@ def _csv(text: str, kind):
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare, summary_markdown
+    from .comparison.compare import compare, summary_markdown
     from .config import load_config, validate
 
     cfg = load_config(args.config, args.overrides)
@@ -272,7 +272,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .comparison.demo import run_demo
 
     run_demo(args.config or "demo", args.overrides, args.run_dir)
     return 0

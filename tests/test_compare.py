@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lictrain.checkpoint import load_checkpoint
-from lictrain.compare import compare, plan_runs
+from lictrain.comparison.compare import compare, plan_runs
 from lictrain.errors import LictrainError
 from lictrain.models import build_model
 from tests.conftest import tiny_config
@@ -72,7 +72,7 @@ def test_compare_runs_summarises_reuses_and_plots(tmp_path, monkeypatch):
     assert "Images shared between roles: validation and test: 1" in md
 
     # a second compare trains and evaluates nothing again
-    import lictrain.compare as cmp_mod
+    import lictrain.comparison.compare as cmp_mod
 
     def fail(*a, **k):
         raise AssertionError("should have been reused")
@@ -84,7 +84,7 @@ def test_compare_runs_summarises_reuses_and_plots(tmp_path, monkeypatch):
 
 
 def test_evaluation_sets_are_named_by_the_folder_in_use(tmp_path):
-    from lictrain.compare import set_name
+    from lictrain.comparison.compare import set_name
 
     assert set_name("../shared/data/kodak/") == "kodak"
     assert set_name(f"{tmp_path / 'nope'} || samples:val") == "samples-val"
@@ -100,7 +100,7 @@ def test_a_run_with_the_same_configuration_under_another_name_is_reused(tmp_path
 
 
 def test_an_interrupted_run_stops_the_compare_before_evaluation(tmp_path, monkeypatch):
-    import lictrain.compare as cmp_mod
+    import lictrain.comparison.compare as cmp_mod
     from lictrain.train import RunResult
 
     def interrupted(cfg, resume=False, hooks=()):
@@ -115,7 +115,7 @@ def test_an_interrupted_run_stops_the_compare_before_evaluation(tmp_path, monkey
 def test_noise_floor_is_the_anchor_against_itself_across_seeds():
     """BD-rate of the anchor's seed 1 against its seed 0: a curve whose every rate is 0.9x the other's at the same
     PSNR is -10% by definition; an identical curve is 0."""
-    from lictrain.compare import noise_floor
+    from lictrain.comparison.compare import noise_floor
 
     bpp, psnr = [0.2, 0.35, 0.6, 1.0], [26.0, 27.5, 29.0, 30.5]
     seed0 = [(i, b, p) for i, (b, p) in enumerate(zip(bpp, psnr))]

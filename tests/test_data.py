@@ -163,7 +163,7 @@ def test_hold_out_split_is_disjoint_complete_and_spread(tmp_path):
 
 def test_bench_config_keeps_training_validation_and_test_apart():
     """configs/bench.yaml: no image in two roles, with ../shared/data and with the bundled fallback alike."""
-    from lictrain.compare import data_roles
+    from lictrain.comparison.compare import data_roles
     from lictrain.config import load_config
 
     cfg = load_config("bench")

@@ -1,6 +1,6 @@
 import pytest
 
-from lictrain.metrics import BDRateUnavailable, CurvePoint, bd_rate, converged_loss, first_reach, median_smooth, to_anchor
+from lictrain.comparison.figures import BDRateUnavailable, CurvePoint, bd_rate, converged_loss, first_reach, median_smooth, to_anchor
 
 
 def curve(losses, every=100, secs_per_step=0.1):

@@ -75,7 +75,7 @@ def test_interrupt_checkpoints_and_resumes_exactly(tmp_path):
     train(tiny_config(tmp_path, "train.steps=5", *common, name="cut"), resume=True)
     a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "cut")
     assert_same_state(a["model"], b["model"])
-    from lictrain.metrics import read_val_curve
+    from lictrain.comparison.figures import read_val_curve
 
     # the validation made only because of Ctrl-C is logged but left out of compared curves
     assert [p.step for p in read_val_curve(tmp_path / "cut" / "metrics.jsonl")] == [0, 5]

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .compare import compare, evaluate_or_reuse, plan_runs, summary_markdown
-from .config import load_config
+from ..config import load_config
 from .plots import plot_run
 
 log = logging.getLogger("lictrain")

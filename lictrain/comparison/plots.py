@@ -8,8 +8,8 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
-from .data import set_name
-from .metrics import converged_loss, read_val_curve
+from ..data import set_name
+from .figures import converged_loss, read_val_curve
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

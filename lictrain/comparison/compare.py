@@ -3,7 +3,7 @@
 For every lambda and seed, every recipe trains from the same initial weights on the same data in the same order
 (both are functions of the seed alone), then is evaluated with real bitstreams on each evaluation set. Runs live in
 OUT/runs/<recipe>-lmbda<..>-seed<..>-<hash of the resolved config>: a finished run is reused, an interrupted one
-resumed, so re-running a compare only does what is missing. The figures (metrics.py) go to summary.md,
+resumed, so re-running a compare only does what is missing. The figures (figures.py) go to summary.md,
 summary.json and PNG plots in OUT.
 """
 
@@ -17,18 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import load_checkpoint
-from .config import RunConfig, config_from_dict, set_key, validate
-from .data import active_spec, resolve_image_files, set_name
-from .errors import LictrainError
-from .evaluate import evaluate
-from .io import write_atomic
-from .metrics import (BDRateUnavailable, bd_rate, converged_loss, mean_and_spread, read_val_curve, read_val_records,
+from ..checkpoint import load_checkpoint
+from ..config import RunConfig, config_from_dict, set_key, validate
+from ..data import active_spec, resolve_image_files, set_name
+from ..errors import LictrainError
+from ..evaluate import evaluate
+from ..io import write_atomic
+from ..recipes import RECIPES
+from ..schedule import finish_state
+from ..train import train
+from .figures import (BDRateUnavailable, bd_rate, converged_loss, mean_and_spread, read_val_curve, read_val_records,
                       to_anchor)
 from .plots import plot_compare
-from .recipes import RECIPES
-from .schedule import finish_state
-from .train import train
 
 log = logging.getLogger("lictrain")
 
