@@ -111,6 +111,21 @@ def test_sma_with_l1_alpha1_is_the_bare_optimizer_and_alpha_half_by_hand():
     assert clone.count == 5 and clone.average[0].item() == -2.0
 
 
+def test_sma_is_an_optimizer_with_torchs_hooks_and_shared_groups():
+    w = torch.nn.Parameter(torch.zeros(1))
+    base = torch.optim.SGD([w], lr=1.0)
+    opt = SMA(base, alpha=0.5, every=2)
+    calls = []
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(o))
+    w.grad = torch.ones(1)
+    opt.step()
+    assert calls == [opt]  # torch's step hooks run: Optimizer.__init__ was called
+    opt.param_groups[0]["lr"] = 0.25  # a schedule's change is the base optimizer's
+    assert base.param_groups[0]["lr"] == 0.25 and opt.state is base.state
+    with pytest.raises(AttributeError):
+        opt.precondition  # nothing is forwarded silently: the wrapped optimizer is opt.base
+
+
 def test_the_layer_made_sensitive_ranks_first():
     torch.manual_seed(0)
     model = build_model("mbt2018-mean", "tiny").train()

@@ -21,24 +21,21 @@ from ..errors import LictrainError
 
 
 class SMA(torch.optim.Optimizer):
+    """The wrapper. `base` is the wrapped optimizer (code that needs its type, such as the conflict analysis,
+    looks there); `param_groups` and `state` are the base's own objects, so LR schedules, warm-up and
+    checkpoints act on one optimizer."""
+
     def __init__(self, base: torch.optim.Optimizer, alpha: float = 0.8, every: int = 5):
         if not 0 < alpha <= 1:
             raise LictrainError(f"sma: alpha must be in (0, 1], got {alpha}")
         if every < 1:
             raise LictrainError(f"sma: every must be at least 1, got {every}")
-        # Share the wrapped optimizer's groups and state (LR schedulers, warm-up and checkpoints see one optimizer).
+        super().__init__(base.param_groups, base.defaults)  # torch's bookkeeping: step hooks, profiling
+        self.param_groups, self.state = base.param_groups, base.state  # shared, not copied
         self.base, self.alpha, self.every = base, float(alpha), int(every)
-        self.param_groups = base.param_groups
-        self.defaults = base.defaults
-        self.state = base.state
         self.count = 0
         with torch.no_grad():
             self.average = [p.detach().clone() for g in base.param_groups for p in g["params"]]
-
-    def __getattr__(self, name):  # e.g. SOAP.precondition for the conflict analysis
-        if name == "base":
-            raise AttributeError(name)
-        return getattr(self.base, name)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
