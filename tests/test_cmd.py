@@ -122,8 +122,9 @@ def test_sma_is_an_optimizer_with_torchs_hooks_and_shared_groups():
     assert calls == [opt]  # torch's step hooks run: Optimizer.__init__ was called
     opt.param_groups[0]["lr"] = 0.25  # a schedule's change is the base optimizer's
     assert base.param_groups[0]["lr"] == 0.25 and opt.state is base.state
+    base.only_on_base = 1
     with pytest.raises(AttributeError):
-        opt.precondition  # nothing is forwarded silently: the wrapped optimizer is opt.base
+        opt.only_on_base  # nothing is forwarded silently: the wrapped optimizer is opt.base
 
 
 def test_the_layer_made_sensitive_ranks_first():
