@@ -225,11 +225,11 @@ def _is_finite(t: torch.Tensor) -> bool:
 def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()) -> RunResult:
     """Train (or resume) the run `cfg` describes. Under torchrun every process calls this; see distributed.py."""
     device = distributed.local_device(resolve_device(cfg.device))
-    dd = distributed.setup(device)
+    dist = distributed.setup(device)
     try:
-        return Trainer(cfg, resume, hooks, device, dd).fit()
+        return Trainer(cfg, resume, hooks, device, dist).fit()
     finally:
-        dd.close()
+        dist.close()
 
 
 class Trainer:
@@ -241,8 +241,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, resume: bool, hooks: tuple[StepHook, ...], device: torch.device,
-                 dd: distributed.Dist):
-        self.cfg, self.resume, self.device, self.dd = cfg, resume, device, dd
+                 dist: distributed.Dist):
+        self.cfg, self.resume, self.device, self.dist = cfg, resume, device, dist
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_path = self.run_dir / "checkpoint.pt"
         self.best_path = self.run_dir / "checkpoint_best.pt"  # the weights of the best validation so far
@@ -252,30 +252,30 @@ class Trainer:
         if not resume and self.ckpt_path.exists():
             raise LictrainError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another "
                                 "run_dir")
-        if cfg.data.batch_size % dd.world:
-            raise LictrainError(f"data.batch_size is the global batch and must be divisible by the {dd.world} "
+        if cfg.data.batch_size % dist.world:
+            raise LictrainError(f"data.batch_size is the global batch and must be divisible by the {dist.world} "
                                 f"processes, got {cfg.data.batch_size}")
-        dd.barrier()  # every rank has checked the run folder before rank 0 writes into it
+        dist.barrier()  # every rank has checked the run folder before rank 0 writes into it
         self._build()
         self.state = dict(step=0, images_seen=0, train_time=0.0, skipped_steps=0, consecutive_skips=0,
                           best_val=math.inf)
         if resume:
             self._restore()
-        elif dd.is_main:
+        elif dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.metrics_path.unlink(missing_ok=True)
-        if dd.is_main:
+        if dist.is_main:
             dump_config(cfg, self.run_dir / "config.yaml")
         # TensorBoard drops the events a crashed run logged after the checkpoint it resumes from (metrics.jsonl is
         # rewound by _restore); a fresh run starts its event file afresh too
         self.metrics = MetricsLog(self.metrics_path, self.run_dir / "tb" if cfg.train.tensorboard else None,
-                                  enabled=dd.is_main, purge_step=self.state["step"] + 1)
+                                  enabled=dist.is_main, purge_step=self.state["step"] + 1)
         self.hooks = tuple(hooks) + _probes(cfg, self.model, self.main_named, self.val_set, self.multiple)
         self.saved_any = False  # the end-of-run checkpoint decision must be the same on every rank (not a file test)
-        self.say = log.info if dd.is_main else (lambda msg: None)
+        self.report = log.info if dist.is_main else (lambda msg: None)
 
     def _build(self) -> None:
-        cfg, device, dd = self.cfg, self.device, self.dd
+        cfg, device, dist = self.cfg, self.device, self.dist
         torch.manual_seed(cfg.seed)
         self.model = model = build_model(cfg.model.name, cfg.model.preset).to(device)
         if cfg.train.init_from and not self.resume:
@@ -301,20 +301,20 @@ class Trainer:
         # their gradients themselves (StepContext.reduce_mean). The quantiles stay out of DDP: their auxiliary loss
         # depends only on parameters that are identical on every rank, so every rank computes the same update.
         self.forward_model = model
-        if dd.enabled and not self.method.reduces_gradients:
+        if dist.enabled and not self.method.reduces_gradients:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, _ in aux_named])
             self.forward_model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
                                      broadcast_buffers=False)
-        if dd.enabled:  # same initial weights everywhere (seeded above), but each rank its own quantization noise
-            torch.manual_seed(cfg.seed + 1_000_003 * (dd.rank + 1))
+        if dist.enabled:  # same initial weights everywhere (seeded above), but each rank its own quantization noise
+            torch.manual_seed(cfg.seed + 1_000_003 * (dist.rank + 1))
         self.criterion = RateDistortionLoss(cfg.loss.lmbda, cfg.loss.metric)
         self.train_images = ImageList.scan(cfg.data.train, cfg.data.cache_mb)
         self.val_set = EvalImages(cfg.data.val, cfg.data.val_crop, cfg.data.val_max_images)
 
     def _restore(self) -> None:
-        dd, device = self.dd, self.device
+        dist, device = self.dist, self.device
         ckpt = load_checkpoint(self.ckpt_path, map_location=device)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -327,28 +327,28 @@ class Trainer:
         self.state.update(ckpt["state"])
         rng = ckpt["rng"]
         ranks = rng.get("ranks")  # every rank's RNG state, when the run was distributed
-        if dd.enabled and ranks is not None and len(ranks) == dd.world:
-            rng = ranks[dd.rank]
-        elif dd.enabled:
+        if dist.enabled and ranks is not None and len(ranks) == dist.world:
+            rng = ranks[dist.rank]
+        elif dist.enabled:
             log.warning("the number of processes changed since the checkpoint: random streams start afresh")
-            torch.manual_seed(self.cfg.seed + 1_000_003 * (dd.rank + 1) + self.state["step"])
+            torch.manual_seed(self.cfg.seed + 1_000_003 * (dist.rank + 1) + self.state["step"])
             rng = None
         if rng is not None:
             torch.set_rng_state(rng["torch"].cpu())  # map_location moved it; RNG states live on the CPU
             if device.type == "cuda" and rng.get("cuda") is not None:
                 torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
-        if dd.is_main:
+        if dist.is_main:
             MetricsLog.truncate_after(self.metrics_path, self.state["step"])
             log.info("resuming %s at step %d", self.run_dir, self.state["step"])
 
     def save(self) -> None:
         """An atomic checkpoint of everything a resumed run needs to continue bit-identically."""
-        device, dd = self.device, self.dd
+        device, dist = self.device, self.dist
         rng = {"torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        ranks = dd.all_gather_object(dict(rng)) if dd.enabled else None  # every rank calls
+        ranks = dist.all_gather_object(dict(rng)) if dist.enabled else None  # every rank calls
         self.saved_any = True
-        if not dd.is_main:
+        if not dist.is_main:
             return
         save_atomic({
             "format": CHECKPOINT_FORMAT,
@@ -366,27 +366,27 @@ class Trainer:
     def save_best(self) -> None:
         """The weights (and EMA) of the best regular validation so far, for `lictrain eval` and fine-tuning; not
         for resuming (no optimizer or RNG state)."""
-        if self.dd.is_main:
+        if self.dist.is_main:
             save_atomic({"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
                          "ema": self.ema.state_dict() if self.ema is not None else None, "state": dict(self.state)},
                         self.best_path)
 
     def validate(self, step_scheduler: bool, track_best: bool = False, extra: dict | None = None) -> dict:
         """Rank 0 validates the EMA model; every rank steps its LR scheduler on rank 0's numbers (equal LRs)."""
-        st, dd = self.state, self.dd
+        state, dist = self.state, self.dist
         val = validate(self.ema.model if self.ema is not None else self.model, self.val_set, self.criterion,
-                       self.device, self.multiple) if dd.is_main else None
-        val = dd.broadcast_object(val)
-        if step_scheduler and not self.fixed_schedule and st["step"] > self.cfg.train.warmup_steps:
+                       self.device, self.multiple) if dist.is_main else None
+        val = dist.broadcast_object(val)
+        if step_scheduler and not self.fixed_schedule and state["step"] > self.cfg.train.warmup_steps:
             self.scheduler.step(val["loss"])
-        if track_best and st["step"] > 0 and val["loss"] < st["best_val"]:
-            st["best_val"] = val["loss"]
+        if track_best and state["step"] > 0 and val["loss"] < state["best_val"]:
+            state["best_val"] = val["loss"]
             self.save_best()
-        self.metrics.write({"kind": "val", "step": st["step"], "images_seen": st["images_seen"],
-                        "train_time": st["train_time"], "lr": self.optimizer.param_groups[0]["lr"], **val,
+        self.metrics.write({"kind": "val", "step": state["step"], "images_seen": state["images_seen"],
+                        "train_time": state["train_time"], "lr": self.optimizer.param_groups[0]["lr"], **val,
                         **(extra or {})})
-        self.say(f"step {st['step']:>7d}  val loss {val['loss']:.4f}  bpp {val['bpp']:.4f}  PSNR {val['psnr']:.2f} dB"
-                 f"  train time {st['train_time']:.1f}s")
+        self.report(f"step {state['step']:>7d}  val loss {val['loss']:.4f}  bpp {val['bpp']:.4f}  PSNR {val['psnr']:.2f} dB"
+                 f"  train time {state['train_time']:.1f}s")
         return val
 
     def _set_lr(self, step: int) -> None:
@@ -399,8 +399,8 @@ class Trainer:
     def train_step(self, x: torch.Tensor) -> tuple[object, dict, bool]:
         """One step on batch x: forward, hooks, method backward, finite check, clip, optimizer step, method and
         auxiliary steps, EMA. Returns (R-D terms, the method's logs, skipped)."""
-        model, st, dd = self.model, self.state, self.dd
-        step = st["step"]
+        model, state, dist = self.model, self.state, self.dist
+        step = state["step"]
         self._set_lr(step)
         model.train()
         rng = _rng_state(self.device) if self.method.needs_reevaluation else None
@@ -408,24 +408,24 @@ class Trainer:
         will_log = (step + 1) % self.cfg.train.log_every == 0 or step + 1 == self.cfg.train.steps
         ctx = StepContext(step=step, model=model, optimizer=self.optimizer, params=self.params, terms=terms,
                           will_log=will_log, reevaluate=_reevaluator(model, self.criterion, x, rng, self.device),
-                          reduce_mean=dd.mean_, broadcast_=dd.broadcast_, batch=x, criterion=self.criterion)
+                          reduce_mean=dist.mean_, broadcast_=dist.broadcast_, batch=x, criterion=self.criterion)
         logs: dict = {}
         probe_logs: dict = {}  # hooks' measurements: written at their own steps, not only at log steps
         for h in self.hooks:
             probe_logs.update(h.before_backward(ctx) or {})
         # A non-finite loss on any rank skips the step on every rank (DDP would hang on a partial backward).
-        skipped = dd.any([not _is_finite(terms.loss.detach())], self.device)[0]
+        skipped = dist.any([not _is_finite(terms.loss.detach())], self.device)[0]
         if not skipped:
             logs.update(self.method.backward(ctx))
             clip = self.cfg.train.clip_max_norm if self.cfg.train.clip_max_norm > 0 else math.inf
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
             skipped = not _is_finite(self.grad_norm)
         if skipped:
-            st["skipped_steps"] += 1
-            st["consecutive_skips"] += 1
+            state["skipped_steps"] += 1
+            state["consecutive_skips"] += 1
         else:
             self.optimizer.step()
-            st["consecutive_skips"] = 0
+            state["consecutive_skips"] = 0
             logs.update(self.method.after_step(ctx))
         self.optimizer.zero_grad(set_to_none=True)
         if self.aux_optimizer is not None:
@@ -438,25 +438,25 @@ class Trainer:
             self.ema.update(model)
         for h in self.hooks:
             probe_logs.update(h.after_step(ctx) or {})
-        st["step"] += 1
+        state["step"] += 1
         if probe_logs:
-            self.metrics.write({"kind": "probe", "step": st["step"], **probe_logs})
-        st["images_seen"] += x.shape[0] * dd.world
+            self.metrics.write({"kind": "probe", "step": state["step"], **probe_logs})
+        state["images_seen"] += x.shape[0] * dist.world
         return terms, logs, skipped
 
     def _stop_if_stuck(self) -> None:
-        st = self.state
-        if st["consecutive_skips"] >= self.cfg.train.max_consecutive_skips:
+        state = self.state
+        if state["consecutive_skips"] >= self.cfg.train.max_consecutive_skips:
             self.metrics.close()
             kept = (f"the last good checkpoint {self.ckpt_path} is kept" if self.ckpt_path.exists()
                     else "no checkpoint yet")
             raise LictrainError(
-                f"stopped at step {st['step']}: {st['consecutive_skips']} consecutive steps with a non-finite "
+                f"stopped at step {state['step']}: {state['consecutive_skips']} consecutive steps with a non-finite "
                 f"loss or gradient ({kept}); try a lower optim.lr or train.clip_max_norm")
 
     def _write_train_log(self, window: dict, logs: dict, bar) -> None:
         # skipped steps are the same on every rank, so the windows have equal lengths
-        means = self.dd.mean(torch.stack([torch.stack(v).mean() for v in window.values()]))
+        means = self.dist.mean(torch.stack([torch.stack(v).mean() for v in window.values()]))
         mean = dict(zip(window, means.tolist()))
         record = {"kind": "train", "step": self.state["step"], "loss": mean["loss"], "bpp": mean["bpp"],
                   "psnr": psnr_from_mse(mean["mse"]), "grad_norm": float(self.grad_norm),
@@ -466,52 +466,52 @@ class Trainer:
                         lr=f"{record['lr']:.1e}")
 
     def fit(self) -> RunResult:
-        cfg, st, dd, device = self.cfg, self.state, self.dd, self.device
+        cfg, state, dist, device = self.cfg, self.state, self.dist, self.device
         total = cfg.train.steps
-        bar = tqdm(total=total, initial=st["step"], desc="train", dynamic_ncols=True,
-                   disable=None if cfg.train.progress and dd.is_main else True)
-        if dd.is_main and not bar.disable:
-            self.say = bar.write
+        bar = tqdm(total=total, initial=state["step"], desc="train", dynamic_ncols=True,
+                   disable=None if cfg.train.progress and dist.is_main else True)
+        if dist.is_main and not bar.disable:
+            self.report = bar.write
         last_val: dict = {}
-        if st["step"] == 0 and not self.resume:
+        if state["step"] == 0 and not self.resume:
             last_val = self.validate(step_scheduler=False)  # the untrained starting point of every curve
         # Each rank takes its share of every global batch (data.RunSampler): the same crops one process would see.
-        loader = train_loader(self.train_images, cfg.data.crop, cfg.data.batch_size // dd.world, cfg.seed,
-                              st["step"], cfg.data.workers, rank=dd.rank, world=dd.world)
+        loader = train_loader(self.train_images, cfg.data.crop, cfg.data.batch_size // dist.world, cfg.seed,
+                              state["step"], cfg.data.workers, rank=dist.rank, world=dist.world)
         batches = iter(loader)
         window: dict[str, list] = {"loss": [], "bpp": [], "mse": []}
         self.grad_norm = torch.zeros(())
         tick = time.perf_counter()
         try:
             with _graceful_interrupt() as interrupt:
-                while st["step"] < total:
+                while state["step"] < total:
                     terms, logs, skipped = self.train_step(next(batches).to(device, non_blocking=True))
                     bar.update(1)
                     if not skipped:
                         for k, v in (("loss", terms.loss), ("bpp", terms.rate), ("mse", terms.mse)):
                             window[k].append(v.detach())
                     self._stop_if_stuck()
-                    stop_requested = dd.any([interrupt["stop"]], device)[0]  # a stop on any rank stops all, here
-                    at_end = st["step"] == total or stop_requested
-                    if (st["step"] % cfg.train.log_every == 0 or at_end) and window["loss"]:
+                    stop_requested = dist.any([interrupt["stop"]], device)[0]  # a stop on any rank stops all, here
+                    at_end = state["step"] == total or stop_requested
+                    if (state["step"] % cfg.train.log_every == 0 or at_end) and window["loss"]:
                         self._write_train_log(window, logs, bar)
                         window = {k: [] for k in window}
-                    regular_val = st["step"] % cfg.train.val_every == 0
-                    regular_ckpt = st["step"] % cfg.train.ckpt_every == 0
+                    regular_val = state["step"] % cfg.train.val_every == 0
+                    regular_ckpt = state["step"] % cfg.train.ckpt_every == 0
                     if regular_val or regular_ckpt or at_end:
                         _sync(device)
-                        st["train_time"] += dd.max(time.perf_counter() - tick, device)  # the slowest rank's time
+                        state["train_time"] += dist.max(time.perf_counter() - tick, device)  # the slowest rank's time
                         if regular_val or at_end:
                             # A validation only because of Ctrl-C is marked: compared curves leave it out, so an
                             # interrupted run gains no extra resolution in Steps-to-anchor.
-                            off_schedule = not regular_val and st["step"] != total
+                            off_schedule = not regular_val and state["step"] != total
                             last_val = self.validate(step_scheduler=regular_val, track_best=not off_schedule,
                                                      extra={"interrupted": True} if off_schedule else None)
                         if regular_ckpt or at_end:
                             self.save()
                         tick = time.perf_counter()
                     if stop_requested:
-                        self.say(f"interrupted at step {st['step']}; continue with: lictrain train --resume "
+                        self.report(f"interrupted at step {state['step']}; continue with: lictrain train --resume "
                                  f"{self.run_dir}")
                         break
         finally:
@@ -521,17 +521,17 @@ class Trainer:
         return self._finish(last_val)
 
     def _finish(self, last_val: dict) -> RunResult:
-        st, total = self.state, self.cfg.train.steps
-        if not self.saved_any and not (self.resume and st["step"] >= total):  # train.steps = 0: initial weights
+        state, total = self.state, self.cfg.train.steps
+        if not self.saved_any and not (self.resume and state["step"] >= total):  # train.steps = 0: initial weights
             self.save()
         if not last_val and (self.run_dir / "summary.json").exists():  # a finished run resumed: nothing new
             last_val = json.loads((self.run_dir / "summary.json").read_text()).get("last_val", {})
-        result = RunResult(self.run_dir, st["step"], st["train_time"], st["skipped_steps"],
+        result = RunResult(self.run_dir, state["step"], state["train_time"], state["skipped_steps"],
                            len(self.train_images.skipped), last_val)
         summary = {"step": result.step, "train_time": result.train_time, "skipped_steps": result.skipped_steps,
                    "skipped_images": [str(p) for p, _ in self.train_images.skipped + self.val_set.skipped],
                    "last_val": last_val}
-        if self.dd.is_main:
+        if self.dist.is_main:
             write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-        self.dd.barrier()  # no rank leaves before rank 0 has written the run's last files
+        self.dist.barrier()  # no rank leaves before rank 0 has written the run's last files
         return result

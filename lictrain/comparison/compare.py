@@ -128,20 +128,20 @@ def evaluate_or_reuse(run: Run, spec: str, max_images: int | None) -> dict:
 def compare(base: RunConfig, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     runs = plan_runs(base, out_dir)
-    cc = base.compare
+    settings = base.compare
     for run in runs:
         train_or_reuse(run)
     points: dict = {}  # (recipe, seed, eval set) -> list of (lmbda, bpp, psnr)
     for run in runs:
-        for spec in cc.eval_data:
-            r = evaluate_or_reuse(run, spec, cc.eval_max_images)["results"]
+        for spec in settings.eval_data:
+            r = evaluate_or_reuse(run, spec, settings.eval_max_images)["results"]
             points.setdefault((run.recipe, run.seed, spec), []).append((run.lmbda, r["bpp"][0], r["psnr-rgb"][0]))
-    summary = summarize(runs, points, cc.recipes, cc.eval_data, cc.bd_method)
+    summary = summarize(runs, points, settings.recipes, settings.eval_data, settings.bd_method)
     summary["data"] = data_roles(base)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     write_atomic(out_dir / "summary.md", summary_markdown(summary))
-    summary["plots"] = [str(p) for p in plot_compare(runs, points, cc.eval_data, out_dir)]
+    summary["plots"] = [str(p) for p in plot_compare(runs, points, settings.eval_data, out_dir)]
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
