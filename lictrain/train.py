@@ -325,6 +325,11 @@ class Trainer:
             self.ema.load_state_dict(ckpt["ema"])
         self.method.load_state_dict(ckpt["method"])
         self.state.update(ckpt["state"])
+        before = ckpt["config"]["train"]["steps"]
+        if self.fixed_schedule and before != self.cfg.train.steps:
+            log.warning("train.steps changed from %d to %d under the %s schedule: the learning rate follows the new "
+                        "budget from here (it rises again if the decay had begun)", before, self.cfg.train.steps,
+                        self.cfg.train.schedule)
         rng = ckpt["rng"]
         ranks = rng.get("ranks")  # every rank's RNG state, when the run was distributed
         if dist.enabled and ranks is not None and len(ranks) == dist.world:
