@@ -8,7 +8,8 @@ from another library):
 
     register_optimizer("adam", defaults=dict(betas=(0.9, 0.999)), description="Adam")(torch.optim.Adam)
 
-Entries keep registration order (it is the order `lictrain list` shows), a name is registered once, and looking up
+A registry fills when the package that defines its plug-ins is imported (lictrain.models, lictrain.optim,
+lictrain.methods, lictrain.recipes), as their build functions do. Entries keep registration order (it is the order `lictrain list` shows), a name is registered once, and looking up
 an unknown name is a one-line error that lists the valid ones. This module imports nothing else of lictrain but
 its error type, so any module may register without creating an import cycle.
 """

@@ -204,6 +204,7 @@ def test_merge_dims_never_builds_a_factor_larger_than_max():
     assert merged_shape((192, 192, 5, 5), 10000) == (192, 4800)
     assert merged_shape((64, 3, 5, 5), 10000) == (4800,)  # 64*3*5*5 = 4800 fits: one dimension
     assert merged_shape((64, 3, 5, 5), 1000) == (960, 5)  # 64*3*5 = 960 fits, *5 = 4800 does not
+    assert merged_shape((10, 10, 3), 100) == (100, 3)  # a product equal to the cap still merges ("<=")
     for shape in [(7, 1, 9, 2), (100, 100, 3), (5,), (3, 3, 3, 3)]:
         for cap in (8, 50, 1000):
             merged = merged_shape(shape, cap)

@@ -95,12 +95,15 @@ def test_registries_are_filled_by_their_modules_and_refuse_duplicates():
     from lictrain.errors import LictrainError
     from lictrain.methods import build_method
     from lictrain.optim import build_optimizer
+    import lictrain.models  # noqa: F401  (registering happens where the plug-ins are defined: importing fills)
+    from lictrain.recipes import recipe_overrides
     from lictrain.registry import METHODS, MODELS, OPTIMIZERS, RECIPES, WRAPPERS, Registry, register_method
 
     assert list(MODELS)[:3] == ["bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean"] and "elic" in MODELS
     assert list(OPTIMIZERS) == ["adam", "adamw", "sgd", "adagrad", "soap", "shampoo", "muon"]
     assert list(WRAPPERS) == ["sma"] and list(METHODS)[0] == "standard"
     assert RECIPES["cmd-lic"]["method.name"] == "cmd-lic" and set(RECIPES) >= {"adam", "soap", "balanced-rd"}
+    assert recipe_overrides("balanced-rd") == ["optim.name=adam", "method.name=balanced-rd"]
     with pytest.raises(ValueError, match="method 'standard' is registered twice"):
         register_method("standard")(object)
     reg = Registry("widget")
