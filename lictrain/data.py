@@ -80,7 +80,8 @@ def active_spec(spec: str) -> str:
 def set_name(spec: str) -> str:
     """A short name for an evaluation set: the folder actually used ('kodak'), or 'samples-val'."""
     first = active_spec(spec).split(",")[0].strip().rstrip("/")
-    return first.split("/")[-1].replace(":", "-") or first
+    name = first.split("/")[-1] or first
+    return re.sub(r"[^\w.-]+", "-", name).strip("-")  # a file-name part: 'samples:val' and 'kodak[val:6]' too
 
 
 def resolve_image_files(spec: str) -> list[Path]:

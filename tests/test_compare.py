@@ -87,6 +87,7 @@ def test_evaluation_sets_are_named_by_the_folder_in_use(tmp_path):
     from lictrain.comparison.compare import set_name
 
     assert set_name("../shared/data/kodak/") == "kodak"
+    assert set_name("../shared/data/kodak[val:6]") == "kodak-val-6"  # it names files and folders: no brackets
     assert set_name(f"{tmp_path / 'nope'} || samples:val") == "samples-val"
     assert set_name(f"{tmp_path} || samples:val") == tmp_path.name
 

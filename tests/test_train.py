@@ -267,3 +267,18 @@ def test_tensorboard_forgets_what_was_logged_after_the_checkpoint_a_run_resumes_
     acc.Reload()
     steps = [e.step for e in acc.Scalars("val/loss")]
     assert steps == [0, 1, 2, 3, 4]  # without the purge, 3 and 4 would appear twice
+
+
+def test_atomic_writes_of_two_processes_do_not_share_a_temporary_file(tmp_path):
+    """The parallel compare's processes write the same summary; each must use a temporary name of its own."""
+    from lictrain.io import save_atomic, write_atomic
+
+    target = tmp_path / "summary.json"
+    others = [target.with_name(target.name + ".tmp"), target.with_name(f"{target.name}.{os.getpid() + 1}.tmp")]
+    for other in others:  # another writer's half-written files, under a shared or another process's name
+        other.write_text("half written by another process")
+    write_atomic(target, "mine")
+    save_atomic({"a": 1}, tmp_path / "ckpt.pt")
+    assert target.read_text() == "mine" and torch.load(tmp_path / "ckpt.pt") == {"a": 1}
+    assert all(o.read_text() == "half written by another process" for o in others)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt.pt", "summary.json"] + [o.name for o in others])

@@ -163,8 +163,15 @@ def _finish(run: Run) -> str:
     return str(finish_state(read_val_records(run.run_dir / "metrics.jsonl"), t.schedule, t.steps, run.cfg.optim.lr))
 
 
+def _bd_rate(anchor: list, test: list, method: str) -> float:
+    """BD-rate between two curves given as lists of (lmbda, bpp, psnr) points."""
+    return bd_rate(([p[1] for p in anchor], [p[2] for p in anchor]), ([p[1] for p in test], [p[2] for p in test]),
+                   method)
+
+
 def summarize(runs: list[Run], points: dict, recipes: list[str], eval_sets: list[str], method: str) -> dict:
     anchor = recipes[0]
+    seeds = sorted({r.seed for r in runs})
     curves = {(r.recipe, r.lmbda, r.seed): read_val_curve(r.run_dir / "metrics.jsonl") for r in runs}
     rows = []
     for name in recipes:
@@ -186,11 +193,10 @@ def summarize(runs: list[Run], points: dict, recipes: list[str], eval_sets: list
         row["bd_rate"], row["bd_rate_unavailable"] = {}, {}
         for spec in eval_sets:
             values = []
-            for seed in sorted({r.seed for r in runs}):
+            for seed in seeds:
                 a, t = points[(anchor, seed, spec)], points[(name, seed, spec)]
                 try:
-                    values.append(bd_rate(([p[1] for p in a], [p[2] for p in a]),
-                                          ([p[1] for p in t], [p[2] for p in t]), method))
+                    values.append(_bd_rate(a, t, method))
                 except BDRateUnavailable as why:
                     row["bd_rate_unavailable"][spec] = str(why)
             ok = spec not in row["bd_rate_unavailable"]
@@ -200,8 +206,8 @@ def summarize(runs: list[Run], points: dict, recipes: list[str], eval_sets: list
         row["bd_rate_average"] = float(np.mean(available)) if len(available) == len(eval_sets) else None
         rows.append(row)
     return {"anchor": anchor, "eval_sets": eval_sets, "bd_method": method, "rows": rows,
-            "lambdas": sorted({r.lmbda for r in runs}), "seeds": sorted({r.seed for r in runs}),
-            "noise_floor": noise_floor(points, anchor, sorted({r.seed for r in runs}), eval_sets, method)}
+            "lambdas": sorted({r.lmbda for r in runs}), "seeds": seeds,
+            "noise_floor": noise_floor(points, anchor, seeds, eval_sets, method)}
 
 
 def noise_floor(points: dict, anchor: str, seeds: list[int], eval_sets: list[str], method: str) -> dict:
@@ -214,8 +220,7 @@ def noise_floor(points: dict, anchor: str, seeds: list[int], eval_sets: list[str
         for seed in seeds[1:]:
             t = points[(anchor, seed, spec)]
             try:
-                values[seed] = bd_rate(([p[1] for p in ref], [p[2] for p in ref]), ([p[1] for p in t], [p[2] for p in t]),
-                                       method)
+                values[seed] = _bd_rate(ref, t, method)
             except BDRateUnavailable as why:
                 values[seed] = f"unavailable ({why})"
         out[spec] = values
