@@ -17,7 +17,12 @@ Choices (all documented because they matter for LIC):
   authors' implementation for the rest (betas 0.95/0.95, shampoo_beta = beta2, max_precond_dim 10000, no merging).
 - Unlike the authors' code, the first step is taken (in the basis of the first gradient's factors) instead of only
   initialising the factors, so with preconditioning off (max_precond_dim=0) SOAP is exactly torch.optim.Adam.
-  Adam's epsilon is placed as in torch.optim.Adam (after the bias-corrected square root), for the same reason.
+  Adam's epsilon is placed as in torch.optim.Adam (after the bias-corrected square root), for the same reason, and
+  decoupled weight decay is applied before the update, as torch.optim.AdamW does.
+  `semantics="authors"` reproduces the authors' code (and pytorch_optimizer's SOAP, which follows it) instead: the
+  first call only initialises the factors and basis, epsilon is added to the uncorrected sqrt(v) with both bias
+  corrections folded into the step size, and weight decay multiplies the weights after the update. The test suite
+  checks this mode against pytorch_optimizer's SOAP, trajectory for trajectory.
 - The first moment is kept in the rotated space (rotated again exactly when the basis changes), which saves one
   projection per step; the arithmetic equals keeping it in the original space.
 - Numerics: factors, eigh and QR run in fp32 (fp64 for fp64 parameters) whatever the parameter dtype or autocast.
@@ -151,6 +156,7 @@ class SOAP(Optimizer):
         precondition_1d: bool = False,
         bias_correction: bool = True,
         basis_refresh: str = "qr",
+        semantics: str = "adam",
     ):
         if lr <= 0 or eps < 0 or weight_decay < 0:
             raise ValueError("SOAP needs lr > 0, eps >= 0, weight_decay >= 0")
@@ -160,10 +166,14 @@ class SOAP(Optimizer):
             raise ValueError("precondition_frequency must be at least 1")
         if basis_refresh not in ("qr", "eigh"):
             raise ValueError("basis_refresh must be 'qr' (power iteration + QR, the default) or 'eigh' (exact)")
+        if semantics not in ("adam", "authors"):
+            raise ValueError("semantics must be 'adam' (torch.optim.Adam's first step and epsilon, the default) or "
+                             "'authors' (the SOAP authors' code)")
         defaults = dict(
             lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
             precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim, merge_dims=merge_dims,
             precondition_1d=precondition_1d, bias_correction=bias_correction, basis_refresh=basis_refresh,
+            semantics=semantics,
         )
         super().__init__(params, defaults)
         self._plans: dict = {}
@@ -268,18 +278,22 @@ class SOAP(Optimizer):
         """Rotations per tensor; the elementwise Adam arithmetic for all tensors at once (torch's foreach kernels)."""
         b1, b2 = group["betas"]
         shampoo_beta = b2 if group["shampoo_beta"] is None else group["shampoo_beta"]
+        authors = group.get("semantics", "adam") == "authors"
         params, states, g_rots, grads = [], [], [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
-            if not state:
+            fresh = not state
+            if fresh:
                 state.update(self._fresh_state(p, group))
-            state["step"] += 1
             g = p.grad.reshape(state["exp_avg"].shape).to(state["exp_avg"].dtype)
-            if state["step"] == 1 and any(f is not None for f in state["GG"]):
+            if fresh and any(f is not None for f in state["GG"]):
                 self._accumulate_factors(state, g, shampoo_beta)
                 self._refresh_basis(state, exact=True)
+            if fresh and authors:  # the authors' first call only sets up the factors and the basis
+                continue
+            state["step"] += 1
             params.append(p)
             states.append(state)
             grads.append(g)
@@ -296,11 +310,14 @@ class SOAP(Optimizer):
             plan = self._plan(p, st)
             u = _rotate(updates[i], plan, back=True) if plan else updates[i]
             updates[i] = u.reshape(p.shape).to(p.dtype)
-        if group["weight_decay"]:
-            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        decay = 1 - group["lr"] * group["weight_decay"]
+        if group["weight_decay"] and not authors:
+            torch._foreach_mul_(params, decay)
         torch._foreach_sub_(params, updates)
+        if group["weight_decay"] and authors:
+            torch._foreach_mul_(params, decay)
         for p, st, g in zip(params, states, grads):
-            if st["step"] > 1:
+            if st["step"] > 1 or authors:  # (the first gradient went into the factors when they were created)
                 self._accumulate_factors(st, g, shampoo_beta)
             if st["step"] % group["precondition_frequency"] == 0 and any(f is not None for f in st["GG"]):
                 self._refresh_basis(st, exact=group["basis_refresh"] == "eigh")
@@ -308,15 +325,20 @@ class SOAP(Optimizer):
     @staticmethod
     def _directions(states: list, group: dict, ms: list, vs: list) -> list:
         """Adam's step in the rotated space, m_hat / (sqrt(v_hat) + eps) * lr, in torch.optim.Adam's order of
-        operations (so that without preconditioning SOAP is bit-identical to it)."""
+        operations (so that without preconditioning SOAP is bit-identical to it); with the authors' semantics
+        m / (sqrt(v) + eps) * lr * sqrt(1 - b2^t) / (1 - b1^t)."""
         b1, b2 = group["betas"]
         steps = [st["step"] for st in states]
         bc1 = [1 - b1**t if group["bias_correction"] else 1.0 for t in steps]
         bc2 = [(1 - b2**t) ** 0.5 if group["bias_correction"] else 1.0 for t in steps]
         denom = torch._foreach_sqrt(vs)
-        torch._foreach_div_(denom, bc2)
-        torch._foreach_add_(denom, group["eps"])
-        updates = torch._foreach_mul(ms, [group["lr"] / c for c in bc1])
+        if group.get("semantics", "adam") == "authors":
+            torch._foreach_add_(denom, group["eps"])
+            updates = torch._foreach_mul(ms, [group["lr"] * c2 / c1 for c1, c2 in zip(bc1, bc2)])
+        else:
+            torch._foreach_div_(denom, bc2)
+            torch._foreach_add_(denom, group["eps"])
+            updates = torch._foreach_mul(ms, [group["lr"] / c for c in bc1])
         torch._foreach_div_(updates, denom)
         return list(updates)
 
@@ -348,7 +370,13 @@ class SOAP(Optimizer):
             b1, b2 = group["betas"]
             shampoo_beta = b2 if group["shampoo_beta"] is None else group["shampoo_beta"]
             real = self.state.get(p)
-            if real and real["step"] > 0:
+            authors = group.get("semantics", "adam") == "authors"
+            if not real and authors:  # the authors' first call only initialises: no update
+                out.append(torch.zeros_like(p))
+                for sh in shares:
+                    sh.append(torch.zeros_like(p))
+                continue
+            if real and (real["step"] > 0 or authors):
                 state = {"Q": real["Q"], "exp_avg": real["exp_avg"], "exp_avg_sq": real["exp_avg_sq"]}
                 t = real["step"] + 1
             else:
@@ -363,8 +391,9 @@ class SOAP(Optimizer):
             v = state["exp_avg_sq"] * b2 + (1 - b2) * g_rot * g_rot
             (direction,) = self._directions([{"step": t}], group, [m], [v])
             update = -project(direction, state["Q"], back=True).reshape(p.shape)
-            if group["weight_decay"]:
-                update = update - group["lr"] * group["weight_decay"] * p.to(update.dtype)
+            if group["weight_decay"]:  # authors: (p + update)(1 - lr wd) - p; ours: p(1 - lr wd) + update - p
+                decayed = p.to(update.dtype) + (update if authors else 0)
+                update = update - group["lr"] * group["weight_decay"] * decayed
             out.append(update.to(p.dtype))
             for sh, part in zip(shares, parts or []):
                 x_rot = project(part[i].reshape(g.shape).to(g.dtype), state["Q"]) * (1 - b1)
