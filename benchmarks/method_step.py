@@ -4,7 +4,9 @@ Each method trains the same model on the same crops through the real loop (lictr
 loop's own honest training time (validation and checkpoints excluded) is divided by the step count. Methods are
 interleaved in rounds so that machine noise hits all of them alike; the median over rounds is reported.
 
-    .venv/bin/python benchmarks/method_step.py [--steps 40] [--rounds 3] [--models mbt2018-mean,elic]
+    .venv/bin/python benchmarks/method_step.py [--steps 40] [--rounds 3] [--models mbt2018-mean,elic] [--preset tiny]
+
+The deciding benchmark's model: --models mbt2018-mean --preset bench.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ import torch
 from lictrain.config import load_config
 from lictrain.train import train
 
-METHODS = {
+METHODS = {  # log_every 10 (the default): Balanced R-D's gradient diagnostics run on every 10th step
     "standard": [],
+    "cautious-adam": ["optim.name=cautious-adam"],
     "balanced-rd": ["method.name=balanced-rd"],
-    "balanced-rd (cosine logged every step)": ["method.name=balanced-rd", "train.log_every=1"],
+    "balanced-rd-cautious": ["method.name=balanced-rd", "optim.name=cautious-adam"],
+    "balanced-rd (diagnostics every step)": ["method.name=balanced-rd", "train.log_every=1"],
     "balanced-rd-qp": ["method.name=balanced-rd-qp"],
 }
 
 
-def step_time(model: str, overrides: list[str], steps: int, run_dir: Path) -> float:
+def step_time(model: str, preset: str, overrides: list[str], steps: int, run_dir: Path) -> float:
     cfg = load_config(None, [
-        f"run_dir={run_dir}", f"model.name={model}", "model.preset=tiny", "data.crop=64", "data.batch_size=8",
+        f"run_dir={run_dir}", f"model.name={model}", f"model.preset={preset}", "data.crop=64", "data.batch_size=8",
         f"train.steps={steps}", f"train.val_every={10 * steps}", f"train.ckpt_every={10 * steps}",
         "train.progress=false", "data.val_max_images=1", "data.val_crop=64", "optim.lr=1e-3", *overrides,
     ])
@@ -41,9 +45,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--models", default="mbt2018-mean,elic")
+    ap.add_argument("--preset", default="tiny")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, tiny presets, batch 8, 64x64 crops, "
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {args.preset} presets, batch 8, 64x64 crops, "
           f"{args.steps} steps x {args.rounds} rounds (median)\n")
     print("| model | method | ms / step | / standard |")
     print("|---|---|---:|---:|")
@@ -52,7 +57,7 @@ def main() -> None:
             times: dict[str, list[float]] = {m: [] for m in METHODS}
             for r in range(args.rounds):
                 for i, (name, overrides) in enumerate(METHODS.items()):
-                    times[name].append(step_time(model, overrides, args.steps, Path(tmp) / f"{model}-{r}-{i}"))
+                    times[name].append(step_time(model, args.preset, overrides, args.steps, Path(tmp) / f"{model}-{r}-{i}"))
             base = statistics.median(times["standard"])
             for name, ts in times.items():
                 t = statistics.median(ts)

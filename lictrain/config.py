@@ -65,6 +65,9 @@ class TrainConfig:
     ema_decay: float = 0.999  # 0 disables the EMA; validation and the saved model use the EMA weights
     warmup_steps: int = 0  # linear learning-rate warm-up
     init_from: str | None = None  # fine-tune: start from this checkpoint's (EMA) weights (file or run folder)
+    # what init_from carries over: "weights" (its EMA weights when it kept one; fresh optimizer) or
+    # "weights+optimizer" (its raw weights with the optimizer moments that belong to them; same optimizer needed)
+    init_state: str = "weights"
     val_every: int = 100
     ckpt_every: int = 500
     log_every: int = 10  # training-loss lines in metrics.jsonl
@@ -289,6 +292,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.data.val_max_images is None or cfg.data.val_max_images >= 1, "data.val_max_images must be at least 1"),
         (cfg.data.val_crop is None or cfg.data.val_crop >= 16, "data.val_crop must be at least 16"),
         (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (cfg.train.init_state in ("weights", "weights+optimizer"),
+         "train.init_state must be weights or weights+optimizer"),
         (cfg.compare.eval_max_images is None or cfg.compare.eval_max_images >= 1,
          "compare.eval_max_images must be at least 1"),
         (cfg.train.steps >= 0, "train.steps must be >= 0"),

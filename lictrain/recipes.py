@@ -16,7 +16,11 @@ register_recipe("soap", {"optim.name": "soap"})
 register_recipe("shampoo", {"optim.name": "shampoo"})
 register_recipe("muon", {"optim.name": "muon"})
 register_recipe("sgd", {"optim.name": "sgd"})
-register_recipe("balanced-rd", {"optim.name": "adam", "method.name": "balanced-rd"})  # Solution 1, from scratch
+# Balanced R-D Solution 1 (from scratch). The authors train it with a cautious Adam: the three recipes separate the
+# balancing (balanced-rd), the optimizer (cautious-adam) and their pairing as the authors run it (balanced-rd-cautious)
+register_recipe("balanced-rd", {"optim.name": "adam", "method.name": "balanced-rd"})
+register_recipe("cautious-adam", {"optim.name": "cautious-adam"})
+register_recipe("balanced-rd-cautious", {"optim.name": "cautious-adam", "method.name": "balanced-rd"})
 # Solution 2 is for fine-tuning: give the compare a train.init_from checkpoint (all its recipes start there)
 register_recipe("balanced-rd-qp", {"optim.name": "adam", "method.name": "balanced-rd-qp"})
 register_recipe("soap+balanced-rd", {"optim.name": "soap", "method.name": "balanced-rd"})

@@ -165,16 +165,30 @@ def _graceful_interrupt():
             signal.signal(sig, h)
 
 
-def _load_initial_weights(model, cfg: RunConfig) -> None:
-    """Fine-tuning starts from the weights a run is evaluated with (its EMA when it kept one); optimizer state,
-    step count and schedule start afresh."""
-    ckpt = load_checkpoint(cfg.train.init_from)
-    src = ckpt["config"]["model"]
-    if (src["name"], src["preset"]) != (cfg.model.name, cfg.model.preset):
-        raise LictrainError(f"train.init_from holds a {src['name']} ({src['preset']}) model but this run builds "
-                            f"{cfg.model.name} ({cfg.model.preset})")
-    model.load_state_dict(ckpt["ema"]["model"] if ckpt.get("ema") else ckpt["model"])
-    log.info("initialised from %s (step %d)", cfg.train.init_from, ckpt["state"]["step"])
+def _load_initial_state(trainer: "Trainer") -> None:
+    """Fine-tuning (train.init_from): the checkpoint's weights, by default those a run is evaluated with (its EMA
+    when it kept one) with the optimizer, step count and schedule afresh; with train.init_state=weights+optimizer its
+    raw weights and the optimizer state that belongs to them (moments, SOAP's bases), at this run's learning rate."""
+    cfg = trainer.cfg
+    ckpt = load_checkpoint(cfg.train.init_from, map_location=trainer.device)
+    src = ckpt["config"]
+    if (src["model"]["name"], src["model"]["preset"]) != (cfg.model.name, cfg.model.preset):
+        raise LictrainError(f"train.init_from holds a {src['model']['name']} ({src['model']['preset']}) model but this "
+                            f"run builds {cfg.model.name} ({cfg.model.preset})")
+    with_optimizer = cfg.train.init_state == "weights+optimizer"
+    if with_optimizer and src["optim"]["name"] != cfg.optim.name:
+        raise LictrainError(f"train.init_state=weights+optimizer needs the same optimizer: {cfg.train.init_from} was "
+                            f"trained with {src['optim']['name']}, this run uses {cfg.optim.name}")
+    use_ema = ckpt.get("ema") and not with_optimizer
+    trainer.model.load_state_dict(ckpt["ema"]["model"] if use_ema else ckpt["model"])
+    if with_optimizer:
+        trainer.optimizer.load_state_dict(ckpt["optimizer"])
+        if trainer.aux_optimizer is not None and ckpt.get("aux_optimizer"):
+            trainer.aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
+        for opt, lr in ((trainer.optimizer, cfg.optim.lr), (trainer.aux_optimizer, cfg.optim.aux_lr)):
+            for g in opt.param_groups if opt is not None else []:
+                g["lr"] = g["initial_lr"] = lr
+    log.info("initialised from %s (step %d, %s)", cfg.train.init_from, ckpt["state"]["step"], cfg.train.init_state)
 
 
 def _probes(cfg: RunConfig, model, main_named, val_set: EvalImages, multiple: int) -> tuple[StepHook, ...]:
@@ -278,8 +292,6 @@ class Trainer:
         cfg, device, dist = self.cfg, self.device, self.dist
         torch.manual_seed(cfg.seed)
         self.model = model = build_model(cfg.model.name, cfg.model.preset).to(device)
-        if cfg.train.init_from and not self.resume:
-            _load_initial_weights(model, cfg)
         self.multiple = downsampling(cfg.model.name)
         if cfg.data.crop % self.multiple:
             raise LictrainError(f"data.crop must be a multiple of {self.multiple} for {cfg.model.name}, "
@@ -290,6 +302,8 @@ class Trainer:
         self.aux_optimizer = torch.optim.Adam([p for _, p in aux_named], lr=cfg.optim.aux_lr) if aux_named else None
         for g in self.optimizer.param_groups:
             g["initial_lr"] = g["lr"]
+        if cfg.train.init_from and not self.resume:
+            _load_initial_state(self)
         self.scheduler = ReduceLROnPlateau(self.optimizer, mode="min", factor=cfg.train.plateau_factor,
                                            patience=cfg.train.plateau_patience, min_lr=cfg.train.min_lr)
         self.fixed_schedule = cfg.train.schedule != "plateau"  # lr a function of the step alone (schedule.py)

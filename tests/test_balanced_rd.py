@@ -13,8 +13,8 @@ from tests.conftest import tiny_config
 from lictrain.checkpoint import load_checkpoint
 from lictrain.losses import RDTerms
 from lictrain.methods import StepContext
-from lictrain.methods.balanced_rd import (BalancedRD, BalancedRDQP, coarse_to_fine, effective_weights,
-                                          qp_weight_rate)
+from lictrain.methods.balanced_rd import (BalancedRD, BalancedRDQP, cosine_decay, effective_weights,
+                                          log_improvement, qp_weight_rate)
 from lictrain.methods.standard import Standard
 from lictrain.train import train
 
@@ -116,14 +116,83 @@ def test_logit_update_by_hand_and_direction():
     assert m3.weights[0] < 0.2
 
 
-def test_coarse_to_fine_schedule():
-    assert coarse_to_fine(0, 100, 0.02, 0.1) == pytest.approx(0.02)
-    assert coarse_to_fine(50, 100, 0.02, 0.1) == pytest.approx(0.02 * 0.55)
-    assert coarse_to_fine(100, 100, 0.02, 0.1) == pytest.approx(0.002)
-    assert coarse_to_fine(500, 100, 0.02, 0.1) == pytest.approx(0.002)
-    vals = [coarse_to_fine(t, 100, 1.0, 0.0) for t in range(101)]
+def test_cosine_weight_schedule_and_constant_default():
+    assert cosine_decay(0, 100, 0.02, 0.1) == pytest.approx(0.02)
+    assert cosine_decay(50, 100, 0.02, 0.1) == pytest.approx(0.02 * 0.55)
+    assert cosine_decay(100, 100, 0.02, 0.1) == pytest.approx(0.002)
+    assert cosine_decay(500, 100, 0.02, 0.1) == pytest.approx(0.002)
+    vals = [cosine_decay(t, 100, 1.0, 0.0) for t in range(101)]
     assert all(a >= b for a, b in zip(vals, vals[1:]))
-    assert coarse_to_fine(7, 0, 0.3, 0.1) == 0.3  # unknown run length: constant
+    assert cosine_decay(7, 0, 0.3, 0.1) == 0.3  # unknown run length: constant
+    # the default (the authors' code) keeps the logit step constant: a late step moves the logits as far as an early one
+    early, late = BalancedRD(logit_optimizer="sgd", gamma=0.0), BalancedRD(logit_optimizer="sgd", gamma=0.0)
+    late.total_steps = early.total_steps = 1000
+    early.update_logits(torch.tensor([0.1, 0.0]), step=0)
+    late.update_logits(torch.tensor([0.1, 0.0]), step=999)
+    assert torch.equal(early.logits, late.logits) and early.logits[0].item() == pytest.approx(-0.025 * 0.025)
+    cos = BalancedRD(logit_optimizer="sgd", gamma=0.0, weight_schedule="cosine")
+    cos.total_steps = 1000
+    cos.update_logits(torch.tensor([0.1, 0.0]), step=999)
+    assert abs(cos.logits[0].item()) < 0.11 * abs(early.logits[0].item())
+
+
+def test_log1p_multipliers_by_hand_and_equal_losses_give_the_standard_gradient():
+    losses = torch.tensor([0.3, 1.5], dtype=torch.float64)
+    w = torch.tensor([0.4, 0.6], dtype=torch.float64)
+    # by hand: a = (0.4 / 1.3, 0.6 / 2.5) = (0.307692..., 0.24); eff = 2 a / sum(a)
+    a0, a1 = 0.4 / 1.3, 0.6 / 2.5
+    expected = [2 * a0 / (a0 + a1), 2 * a1 / (a0 + a1)]
+    assert effective_weights(w, losses, 1e-8, "log1p").tolist() == pytest.approx(expected, rel=1e-12)
+    equal = torch.tensor([0.8, 0.8], dtype=torch.float64)
+    half = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    for space in ("log1p", "log", "loss"):
+        assert effective_weights(half, equal, 1e-8, space).tolist() == pytest.approx([1.0, 1.0], abs=1e-15)
+
+
+def test_log1p_update_is_the_authors_weighted_log_loss_gradient():
+    """Against the authors' formulation, built with autograd: loss = sum_i z_i / c * log(L_i + 1) with
+    c = sum_j z_j / (L_j + 1) held constant (their FAMO code); its gradient is half of ours (their multipliers sum
+    to 1, ours to 2: the standard gradient's scale)."""
+    theta = torch.tensor([0.3, -1.2, 0.7], dtype=torch.float64, requires_grad=True)
+    l_r = (theta**2).sum() * 0.1
+    l_d = ((theta - 1) ** 2).sum() * 0.7
+    xi = torch.tensor([0.4, -0.2], dtype=torch.float64)
+    z = torch.softmax(xi, 0)
+    losses = torch.stack([l_r, l_d])
+    c = (z / (losses + 1)).sum().detach()
+    (theirs,) = torch.autograd.grad((z / c * torch.log(losses + 1)).sum(), theta, retain_graph=True)
+    eff = effective_weights(z, losses.detach(), 1e-8, "log1p")
+    (ours,) = torch.autograd.grad(eff[0] * l_r + eff[1] * l_d, theta)
+    torch.testing.assert_close(ours, 2 * theirs, rtol=1e-12, atol=0)
+
+
+def test_delta_by_hand():
+    before = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    after = torch.tensor([0.4, 1.9], dtype=torch.float64)
+    assert log_improvement(before, after, "log1p", 1e-8).tolist() == pytest.approx(
+        [math.log(1.5 / 1.4), math.log(3.0 / 2.9)], rel=1e-12)
+    assert log_improvement(before, after, "log", 1e-8).tolist() == pytest.approx(
+        [math.log(0.5 / 0.4), math.log(2.0 / 1.9)], rel=1e-12)
+    assert log_improvement(before, after, "loss", 1e-8).tolist() == log_improvement(before, after, "log", 1e-8).tolist()
+
+
+@pytest.mark.parametrize("space", ["log", "log1p"])
+def test_qp_in_normalised_space_matches_brute_force(space):
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        g_r, g_d = rng.normal(size=40) * 0.1, rng.normal(size=40) * 3
+        losses = torch.tensor([rng.uniform(0.05, 0.8), rng.uniform(0.3, 3.0)], dtype=torch.float64)
+        shift = 1.0 if space == "log1p" else 0.0
+        n_r, n_d = g_r / (float(losses[0]) + shift), g_d / (float(losses[1]) + shift)
+        f = lambda w: float(np.sum((w * n_r + (1 - w) * n_d) ** 2))  # noqa: E731
+        brute = minimize_scalar(f, bounds=(0, 1), method="bounded", options={"xatol": 1e-12}).x
+        w, eff = BalancedRDQP(space=space).weights_for(losses, *_gram(g_r, g_d))
+        assert float(w[0]) == pytest.approx(brute, abs=1e-5)
+        # the update is the QP's direction brought back to the loss scale: parallel to w_R n_R + w_D n_D
+        d_qp = float(w[0]) * n_r + float(w[1]) * n_d
+        d = float(eff[0]) * g_r + float(eff[1]) * g_d
+        assert abs(d @ d_qp) == pytest.approx(np.linalg.norm(d) * np.linalg.norm(d_qp), rel=1e-9)
+        assert float(eff.sum()) == pytest.approx(2.0)
 
 
 def _toy_run(method, steps=3000, lr=0.004):
@@ -173,10 +242,11 @@ def test_balancing_reaches_a_more_balanced_point_than_the_weighted_sum(cls):
 
 def test_equal_weights_reproduce_the_standard_method_bit_for_bit(tmp_path):
     """Space 'loss' at w = (1/2, 1/2) (weight_lr 0 keeps the logits at 0) is R + lmbda * D exactly: same weights
-    after training, so the extra same-noise forward pass did not disturb the RNG either."""
+    after training, so the extra same-noise forward pass did not disturb the RNG either. (The default log1p space
+    is the standard gradient only where the two losses are equal: checked above.)"""
     common = ("train.steps=5", "train.val_every=5", "train.log_every=2")
     train(tiny_config(tmp_path, *common, name="std"))
-    train(tiny_config(tmp_path, *common, "method.name=balanced-rd", "method.options={weight_lr: 0.0}",
+    train(tiny_config(tmp_path, *common, "method.name=balanced-rd", "method.options={weight_lr: 0.0, space: loss}",
                       name="neutral"))
     a, b = load_checkpoint(tmp_path / "std"), load_checkpoint(tmp_path / "neutral")
     for k in a["model"]:
@@ -214,8 +284,8 @@ def test_qp_with_neutral_weights_gives_the_standard_gradient():
 @pytest.mark.parametrize("method", ["balanced-rd", "balanced-rd-qp"])
 def test_methods_train_log_their_weights_and_resume_exactly(tmp_path, method):
     common = ("train.val_every=3", "train.ckpt_every=3", f"method.name={method}", "train.log_every=1")
-    if method == "balanced-rd":  # the coarse-to-fine schedule must not depend on where the first part stopped
-        common += ("method.options={schedule_steps: 6}",)
+    if method == "balanced-rd":  # a cosine weight schedule must not depend on where the first part stopped
+        common += ("method.options={schedule_steps: 6, weight_schedule: cosine}",)
     train(tiny_config(tmp_path, "train.steps=6", *common, name="straight"))
     train(tiny_config(tmp_path, "train.steps=3", *common, name="split"))
     train(tiny_config(tmp_path, "train.steps=6", *common, name="split"), resume=True)
@@ -228,6 +298,7 @@ def test_methods_train_log_their_weights_and_resume_exactly(tmp_path, method):
     for r in train_rows:
         assert r["w_R"] + r["w_D"] == pytest.approx(1.0) and 0 <= r["w_R"] <= 1
         assert -1 <= r["grad_cos"] <= 1 and r["eff_R"] > 0
+        assert r["grad_norm_R"] > 0 and r["grad_norm_D"] > 0
     vals = [r["loss"] for r in rows if r["kind"] == "val"]
     assert vals[-1] < vals[0]
     if method == "balanced-rd":  # the logits moved from equal weights and were checkpointed
@@ -239,7 +310,31 @@ def test_unknown_method_option_is_a_clear_error(tmp_path):
 
     with pytest.raises(LictrainError, match="no option gamm"):
         train(tiny_config(tmp_path, "method.name=balanced-rd", "method.options={gamm: 0.1}"))
-    with pytest.raises(LictrainError, match="space must be one of loss, log"):
+    with pytest.raises(LictrainError, match="space must be one of log1p, log, loss"):
         train(tiny_config(tmp_path, "method.name=balanced-rd-qp", "method.options={space: exp}"))
     with pytest.raises(LictrainError, match="logit_optimizer"):
         train(tiny_config(tmp_path, "method.name=balanced-rd", "method.options={logit_optimizer: lbfgs}"))
+
+
+def test_logged_gradient_norms_and_cosine_match_separate_backward_passes():
+    theta = torch.nn.Parameter(torch.tensor([0.3, -1.2, 0.7], dtype=torch.float64))
+    other = torch.nn.Parameter(torch.tensor([2.0], dtype=torch.float64))  # only in the distortion
+
+    def terms():
+        rate = (theta**2).sum() * 0.1
+        dist = ((theta - 1) ** 2).sum() * 0.7 + other.sum() ** 2
+        return RDTerms(rate=rate, distortion=dist / 0.5, lmbda=0.5, mse=torch.zeros(()))
+
+    t = terms()
+    g_r = torch.autograd.grad(t.rate, [theta], retain_graph=True)[0]
+    g_d = torch.autograd.grad(t.weighted_distortion, [theta, other])
+    m = BalancedRD()
+    with torch.no_grad():
+        m.logits.copy_(torch.tensor([0.3, -0.1], dtype=torch.float64))
+    logs = m.backward(StepContext(0, None, None, [theta, other], terms(), will_log=True))
+    rr, dd = float(g_r @ g_r), float(g_d[0] @ g_d[0] + g_d[1] @ g_d[1])
+    assert logs["grad_norm_R"] == pytest.approx(math.sqrt(rr), rel=1e-12)
+    assert logs["grad_norm_D"] == pytest.approx(math.sqrt(dd), rel=1e-12)
+    assert logs["grad_cos"] == pytest.approx(float(g_r @ g_d[0]) / math.sqrt(rr * dd), rel=1e-12)
+    # and the update itself is the multipliers' combination
+    torch.testing.assert_close(theta.grad, logs["eff_R"] * g_r + logs["eff_D"] * g_d[0], rtol=1e-12, atol=0)

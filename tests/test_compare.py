@@ -126,3 +126,19 @@ def test_noise_floor_is_the_anchor_against_itself_across_seeds():
     assert floor["k"][1] == pytest.approx(-10.0, abs=1e-6)
     assert floor["k"][2] == pytest.approx(0.0, abs=1e-9)
     assert noise_floor(points, "adam", [0], ["k"], "akima") == {"k": {}}
+
+
+def test_init_source_fills_lambda_and_seed_and_needs_exactly_one_match(tmp_path):
+    from lictrain.comparison.compare import init_source
+    from lictrain.errors import LictrainError
+
+    (tmp_path / "runs" / "adam-lmbda0.0018-seed0-1a2b3c4d").mkdir(parents=True)
+    (tmp_path / "runs" / "adam-lmbda0.0035-seed0-5e6f7a8b").mkdir()
+    (tmp_path / "runs" / "adam-lmbda0.0035-seed0-99999999").mkdir()
+    pattern = str(tmp_path / "runs" / "adam-lmbda{lmbda}-seed{seed}-*")
+    assert init_source(pattern, 0.0018, 0) == str(tmp_path / "runs" / "adam-lmbda0.0018-seed0-1a2b3c4d")
+    with pytest.raises(LictrainError, match="gives 2 checkpoints for lambda 0.0035"):
+        init_source(pattern, 0.0035, 0)
+    with pytest.raises(LictrainError, match="gives 0 checkpoints"):
+        init_source(pattern, 0.0018, 1)
+    assert init_source("plain/path", 0.1, 0) == "plain/path" and init_source(None, 0.1, 0) is None

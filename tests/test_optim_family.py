@@ -1,5 +1,7 @@
 """The comparison family: registry behaviour, Muon's kernel views, Shampoo's inverse roots."""
 
+import math
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -12,7 +14,7 @@ from lictrain.optim.shampoo import Shampoo, inverse_root
 
 def test_unknown_optimizer_and_option_are_one_line_errors():
     p = [torch.nn.Parameter(torch.randn(2))]
-    with pytest.raises(LictrainError, match="valid optimizers: adam, adamw, sgd, adagrad, soap, shampoo, muon"):
+    with pytest.raises(LictrainError, match="valid optimizers: adam, adamw, sgd, cautious-adam, adagrad, soap, shampoo, muon"):
         build_optimizer("lion", p, 1e-3)
     with pytest.raises(LictrainError, match="precondition_frequency"):
         build_optimizer("soap", p, 1e-3, {"precondition_freq": 3})
@@ -126,3 +128,49 @@ def test_shampoo_direction_is_the_kronecker_preconditioned_momentum_grafted_to_a
     adam = np.sign(g.numpy())  # Adam's first step with betas 0 and eps 0
     expected = -direction * np.linalg.norm(adam) / np.linalg.norm(direction)
     assert np.allclose(p.detach().numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_cautious_adam_two_steps_by_hand():
+    from lictrain.optim.cautious import CautiousAdam
+
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64))
+    opt = build_optimizer("cautious-adam", [p], lr=0.01)
+    assert isinstance(opt, CautiousAdam)
+    g1 = torch.tensor([0.1, -0.2, 0.3, -0.4], dtype=torch.float64)
+    g2 = torch.tensor([0.2, 0.1, -0.5, -0.1], dtype=torch.float64)
+    p.grad = g1.clone()
+    opt.step()
+    # step 1: m = 0.1 g1 agrees with g1 everywhere (mask of ones, scale 1): Adam's first step, lr * sign(g) (eps aside)
+    expected = torch.tensor([1.0 - 0.01, -2.0 + 0.01, 0.5 - 0.01, 3.0 + 0.01], dtype=torch.float64)
+    torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-9)
+    after_first = p.detach().clone()
+    p.grad = g2.clone()
+    opt.step()
+    # step 2 by hand: m = 0.09 g1 + 0.1 g2 = (0.029, -0.008, -0.023, -0.046); m * g2 > 0 -> mask (1, 0, 1, 1),
+    # mean 3/4, scale 4/3; v = 0.999 * 0.001 g1^2 + 0.001 g2^2; step = lr / (1 - 0.81) * scale * mask * m / sqrt(v_hat)
+    m = torch.tensor([0.029, -0.008, -0.023, -0.046], dtype=torch.float64)
+    v = 0.999 * 0.001 * g1**2 + 0.001 * g2**2
+    v_hat = v / (1 - 0.999**2)
+    mask = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    step = 0.01 / (1 - 0.9**2) * (4 / 3) * mask * m / (v_hat.sqrt() + 1e-8)
+    torch.testing.assert_close(p.detach(), after_first - step, rtol=0, atol=1e-12)
+    assert p[1].item() == after_first[1].item()  # the disagreeing coordinate did not move
+
+
+def test_cautious_adam_scale_is_capped():
+    # one coordinate in twenty agrees: the mask mean is 0.05, the rescaling is capped at max_scale = 10 (not 20)
+    p = torch.nn.Parameter(torch.zeros(20, dtype=torch.float64))
+    opt = build_optimizer("cautious-adam", [p], lr=1.0, options={"betas": (0.5, 0.999), "eps": 0.0})
+    p.grad = torch.ones(20, dtype=torch.float64)
+    opt.step()
+    before = p.detach().clone()
+    g = -torch.ones(20, dtype=torch.float64) * 0.2  # m = 0.15 > 0 but g < 0: disagreement, except coordinate 0
+    g[0] = 1.0
+    p.grad = g
+    opt.step()
+    moved = (p.detach() - before)
+    assert (moved[1:] == 0).all()
+    st = opt.state[p]
+    m0, v0 = st["exp_avg"][0].item(), st["exp_avg_sq"][0].item()
+    expected = -1.0 / (1 - 0.25) * 10 * m0 / math.sqrt(v0 / (1 - 0.999**2))
+    assert moved[0].item() == pytest.approx(expected, rel=1e-12)

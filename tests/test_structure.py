@@ -100,7 +100,7 @@ def test_registries_are_filled_by_their_modules_and_refuse_duplicates():
     from lictrain.registry import METHODS, MODELS, OPTIMIZERS, RECIPES, WRAPPERS, Registry, register_method
 
     assert list(MODELS)[:3] == ["bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean"] and "elic" in MODELS
-    assert list(OPTIMIZERS) == ["adam", "adamw", "sgd", "adagrad", "soap", "shampoo", "muon"]
+    assert list(OPTIMIZERS) == ["adam", "adamw", "sgd", "cautious-adam", "adagrad", "soap", "shampoo", "muon"]
     assert list(WRAPPERS) == ["sma"] and list(METHODS)[0] == "standard"
     assert RECIPES["cmd-lic"]["method.name"] == "cmd-lic" and set(RECIPES) >= {"adam", "soap", "balanced-rd"}
     assert recipe_overrides("balanced-rd") == ["optim.name=adam", "method.name=balanced-rd"]

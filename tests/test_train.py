@@ -231,6 +231,30 @@ def test_init_from_starts_from_the_source_runs_evaluated_weights(tmp_path):
         train(tiny_config(tmp_path, f"train.init_from={tmp_path / 'nowhere'}", name="missing"))
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "soap"])
+def test_init_from_with_optimizer_state_continues_the_source_run(tmp_path, optimizer):
+    """weights+optimizer: the raw weights and the optimizer state that belongs to them (moments, step counts), at
+    the new learning rate."""
+    common = (f"optim.name={optimizer}", "train.ema_decay=0.9", "train.clip_max_norm=0")
+    train(tiny_config(tmp_path, "train.steps=4", *common, name="src"))
+    train(tiny_config(tmp_path, "train.steps=0", *common, f"train.init_from={tmp_path / 'src'}",
+                      "train.init_state=weights+optimizer", "optim.lr=5e-5", name="ft"))
+    src, ft = load_checkpoint(tmp_path / "src"), load_checkpoint(tmp_path / "ft")
+    for k, v in src["model"].items():
+        assert torch.equal(ft["model"][k], v), k  # raw weights, not the EMA
+    assert [g["lr"] for g in ft["optimizer"]["param_groups"]] == [5e-5] * len(ft["optimizer"]["param_groups"])
+    a, b = src["optimizer"]["state"], ft["optimizer"]["state"]
+    assert a.keys() == b.keys() and len(a) > 0
+    for i in a:
+        assert torch.equal(torch.as_tensor(a[i]["step"]), torch.as_tensor(b[i]["step"]))
+        assert torch.equal(a[i]["exp_avg"], b[i]["exp_avg"]) and torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"])
+    with pytest.raises(LictrainError, match="needs the same optimizer"):
+        train(tiny_config(tmp_path, "optim.name=sgd", f"train.init_from={tmp_path / 'src'}",
+                          "train.init_state=weights+optimizer", name="other"))
+    with pytest.raises(LictrainError, match="train.init_state must be"):
+        train(tiny_config(tmp_path, f"train.init_from={tmp_path / 'src'}", "train.init_state=all", name="bad"))
+
+
 def test_best_checkpoint_holds_the_best_regular_validation(tmp_path):
     train(tiny_config(tmp_path, "train.steps=6", "train.val_every=2", "data.val_max_images=1"))
     vals = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "val"}

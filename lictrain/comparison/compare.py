@@ -9,6 +9,7 @@ summary.json and PNG plots in OUT.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -54,6 +55,8 @@ def config_hash(cfg: RunConfig) -> str:
     d["train"].pop("tensorboard")
     if d["train"].get("init_from") is None:  # added after the first benchmarks: unset, it must not change hashes
         d["train"].pop("init_from", None)
+    if d["train"].get("init_state") == "weights":  # added later: its default must not change hashes
+        d["train"].pop("init_state")
     if d["train"]["schedule"] == "plateau":  # added later: unused by plateau runs, must not change their hashes
         for k in ("schedule", "decay_start", "final_lr_factor"):
             d["train"].pop(k)
@@ -61,6 +64,20 @@ def config_hash(cfg: RunConfig) -> str:
         d["data"][k] = active_spec(d["data"][k])
     d.pop("probe")  # read-only measurements: they do not change what a run computes
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def init_source(pattern: str | None, lmbda: float, seed: int) -> str | None:
+    """train.init_from for one point of a curve: `{lmbda}` and `{seed}` are filled in (lambda as in run folder
+    names, e.g. 0.0018) and a glob must then match exactly one path, so each point of a fine-tuning compare starts
+    from the matching point of a trained curve, e.g. runs/bench/runs/adam-lmbda{lmbda}-seed{seed}-*."""
+    if not pattern or "{" not in pattern:
+        return pattern
+    text = pattern.format(lmbda=f"{lmbda:g}", seed=seed)
+    matches = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
+    if len(matches) != 1:
+        raise LictrainError(f"train.init_from '{pattern}' gives {len(matches)} checkpoints for lambda {lmbda:g}, "
+                            f"seed {seed} ({text}); it must give exactly one")
+    return matches[0]
 
 
 def plan_runs(base: RunConfig, out_dir: Path) -> list[Run]:
@@ -77,6 +94,7 @@ def plan_runs(base: RunConfig, out_dir: Path) -> list[Run]:
                 for key, value in recipes[name].items():
                     set_key(cfg, key, value)
                 cfg.loss.lmbda, cfg.seed = float(lmbda), int(seed)
+                cfg.train.init_from = init_source(cfg.train.init_from, float(lmbda), int(seed))
                 validate(cfg)
                 h = config_hash(cfg)
                 # A run with the same configuration under another recipe name (e.g. the winner of a learning-rate

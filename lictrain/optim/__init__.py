@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..errors import LictrainError
 from ..registry import OPTIMIZERS, WRAPPERS, OptimizerSpec, register_optimizer, register_wrapper
+from .cautious import CautiousAdam
 from .muon import MuonWithAdamW
 from .shampoo import Shampoo
 from .sma import SMA
@@ -28,6 +29,10 @@ register_optimizer("adam", dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
     torch.optim.Adam)
 register_optimizer("adamw", dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2), "AdamW")(torch.optim.AdamW)
 register_optimizer("sgd", dict(momentum=0.9, weight_decay=0.0), "SGD with momentum")(torch.optim.SGD)
+register_optimizer(
+    "cautious-adam", dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, max_scale=10.0),
+    "Adam with the update masked where it disagrees in sign with the gradient (Balanced R-D authors' optimizer)",
+)(CautiousAdam)
 register_optimizer("adagrad", dict(eps=1e-10, weight_decay=0.0), "Adagrad")(torch.optim.Adagrad)
 # As in the LIC papers: a drop-in for Adam at Adam's learning rate, weight decay 0, basis refreshed every 10 steps.
 register_optimizer(
