@@ -144,8 +144,8 @@ def test_the_layer_made_sensitive_ranks_first():
     assert sum(k in picked for _, k in main) == -(-len(main) // 2)  # and of the main transforms' layers
 
 
-CMD_FAST = ('method.options={epoch_steps: 2, head_epochs: 3, modes: [3, 6], samples_per_mode: 50, '
-            'embed_percent: 10, sensitivity_images: 4}')
+CMD_FAST = ('method.options={schedule: epochs, epoch_steps: 2, head_epochs: 3, modes: [3, 6], samples_per_mode: 50, '
+            'embed_percent: 10, sensitivity_images: 4, max_instant_gap: 100}')
 
 
 def test_cmd_lic_trains_embeds_and_keeps_embedded_parameters_affine(tmp_path):
@@ -191,3 +191,88 @@ def test_sma_options_are_checked(tmp_path):
         build_optimizer("adam+sma", [torch.nn.Parameter(torch.zeros(1))], 0.1, {"sma": {"alpha": 0}})
     with pytest.raises(LictrainError, match="modes must be a list of positive integers"):
         train(tiny_config(tmp_path, "method.name=cmd-lic", "method.options={modes: 30}"))
+
+
+def test_budget_schedule_event_steps_by_hand():
+    from lictrain.methods.cmd import budget_schedule, epoch_schedule
+
+    # 700 steps from scratch: head stage 200 steps (20/70), 20 samples every 10 steps; embedding from 200 to 630
+    # (0.9 x 700) in 50 events of 8.6 steps: 208.6 -> 209, 217.2 -> 217, ..., 630
+    ev = budget_schedule(700, 20 / 70, 20, 50, 0.9, 20)
+    rec = [e for e in ev if e.kind == "record"]
+    emb = [e for e in ev if e.kind == "embed"]
+    assert [e.step for e in rec] == list(range(10, 201, 10))
+    assert [e.epoch for e in rec] == list(range(1, 21))
+    assert [e.step for e in emb[:4]] == [209, 217, 226, 234] and emb[-1].step == 630 and len(emb) == 50
+    assert [e.epoch for e in emb[:3]] == [21, 22, 23] and emb[-1].epoch == 70
+    # the fine-tuning proportions: 500 steps, head 10/50 = 100 steps (20 samples, every 5), 40 events up to 450
+    ft = budget_schedule(500, 10 / 50, 20, 40, 0.9, 10)
+    assert [e.step for e in ft if e.kind == "record"] == list(range(5, 101, 5))
+    emb = [e for e in ft if e.kind == "embed"]
+    assert len(emb) == 40 and emb[0].step == 109 and emb[-1].step == 450 and emb[0].epoch == 11
+    # the first version's epochs: F = 3 epochs of 10 steps, embedding every 2nd epoch after F, Step 3 every epoch
+    old = epoch_schedule(75, 10, 3, 2)
+    assert [(e.step, e.kind) for e in old] == [(10, "record"), (20, "record"), (30, "record"), (40, "update"),
+                                               (50, "embed"), (60, "update"), (70, "embed")]
+
+
+def _installed(n_embeddable: int, n: int = 1000):
+    """A CMD-LIC state after Step 1 on a flat 1000-parameter vector: `n_embeddable` candidates, stabilities c_i."""
+    from lictrain.methods.cmd import CMDLIC
+
+    m = CMDLIC(embed_percent=1.0, dummy_cap=25.0)
+    p = torch.nn.Parameter(torch.randn(n, dtype=torch.float64))
+    m.attach(torch.nn.Module(), torch.optim.SGD([p], lr=0.1), [p], total_steps=700)
+    m.refs = torch.tensor([0])
+    m.mode = torch.zeros(n, dtype=torch.long)
+    m.k, m.d = torch.rand(n, dtype=torch.float64), torch.rand(n, dtype=torch.float64)
+    m.k[0], m.d[0] = 1.0, 0.0
+    m.k_prev, m.d_prev = m.k + torch.rand(n, dtype=torch.float64), m.d.clone()  # distinct stabilities
+    m.embeddable = torch.zeros(n, dtype=torch.bool)
+    m.embeddable[1:1 + n_embeddable] = True
+    m.embedded = torch.zeros(n, dtype=torch.bool)
+    m._after_install()
+    return m, p
+
+
+def test_embedding_counts_and_the_dummy_cap():
+    m, p = _installed(600)
+    logs = m.embed_step(None, epoch=21)
+    # P = 1% of 1000 embedded; dummy min(21 x 1% / 2, 25%) = 10.5% -> 105, below half of the 590 left
+    assert logs["embedded_now"] == 10 and logs["dummy_reset"] == 105
+    logs = m.embed_step(None, epoch=60)  # min(30%, 25%) = 250 resets, below half of the 580 left (290)
+    assert logs["dummy_reset"] == 250
+    m2, _ = _installed(100)  # late in a run: 100 candidates, 10 embedded now, 90 left
+    logs = m2.embed_step(None, epoch=60)
+    assert logs["embedded_now"] == 10 and logs["dummy_reset"] == 45  # capped at half of what is left, not 90
+
+
+def test_imposition_puts_embedded_coordinates_exactly_on_their_affine_values():
+    m, p = _installed(600)
+    m.embed_step(None, epoch=21)
+    with torch.no_grad():
+        p.add_(torch.randn_like(p))  # an optimizer step moves everything, the reference included
+    m.impose()
+    emb = m.embedded
+    want = m.k[emb] * p.detach()[0] + m.d[emb]
+    assert torch.equal(p.detach()[emb], want)
+    assert emb.sum() == 10 and not emb[0]
+
+
+def test_instant_model_far_from_the_true_loss_turns_embedding_off(tmp_path, monkeypatch):
+    from lictrain.methods.cmd import CMDLIC
+
+    true_instant = CMDLIC.instant_loss
+    # the instant CMD model made 20% worse than it is, against a 10% tolerance
+    monkeypatch.setattr(CMDLIC, "instant_loss", lambda self, *a: 1.2 * true_instant(self, *a) + 1.0)
+    opts = CMD_FAST.replace("max_instant_gap: 100", "max_instant_gap: 0.1")
+    train(tiny_config(tmp_path, "train.steps=12", "optim.name=adam+sma", "method.name=cmd-lic", opts,
+                      "train.val_every=12", "train.log_every=1"))
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    dec = [r for r in rows if "cmd_instant_loss" in r]
+    assert len(dec) == 1
+    r = dec[0]
+    assert r["cmd_instant_loss"] > 1.1 * r["cmd_true_loss"] and r["cmd_embedding_off"] == 1.0
+    ck = load_checkpoint(tmp_path / "run")
+    assert ck["method"]["embedding_off"] and not ck["method"]["decomposed"]
+    assert max(r.get("embedded_fraction", 0) for r in rows) == 0

@@ -1,28 +1,44 @@
 """CMD-LIC's STDET (Zhang, Duan, Huang, Zhu, TMLR 2025, Section 3.2 and Algorithm 1): parameters grouped into
 correlated modes, stable ones embedded as affine functions of their mode's reference parameter and frozen.
 
-An "epoch" is `epoch_steps` optimizer steps (our data sets are small). Every trainable parameter coordinate is one
-trajectory w_i(t), sampled at epoch boundaries.
+Schedule. The paper counts in epochs of a large data set (~7.4k steps each); lictrain ties every event to the
+run's own budget B = train.steps instead (`schedule: budget`, the default), keeping the paper's proportions:
 
-Step 1 (once, after `head_epochs` = F epochs of ordinary training): for M in `modes` (S = `samples_per_mode` * M
-trajectories sampled uniformly): |corr| matrix of the sample, complete-linkage ("farthest point") hierarchical
+  from scratch (`preset: scratch`)   the paper trains 70 epochs where Adam trains 120 (Section 4.1): F = 20 of 70
+      epochs of head stage (head_fraction 20/70 = 0.286, Table 11 / A.8), then P = 1% embedded per epoch (L = 1)
+      for 50 epochs, 50% at the end. Here: `head_snapshots` = 20 trajectory samples evenly over the head stage
+      (the paper's one per epoch), then `embed_events` = 50 embedding events (P = 1% each, so 50%) evenly between
+      the head stage's end and `embed_end` = 0.9 B (ours: the last 10% anneals without embedding or resets).
+  fine-tuning (`preset: finetune`)   the paper fine-tunes 50 epochs where Adam fine-tunes 80, with F = 10: head
+      fraction 10/50, 40 events of 1% (40%).
+The shortened budget itself (70/120 or 50/80 of the baseline's steps) is the run's train.steps: see
+configs/bench-cmd.yaml. `schedule: epochs` keeps the fixed-length epochs (`epoch_steps`, `head_epochs`, `period`)
+of lictrain's first version. Every trainable coordinate is one trajectory w_i(t), sampled at the head-stage events.
+
+Step 1 (once, at the end of the head stage): for M in `modes` (S = `samples_per_mode` * M trajectories, at most
+`max_samples`, sampled uniformly): |corr| matrix of the sample, complete-linkage ("farthest point") hierarchical
 clustering into M modes on the distance 1 - |corr| (SciPy), per mode the reference = the member with the highest
 mean |corr| to its mode's other members; every trajectory joins the reference it correlates with most (|corr|);
 (k_i, d_i) by least squares (Eq. 4). The instant CMD model (every w_i replaced by k_i w_m(F) + d_i) is evaluated
-on the sampled images; the search stops at the first M whose R-D loss changed by less than `saturation` (relative)
-from the previous M's and keeps that M (Algorithm 1, 3(i)); otherwise the last M.
+on the sampled images; the search stops at the first M whose R-D loss changed by less than `saturation` (relative,
+1%: ours) from the previous M's and keeps that M (Algorithm 1, 3(i)); otherwise the last M (the cap).
 Step 2 (once): each layer (module) is perturbed by Gaussian noise of std `perturb_std` * max|w| of the layer, and
 the loss increase measured on the sampled images: the R-D loss for layers of g_a / g_s, the rate alone for all
 other layers (they only shape the entropy model). The top half of the g_a/g_s layers and the top half of the other
 layers are the sensitive layers; within them the top half of the parameters by |w| * |E[dL/dw]| (Eq. 5) are not
 embeddable; all other non-reference parameters are (75% when the sensitive layers hold half of the parameters).
-Step 3 (every epoch after F): (k_i, d_i) by the recursive least-squares update of Eq. 6 (equal to the batch fit on
-all epochs so far); embedded coefficients stay fixed.
-Step 4 (every `period` = L epochs): c_i = |(k_i, d_i)(t) - (k_i, d_i)(t - L)| (Eq. 7); the `embed_percent` = P% (of
+Step 3 (every event after the head stage): (k_i, d_i) by the recursive least-squares update of Eq. 6 (equal to the
+batch fit on all samples so far); embedded coefficients stay fixed.
+Step 4 (every embedding event): c_i = |(k_i, d_i)(t) - (k_i, d_i)(t - L)| (Eq. 7); the `embed_percent` = P% (of
 all trainable coordinates) most stable embeddable ones are embedded for good: w_i = k_i w_ref(t) + d_i from then
 on, their gradients zeroed before every optimizer step and their values re-imposed after it; dummy embedding resets
 the next min(t * P / 2 %, `dummy_cap` %) most stable ones to their affine value without freezing (t = epochs since
-the start of training).
+the start of training; at budget event j, t = F + j in the preset's paper epochs), and (ours) never more than
+half of the embeddable coordinates still left: otherwise, late in a run, every remaining one is reset every event
+(what made the first version's validation loss rise after ~2400 steps, benchmarks/RESULTS.md).
+Gate (ours): after Step 1 the instant CMD model's loss is logged against the true loss on the same images; when it is
+more than `max_instant_gap` (10%) worse, the decomposition does not describe the network and nothing is embedded
+(the run continues as Adam + SMA).
 
 Decisions are computed on rank 0's data and broadcast, so every process of a torchrun job embeds the same
 coordinates. Memory: the head-stage trajectories are N x F values on the CPU (float32, or float16 beyond
@@ -39,6 +55,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,6 +65,49 @@ from ..registry import register_method
 from .base import Method, StepContext
 from .cmd_modes import (decompose, gram, layer_sensitivity, parameter_saliency, rls_update, sample_loss,
                         sensitive_layers, tensors_by_layer)
+
+
+# ---- the schedule: when each step of the algorithm happens ----------------------------------------------------
+
+# The paper's proportions (Section 4.1, Table 11, Appendix A.8): head-stage fraction of the run, head-stage length F
+# in epochs (for the dummy percentage t * P / 2), embedding events (one per epoch after F, L = 1).
+PRESETS = {
+    "scratch": dict(head_fraction=20 / 70, paper_head_epochs=20, embed_events=50),
+    "finetune": dict(head_fraction=10 / 50, paper_head_epochs=10, embed_events=40),
+}
+
+
+@dataclass(frozen=True)
+class Event:
+    step: int  # happens once this many optimizer steps are done
+    kind: str  # "record" (a head-stage trajectory sample; the last one also decomposes), "update" (Step 3) or
+    #            "embed" (Steps 3 and 4)
+    epoch: float  # the paper's epoch count t at this event (dummy embedding resets t * P / 2 %)
+
+
+def budget_schedule(total: int, head_fraction: float, head_snapshots: int, embed_events: int, embed_end: float,
+                    paper_head_epochs: int) -> list[Event]:
+    """Events as fractions of a run of `total` steps: `head_snapshots` samples evenly over the first
+    head_fraction * total steps (the last one decomposes), then `embed_events` embedding events evenly up to
+    embed_end * total."""
+    head = max(head_snapshots, round(total * head_fraction))
+    events = [Event(round(head * i / head_snapshots), "record", paper_head_epochs * i / head_snapshots)
+              for i in range(1, head_snapshots + 1)]
+    stop = round(total * embed_end)
+    if stop > head:
+        events += [Event(round(head + (stop - head) * j / embed_events), "embed", paper_head_epochs + j)
+                   for j in range(1, embed_events + 1)]
+    return events
+
+
+def epoch_schedule(total: int, epoch_steps: int, head_epochs: int, period: int) -> list[Event]:
+    """lictrain's first schedule: fixed epochs of `epoch_steps`, F = head_epochs, embedding every `period` epochs."""
+    events = [Event(e * epoch_steps, "record", e) for e in range(1, head_epochs + 1)]
+    e = head_epochs + 1
+    while e * epoch_steps <= total:
+        events.append(Event(e * epoch_steps, "embed" if (e - head_epochs) % period == 0 else "update", e))
+        e += 1
+    return events
 
 
 # ---- the method -------------------------------------------------------------------------------------------------
@@ -72,29 +132,58 @@ class CMDLIC(Method):
 
     name = "cmd-lic"
 
-    def __init__(self, epoch_steps: int = 100, head_epochs: int = 10, modes: list | tuple = (10, 30, 50),
-                 samples_per_mode: int = 200, period: int = 1, embed_percent: float = 1.0, dummy: bool = True,
-                 dummy_cap: float = 25.0, perturb_std: float = 0.1, sensitivity_images: int = 16,
-                 saturation: float = 0.001, trajectory_mb: int = 2048, seed: int = 0):
+    def __init__(self, schedule: str = "budget", preset: str = "scratch", head_snapshots: int = 20,
+                 embed_end: float = 0.9, head_fraction: float | None = None, embed_events: int | None = None,
+                 epoch_steps: int = 100, head_epochs: int = 10, period: int = 1,
+                 modes: list | tuple = (10, 30, 50, 100), samples_per_mode: int = 200, max_samples: int = 10000,
+                 embed_percent: float = 1.0, dummy: bool = True, dummy_cap: float = 25.0,
+                 dummy_left_fraction: float = 0.5, max_instant_gap: float = 0.1, perturb_std: float = 0.1,
+                 sensitivity_images: int = 16, saturation: float = 0.01, trajectory_mb: int = 2048, seed: int = 0):
+        if schedule not in ("budget", "epochs"):
+            raise LictrainError(f"cmd-lic: schedule must be budget or epochs, got '{schedule}'")
+        if preset not in PRESETS:
+            raise LictrainError(f"cmd-lic: preset must be one of {', '.join(PRESETS)}, got '{preset}'")
         if not isinstance(modes, (list, tuple)) or not all(isinstance(m, int) and m >= 1 for m in modes):
             raise LictrainError(f"cmd-lic: modes must be a list of positive integers, e.g. [10, 30, 50], got {modes!r}")
-        if epoch_steps < 1 or head_epochs < 2 or period < 1 or not modes or samples_per_mode < 1:
+        if epoch_steps < 1 or head_epochs < 2 or period < 1 or not modes or samples_per_mode < 1 or max_samples < 2:
             raise LictrainError("cmd-lic needs epoch_steps >= 1, head_epochs >= 2 (a trajectory needs two points), "
-                                "period >= 1, samples_per_mode >= 1 and at least one value in modes")
-        if not 0 <= embed_percent <= 100 or not 0 <= dummy_cap <= 100 or perturb_std <= 0 or sensitivity_images < 1:
-            raise LictrainError("cmd-lic needs embed_percent and dummy_cap in [0, 100], perturb_std > 0, "
-                                "sensitivity_images >= 1")
-        self.epoch_steps, self.head_epochs, self.modes = epoch_steps, head_epochs, sorted(int(m) for m in modes)
-        self.samples_per_mode, self.period, self.embed_percent = samples_per_mode, period, embed_percent
-        self.dummy, self.dummy_cap, self.perturb_std = dummy, dummy_cap, perturb_std
+                                "period >= 1, samples_per_mode >= 1, max_samples >= 2 and at least one value in modes")
+        if head_snapshots < 2 or not 0 < embed_end <= 1 or (embed_events is not None and embed_events < 1) or \
+                (head_fraction is not None and not 0 < head_fraction < 1):
+            raise LictrainError("cmd-lic needs head_snapshots >= 2, embed_end in (0, 1], embed_events >= 1 and "
+                                "head_fraction in (0, 1)")
+        if not 0 <= embed_percent <= 100 or not 0 <= dummy_cap <= 100 or perturb_std <= 0 or sensitivity_images < 1 \
+                or not 0 <= dummy_left_fraction <= 1 or max_instant_gap < 0:
+            raise LictrainError("cmd-lic needs embed_percent and dummy_cap in [0, 100], dummy_left_fraction in [0, 1], "
+                                "max_instant_gap >= 0, perturb_std > 0, sensitivity_images >= 1")
+        preset_values = dict(PRESETS[preset])
+        if head_fraction is not None:
+            preset_values["head_fraction"] = head_fraction
+        if embed_events is not None:
+            preset_values["embed_events"] = embed_events
+        self.schedule, self.preset_values = schedule, preset_values
+        self.head_snapshots, self.embed_end = head_snapshots, embed_end
+        self.epoch_steps, self.head_epochs, self.period = epoch_steps, head_epochs, period
+        self.modes, self.samples_per_mode, self.max_samples = sorted(int(m) for m in modes), samples_per_mode, max_samples
+        self.embed_percent, self.dummy, self.dummy_cap = embed_percent, dummy, dummy_cap
+        self.dummy_left_fraction, self.max_instant_gap, self.perturb_std = dummy_left_fraction, max_instant_gap, perturb_std
         self.sensitivity_images, self.saturation = sensitivity_images, saturation
         self.trajectory_mb, self.seed = trajectory_mb, seed
-        self.epoch = 0
+        self.events: list[Event] = []
+        self.done = 0  # events handled so far
         self.trajectories: list[torch.Tensor] = []
         self.images: list[torch.Tensor] = []
         self.decomposed = False
+        self.embedding_off = False
         self.overhead = 0.0
         self.chosen_modes = 0
+
+    def schedule_for(self, total_steps: int) -> list[Event]:
+        if self.schedule == "epochs":
+            return epoch_schedule(total_steps, self.epoch_steps, self.head_epochs, self.period)
+        v = self.preset_values
+        return budget_schedule(total_steps, v["head_fraction"], self.head_snapshots, v["embed_events"],
+                               self.embed_end, v["paper_head_epochs"])
 
     # -- bookkeeping over the flat parameter vector --
     def attach(self, model, optimizer, params, total_steps: int = 0) -> None:
@@ -102,6 +191,8 @@ class CMDLIC(Method):
         self.named = [(n, p) for n, p in model.named_parameters() if any(p is q for q in self.params)]
         self.offsets = np.cumsum([0] + [p.numel() for p in self.params])
         self.n = int(self.offsets[-1])
+        self.events = self.schedule_for(total_steps)
+        self.n_records = sum(e.kind == "record" for e in self.events)
 
     def flat(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.params])
@@ -129,25 +220,26 @@ class CMDLIC(Method):
     def after_step(self, ctx: StepContext) -> dict[str, float]:
         tick = time.perf_counter()
         if self.decomposed and self.embedded_count:
-            self.impose(self.embedded_by_tensor)
+            self.impose()
         if not self.decomposed and ctx.batch is not None and \
                 sum(x.shape[0] for x in self.images) < self.sensitivity_images:  # crops for Steps 1-2
             self.images.append(ctx.batch.detach().clone())
         logs = {}
-        # An epoch boundary whose step was skipped (non-finite loss: after_step does not run) is caught up here.
-        if (ctx.step + 1) // self.epoch_steps > self.epoch:
-            self.epoch += 1
-            if self.epoch <= self.head_epochs:
+        # Events whose step was skipped (non-finite loss: after_step does not run) are caught up here.
+        while self.done < len(self.events) and self.events[self.done].step <= ctx.step + 1:
+            event = self.events[self.done]
+            self.done += 1
+            if event.kind == "record":
                 self.record()
-            if self.epoch == self.head_epochs:
-                logs.update(self.decompose_and_rank(ctx))
-            elif self.epoch > self.head_epochs and self.decomposed:
-                logs.update(self.epoch_update(ctx))
+                if len(self.trajectories) == self.n_records:
+                    logs.update(self.decompose_and_rank(ctx))
+            elif self.decomposed and not self.embedding_off:
+                logs.update(self.coefficient_update(ctx, event))
         self.overhead += time.perf_counter() - tick
         return logs
 
     def record(self) -> None:
-        bytes32 = self.n * 4 * self.head_epochs
+        bytes32 = self.n * 4 * self.n_records
         dtype = torch.float32 if bytes32 <= self.trajectory_mb * 2**20 else torch.float16
         self.trajectories.append(self.flat().to("cpu", dtype))
 
@@ -160,13 +252,20 @@ class CMDLIC(Method):
         gen = torch.Generator().manual_seed(self.seed)
         prev, best = 10_000.0, None
         for m in self.modes:
-            refs, mode, k, d = decompose(traj, m, self.samples_per_mode * m, gen)
+            refs, mode, k, d = decompose(traj, m, min(self.samples_per_mode * m, self.max_samples), gen)
             loss = self.instant_loss(refs, mode, k, d, traj[:, -1], images, ctx.criterion)
             best = (refs, mode, k, d, m, loss)
             if abs(loss - prev) / prev < self.saturation:
                 break
             prev = loss
         refs, mode, k, d, m, loss = best
+        true_loss, _ = sample_loss(self.model, images, ctx.criterion, self.seed)
+        self.chosen_modes = m
+        logs = {"cmd_modes": float(m), "cmd_instant_loss": loss, "cmd_true_loss": true_loss}
+        if not loss <= (1 + self.max_instant_gap) * true_loss:  # (also catches a NaN instant loss)
+            self.embedding_off = True
+            self.trajectories = []
+            return {**logs, "cmd_embedding_off": 1.0}
         # Step 2 on the final weights
         scores = layer_sensitivity(self.model, self.named, images, ctx.criterion, self.perturb_std, self.seed)
         sensitive = set(sensitive_layers(scores))
@@ -183,9 +282,8 @@ class CMDLIC(Method):
         embeddable[refs] = False
         embeddable &= traj.double().var(1) > 0  # a coordinate that never moved (e.g. a masked weight) stays as it is
         self.install(refs, mode, k, d, embeddable, gram(traj[refs]), ctx)
-        self.chosen_modes = m
         self.trajectories = []  # the head-stage memory goes
-        return {"cmd_modes": float(m), "cmd_instant_loss": loss, "embeddable_fraction": float(embeddable.float().mean())}
+        return {**logs, "cmd_embedding_off": 0.0, "embeddable_fraction": float(embeddable.float().mean())}
 
     def instant_loss(self, refs, mode, k, d, last, images, criterion) -> float:
         """R-D loss of the CMD model w_i = k_i w_m(F) + d_i on the sampled images; the weights are restored."""
@@ -216,26 +314,28 @@ class CMDLIC(Method):
         self._after_install()
 
     def _after_install(self) -> None:
-        self.embedded_count = int(self.embedded.sum())
-        self.embedded_by_tensor = self._split(torch.nonzero(self.embedded).flatten())
         if not hasattr(self, "k_prev") or self.k_prev is None:
             self.k_prev, self.d_prev = self.k.clone(), self.d.clone()
-        self._ref_loc = None
+        self._ref_plan = self._plan_references()
+        self._refresh_embedded()
         self.decomposed = True
 
-    def epoch_update(self, ctx: StepContext) -> dict[str, float]:
+    def _refresh_embedded(self) -> None:
+        """After the embedded set changes: counts, per-tensor indices and the imposition plan."""
+        self.embedded_count = int(self.embedded.sum())
+        self.embedded_by_tensor = self._split(torch.nonzero(self.embedded).flatten())
+        self._impose_plan = self._plan_imposition(self.embedded_by_tensor)
+
+    def coefficient_update(self, ctx: StepContext, event: Event) -> dict[str, float]:
         w_now = self.flat().double()
         k, d, self.g = rls_update(self.k, self.d, self.mode, self.g, w_now, w_now[self.refs])
         keep = self.embedded
         self.k = torch.where(keep, self.k, k)
         self.d = torch.where(keep, self.d, d)
         self.k[self.refs], self.d[self.refs] = 1.0, 0.0
-        logs = {}
-        if (self.epoch - self.head_epochs) % self.period == 0:
-            logs = self.embed_step(ctx)
-        return logs
+        return self.embed_step(ctx, event.epoch) if event.kind == "embed" else {}
 
-    def embed_step(self, ctx: StepContext) -> dict[str, float]:
+    def embed_step(self, ctx: StepContext, epoch: float) -> dict[str, float]:
         c = ((self.k - self.k_prev) ** 2 + (self.d - self.d_prev) ** 2).sqrt()
         self.k_prev, self.d_prev = self.k.clone(), self.d.clone()
         candidates = self.embeddable & ~self.embedded
@@ -243,39 +343,50 @@ class CMDLIC(Method):
         n_true = min(int(round(self.n * self.embed_percent / 100)), int(candidates.sum()))
         new = order[:n_true]
         self.embedded[new] = True
-        self.embedded_count = int(self.embedded.sum())
-        self.embedded_by_tensor = self._split(torch.nonzero(self.embedded).flatten())
+        self._refresh_embedded()
         for j, idx in self._split(new).items():
             _zero_moments(self.optimizer, self.params[j], idx)
-        self.impose(self.embedded_by_tensor)
+        self.impose()
         n_dummy = 0
         if self.dummy:
-            pct = min(self.epoch * self.embed_percent / 2, self.dummy_cap)
-            n_dummy = min(int(round(self.n * pct / 100)), int(candidates.sum()) - n_true)
+            pct = min(epoch * self.embed_percent / 2, self.dummy_cap)
+            left = int(candidates.sum()) - n_true
+            n_dummy = min(int(round(self.n * pct / 100)), int(left * self.dummy_left_fraction))
             if n_dummy > 0:
-                self.impose(self._split(order[n_true:n_true + n_dummy]))
+                self.impose(self._plan_imposition(self._split(order[n_true:n_true + n_dummy])))
         self._freeze_whole_tensors()
         return {"embedded_now": float(n_true), "dummy_reset": float(n_dummy),
                 "embedded_fraction": self.embedded_count / self.n}
 
+    def _plan_references(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(tensor, positions in the reference vector, local indices) per tensor holding references."""
+        t = np.searchsorted(self.offsets, self.refs.cpu().numpy(), side="right") - 1
+        plan = []
+        for j in np.unique(t):
+            pos = torch.from_numpy(np.nonzero(t == j)[0]).to(self.refs.device)
+            plan.append((int(j), pos, (self.refs[pos] - int(self.offsets[j])).to(self.params[j].device)))
+        return plan
+
+    def _plan_imposition(self, by_tensor: dict[int, torch.Tensor]) -> list:
+        """(tensor, local indices, k, d, mode) per tensor, gathered once for coordinates whose k, d are fixed."""
+        plan = []
+        for j, idx in by_tensor.items():
+            flat = idx + int(self.offsets[j])
+            plan.append((j, idx, self.k[flat], self.d[flat], self.mode[flat]))
+        return plan
+
     @torch.no_grad()
-    def impose(self, by_tensor: dict[int, torch.Tensor]) -> None:
-        """w_i <- k_i w_ref(now) + d_i at the given coordinates."""
-        ref_now = torch.stack([self.params[j].detach().reshape(-1)[i]
-                               for j, i in self._ref_locations()]).double()
+    def impose(self, plan: list | None = None) -> None:
+        """w_i <- k_i w_ref(now) + d_i at the planned coordinates (default: every embedded one)."""
+        ref_now = torch.empty(len(self.refs), dtype=torch.float64, device=self.refs.device)
+        for j, pos, local in self._ref_plan:
+            ref_now[pos] = self.params[j].detach().reshape(-1)[local].double()
         # Only the weights are set, not SMA's moving average: the paper resets w_i (Eq. 10, dummy embedding) and
         # says nothing of w_SMA, so a dummy reset is blended at the next sync. (Writing it into the average too made
         # the resets stick and cost 10-90% more loss on the miniature benchmark: benchmarks/RESULTS.md.)
-        for j, idx in by_tensor.items():
-            flat = idx + int(self.offsets[j])
+        for j, idx, k, d, mode in self._impose_plan if plan is None else plan:
             p = self.params[j]
-            p.view(-1)[idx] = (self.k[flat] * ref_now[self.mode[flat]] + self.d[flat]).to(p.dtype)
-
-    def _ref_locations(self):
-        if getattr(self, "_ref_loc", None) is None:
-            t = np.searchsorted(self.offsets, self.refs.cpu().numpy(), side="right") - 1
-            self._ref_loc = [(int(j), int(r) - int(self.offsets[j])) for j, r in zip(t, self.refs.cpu().numpy())]
-        return self._ref_loc
+            p.view(-1)[idx] = (k * ref_now[mode] + d).to(p.dtype)
 
     def _freeze_whole_tensors(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -288,8 +399,9 @@ class CMDLIC(Method):
 
     # -- checkpoints: everything, so a resumed run continues exactly --
     def state_dict(self) -> dict:
-        state = {"epoch": self.epoch, "trajectories": self.trajectories, "images": [x.cpu() for x in self.images],
-                 "overhead": self.overhead, "chosen_modes": self.chosen_modes, "decomposed": self.decomposed}
+        state = {"events_done": self.done, "trajectories": self.trajectories, "images": [x.cpu() for x in self.images],
+                 "overhead": self.overhead, "chosen_modes": self.chosen_modes, "decomposed": self.decomposed,
+                 "embedding_off": self.embedding_off}
         if self.decomposed:
             state.update(refs=self.refs, mode=self.mode, k=self.k, d=self.d, k_prev=self.k_prev, d_prev=self.d_prev,
                          embeddable=self.embeddable, embedded=self.embedded, g=self.g,
@@ -297,7 +409,10 @@ class CMDLIC(Method):
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.trajectories = state["epoch"], list(state["trajectories"])
+        # "epoch": checkpoints of the epochs-only version, where one event was one epoch
+        self.done = state["events_done"] if "events_done" in state else state["epoch"]
+        self.trajectories = list(state["trajectories"])
+        self.embedding_off = state.get("embedding_off", False)
         dev = self.params[0].device
         self.images = [x.to(dev) for x in state["images"]]
         self.overhead, self.chosen_modes = state["overhead"], state["chosen_modes"]
