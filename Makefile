@@ -8,12 +8,12 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # torch/torchvision first, on their own: on the project machines pip takes them from local disk.
-# Then the package with its pins (compressai needs numpy<2, pinned in pyproject.toml).
-$(STAMP): pyproject.toml
-	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (lictrain needs Python 3.11)"; exit 1; }
+# Then the package, with the exact versions of constraints.txt (the ranges are in pyproject.toml).
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (lictrain is tested with Python 3.11; set PY=python3.12 to try another)"; exit 1; }
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]' 'numpy<2'
+	$(VENV)/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)

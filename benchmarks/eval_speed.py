@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from lictrain.data import EvalImages
-from lictrain.evaluate import Codec, evaluate_image
+from lictrain.evaluation import Codec, evaluate_image
 from lictrain.models import build_model
 
 KODAK = Path(__file__).resolve().parents[2] / "shared" / "data" / "kodak"

@@ -1,6 +1,6 @@
 """Per-step cost of the training methods relative to the standard one, measured side by side in one process.
 
-Each method trains the same model on the same crops through the real loop (lictrain.train.train), and the
+Each method trains the same model on the same crops through the real loop (lictrain.trainer.train), and the
 loop's own honest training time (validation and checkpoints excluded) is divided by the step count. Methods are
 interleaved in rounds so that machine noise hits all of them alike; the median over rounds is reported.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lictrain.config import load_config
-from lictrain.train import train
+from lictrain.trainer import train
 
 METHODS = {  # log_every 10 (the default): Balanced R-D's gradient diagnostics run on every 10th step
     "standard": [],

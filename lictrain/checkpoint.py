@@ -15,19 +15,63 @@ from .models import build_model
 CHECKPOINT_FORMAT = "lictrain-checkpoint-v1"
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+def _read(path: str | Path, map_location) -> tuple[Path, object]:
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise LictrainError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return path, torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise LictrainError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+
+
+def is_lictrain_checkpoint(obj) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path, ckpt = _read(path, map_location)
+    if not is_lictrain_checkpoint(ckpt):
         raise LictrainError(f"{path} is not a lictrain checkpoint")
     return ckpt
+
+
+def load_weights(path: str | Path, map_location="cpu") -> dict | tuple[str, dict]:
+    """A lictrain checkpoint (returned as is), or ("state_dict", tensors) for a plain PyTorch state dict: a
+    CompressAI model's `state_dict()` as saved by `torch.save`, or such a dict under 'state_dict' or 'model'
+    (CompressAI's example training script), with DataParallel's 'module.' prefixes removed."""
+    path, obj = _read(path, map_location)
+    if is_lictrain_checkpoint(obj):
+        return obj
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise LictrainError(f"{path} is neither a lictrain checkpoint nor a state dict of tensors")
+    return "state_dict", {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
+    """model.load_state_dict, with one line naming the missing and unexpected keys (and shape mismatches)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    # CompressAI resizes the entropy models' derived tables (update() buffers) itself; any other shape must match
+    derived = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
+    wrong = [k for k in own if k in state and not k.endswith(derived) and own[k].shape != state[k].shape]
+
+    def names(keys: list[str]) -> str:
+        return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+
+    problems = [f"{label} {names(keys)}" for label, keys in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+    if problems:
+        raise LictrainError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(state)
 
 
 def checkpoint_config(ckpt: dict) -> RunConfig:

@@ -43,7 +43,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file, or a name in configs/ (e.g. demo)")
+    p.add_argument("--config", help="YAML config file, or the name of a built-in config (demo, mini, bench, ...)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.lr=2e-4 (repeatable)")
 
@@ -77,16 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="curve name in results.json")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--max-images", type=int, help="evaluate on the first N images only")
+    p.add_argument("--device", default="cpu", help="where the transforms run (cpu, cuda, cuda:1; default cpu)")
 
     p = sub.add_parser("compress", help="compress one image into a .lic file")
     p.add_argument("image")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    p.add_argument("--device", default="cpu", help="where the transforms run (decode on the same kind of device)")
 
     p = sub.add_parser("decompress", help="decompress a .lic file into a PNG")
     p.add_argument("file")
     p.add_argument("-o", "--output", required=True, help="output image (.png, .bmp, .tif or .webp)")
     p.add_argument("--checkpoint", required=True, help="the checkpoint the file was compressed with")
+    p.add_argument("--device", default="cpu", help="where the transforms run (the one the file was encoded on)")
 
     p = sub.add_parser("compare", help="train recipes side by side: Steps-to-anchor, Time-to-anchor, BD-rate",
                        description="Trains every recipe at every lambda and seed from the same initial weights and "
@@ -171,7 +174,7 @@ def cmd_analyze(args) -> int:
 def cmd_train(args) -> int:
     from .checkpoint import checkpoint_config, load_checkpoint
     from .config import load_config, set_key, validate, parse_override
-    from .train import train
+    from .trainer import train
 
     if args.resume:
         if args.config or args.optimizer or args.run_dir or args.recipe or args.init_from:
@@ -206,12 +209,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     first = Path(args.checkpoints[0])
     out = args.out or str((first.parent if first.is_file() else first) / "eval")
     summary = evaluate(args.checkpoints, args.data, out, use_ema=not args.raw, name=args.name,
-                       max_images=args.max_images)
+                       max_images=args.max_images, device=args.device)
     print(format_results_table(summary))
     print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'per_image.csv'}")
     return 0
@@ -219,27 +222,28 @@ def cmd_eval(args) -> int:
 
 def format_results_table(summary: dict) -> str:
     r = summary["results"]
-    lines = ["| lambda | bpp | bpp (est.) | PSNR-RGB (dB) | MS-SSIM | enc (s) | dec (s) |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| checkpoint | lambda | bpp | bpp (est.) | PSNR-RGB (dB) | MS-SSIM | enc (s) | dec (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    labels = r.get("checkpoint") or [""] * len(r["bpp"])  # results written before the column existed have none
     for i in range(len(r["bpp"])):
-        lines.append(f"| {r['lmbda'][i]:g} | {r['bpp'][i]:.4f} | {r['bpp_estimated'][i]:.4f} | "
+        lines.append(f"| {labels[i]} | {r['lmbda'][i]:g} | {r['bpp'][i]:.4f} | {r['bpp_estimated'][i]:.4f} | "
                      f"{r['psnr-rgb'][i]:.2f} | {r['ms-ssim-rgb'][i]:.4f} | {r['encoding_time'][i]:.3f} | "
                      f"{r['decoding_time'][i]:.3f} |")
     return "\n".join(lines)
 
 
 def cmd_compress(args) -> int:
-    from .evaluate import compress_file
+    from .evaluation import compress_file
 
-    info = compress_file(args.checkpoint, args.image, args.output)
+    info = compress_file(args.checkpoint, args.image, args.output, device=args.device)
     print(f"{args.output}: {info['bytes']} bytes, {info['bpp']:.4f} bpp (file size, header included)")
     return 0
 
 
 def cmd_decompress(args) -> int:
-    from .evaluate import decompress_file
+    from .evaluation import decompress_file
 
-    info = decompress_file(args.checkpoint, args.file, args.output)
+    info = decompress_file(args.checkpoint, args.file, args.output, device=args.device)
     print(f"{args.output}: {info['width']}x{info['height']}")
     return 0
 

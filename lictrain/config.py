@@ -64,7 +64,8 @@ class TrainConfig:
     clip_max_norm: float = 1.0  # 0 disables clipping (the norm is still checked for NaN/Inf)
     ema_decay: float = 0.999  # 0 disables the EMA; validation and the saved model use the EMA weights
     warmup_steps: int = 0  # linear learning-rate warm-up
-    init_from: str | None = None  # fine-tune: start from this checkpoint's (EMA) weights (file or run folder)
+    # fine-tune: start from this checkpoint's (EMA) weights (file or run folder), or from a plain state-dict file
+    init_from: str | None = None
     # what init_from carries over: "weights" (its EMA weights when it kept one; fresh optimizer) or
     # "weights+optimizer" (its raw weights with the optimizer moments that belong to them; same optimizer needed)
     init_state: str = "weights"
@@ -229,11 +230,11 @@ def _looks_numeric(s: str) -> bool:
         return False
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the package; configs/ in the checkout links here
 
 
 def resolve_config_path(name_or_path: str) -> Path:
-    """A path to a YAML file, or the name of one in the repository's configs/ folder ('demo', 'mini')."""
+    """A path to a YAML file, or the name of one of lictrain's own configs ('demo', 'mini', 'bench', ...)."""
     p = Path(name_or_path)
     if p.is_file():
         return p

@@ -64,6 +64,11 @@ def ms_ssim_value(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ms_ssim(a.float(), b.float(), data_range=1.0, size_average=True)
 
 
+def ms_ssim_db(value: float) -> float:
+    """MS-SSIM on the decibel scale LIC papers plot, -10 log10(1 - MS-SSIM) (infinite for a perfect match)."""
+    return float("inf") if value >= 1 else -10 * math.log10(1 - value)
+
+
 class RateDistortionLoss(nn.Module):
     def __init__(self, lmbda: float, metric: str = "mse"):
         super().__init__()

@@ -1,6 +1,6 @@
 """Learning-rate schedules of a fixed budget, and the rule that says whether a run has finished learning.
 
-`plateau` (the default) is ReduceLROnPlateau on the validation loss, stepped in train.py. The fixed-budget schedules
+`plateau` (the default) is ReduceLROnPlateau on the validation loss, stepped in trainer.py. The fixed-budget schedules
 are pure functions of the step, so a resumed run needs no scheduler state:
 
 - `cosine`: lr0 until `decay_start * steps`, then half a cosine down to `final_lr_factor * lr0` at the last step;

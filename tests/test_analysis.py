@@ -14,7 +14,7 @@ from lictrain.checkpoint import load_checkpoint, model_from_checkpoint
 from lictrain.cli import main
 from lictrain.errors import LictrainError
 from lictrain.optim import build_optimizer
-from lictrain.train import train
+from lictrain.trainer import train
 from tests.conftest import tiny_config
 
 

@@ -16,7 +16,7 @@ from lictrain.methods import StepContext
 from lictrain.methods.balanced_rd import (BalancedRD, BalancedRDQP, cosine_decay, effective_weights,
                                           log_improvement, qp_weight_rate)
 from lictrain.methods.standard import Standard
-from lictrain.train import train
+from lictrain.trainer import train
 
 
 def _gram(g1, g2):

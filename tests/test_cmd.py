@@ -13,7 +13,7 @@ from lictrain.methods.cmd_modes import affine_fit, decompose, gram, layer_sensit
 from lictrain.models import build_model
 from lictrain.optim import build_optimizer
 from lictrain.optim.sma import SMA
-from lictrain.train import train
+from lictrain.trainer import train
 from tests.conftest import tiny_config
 
 
@@ -276,3 +276,46 @@ def test_instant_model_far_from_the_true_loss_turns_embedding_off(tmp_path, monk
     ck = load_checkpoint(tmp_path / "run")
     assert ck["method"]["embedding_off"] and not ck["method"]["decomposed"]
     assert max(r.get("embedded_fraction", 0) for r in rows) == 0
+
+
+CMD_BUDGET = ('method.options={modes: [3, 6], samples_per_mode: 50, sensitivity_images: 4, max_instant_gap: 100}')
+
+
+def test_budget_schedule_through_training_and_an_exact_resume(tmp_path):
+    """The default schedule in a real run of 90 steps: decomposition at step 26 (20/70 of 90), embedding events up
+    to step 81 (0.9 x 90) and none after; a resume inside the head stage and one after it are bit-exact."""
+    from lictrain.methods.cmd import budget_schedule
+
+    budget = CMD_BUDGET.replace("{", "{budget_steps: 90, ")  # the split runs' first parts stop early
+    common = ("optim.name=adam+sma", "method.name=cmd-lic", budget, "train.val_every=10", "train.log_every=1",
+              "train.ckpt_every=10")
+    # (log_every 4 in a second run below: events between log steps must still reach the log)
+    train(tiny_config(tmp_path, "train.steps=90", *common, name="straight"))
+    rows = [json.loads(ln) for ln in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    events = budget_schedule(90, 20 / 70, 20, 50, 0.9, 20)
+    decomposed_at = [r["step"] for r in train_rows if "cmd_modes" in r]
+    embed_steps = sorted({e.step for e in events if e.kind == "embed"})
+    embedded_at = [r["step"] for r in train_rows if r.get("embedded_now", 0) > 0]
+    assert decomposed_at == [26]  # logged at the step whose completion made it 26 steps
+    assert embedded_at == embed_steps[: len(embedded_at)] and embedded_at[-1] <= 81 and len(embedded_at) >= 10
+    frac = [r["embedded_fraction"] for r in train_rows]
+    assert frac[-1] == frac[81 - 1] > 0  # nothing embedded in the last 10%
+    sparse = tuple(c if not c.startswith("train.log_every") else "train.log_every=4" for c in common)
+    train(tiny_config(tmp_path, "train.steps=90", *sparse, name="sparse"))
+    rows = [json.loads(ln) for ln in (tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "cmd_modes" in r] == [28]  # decomposed at 26, written with step 28's line
+    for stop in (10, 40):  # inside the head stage, and after the decomposition
+        train(tiny_config(tmp_path, f"train.steps={stop}", *common, name=f"split{stop}"))
+        train(tiny_config(tmp_path, "train.steps=90", *common, name=f"split{stop}"), resume=True)
+        a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / f"split{stop}")
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), (stop, k)
+        assert torch.equal(a["method"]["embedded"], b["method"]["embedded"])
+
+
+def test_too_short_a_budget_is_a_clear_error(tmp_path):
+    from lictrain.errors import LictrainError
+
+    with pytest.raises(LictrainError, match="too few for its schedule"):
+        train(tiny_config(tmp_path, "train.steps=40", "optim.name=adam+sma", "method.name=cmd-lic", CMD_BUDGET))

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lictrain import bitstream
-from lictrain.evaluate import Codec
+from lictrain.evaluation import Codec
 from lictrain.models import MODELS, build_model, downsampling
 
 

@@ -102,7 +102,7 @@ def test_a_run_with_the_same_configuration_under_another_name_is_reused(tmp_path
 
 def test_an_interrupted_run_stops_the_compare_before_evaluation(tmp_path, monkeypatch):
     import lictrain.comparison.compare as cmp_mod
-    from lictrain.train import RunResult
+    from lictrain.trainer import RunResult
 
     def interrupted(cfg, resume=False, hooks=()):
         return RunResult(cfg.run_dir, 2, 0.1, 0, 0, {})
@@ -132,13 +132,16 @@ def test_init_source_fills_lambda_and_seed_and_needs_exactly_one_match(tmp_path)
     from lictrain.comparison.compare import init_source
     from lictrain.errors import LictrainError
 
-    (tmp_path / "runs" / "adam-lmbda0.0018-seed0-1a2b3c4d").mkdir(parents=True)
-    (tmp_path / "runs" / "adam-lmbda0.0035-seed0-5e6f7a8b").mkdir()
-    (tmp_path / "runs" / "adam-lmbda0.0035-seed0-99999999").mkdir()
+    for run in ("adam-lmbda0.0018-seed0-1a2b3c4d", "adam-lmbda0.0035-seed0-5e6f7a8b", "adam-lmbda0.0035-seed0-99999999"):
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        (tmp_path / "runs" / run / "checkpoint.pt").write_bytes(b"")
+    (tmp_path / "runs" / "adam-lmbda0.0018-seed1-unfinished").mkdir()  # no checkpoint: not a source
     pattern = str(tmp_path / "runs" / "adam-lmbda{lmbda}-seed{seed}-*")
     assert init_source(pattern, 0.0018, 0) == str(tmp_path / "runs" / "adam-lmbda0.0018-seed0-1a2b3c4d")
     with pytest.raises(LictrainError, match="gives 2 checkpoints for lambda 0.0035"):
         init_source(pattern, 0.0035, 0)
     with pytest.raises(LictrainError, match="gives 0 checkpoints"):
-        init_source(pattern, 0.0018, 1)
+        init_source(pattern, 0.0018, 1)  # the folder exists but holds no checkpoint
     assert init_source("plain/path", 0.1, 0) == "plain/path" and init_source(None, 0.1, 0) is None
+    with pytest.raises(LictrainError, match=r"only \{lmbda\} and \{seed\}"):
+        init_source("runs/{recipe}-lmbda{lmbda}", 0.1, 0)

@@ -78,7 +78,7 @@ def _worker(rank, world, port, cfg_dict, resume, noise_free, nan_rank_call, out_
         _noise_free_quantization()
     if nan_rank_call is not None and rank == nan_rank_call[0]:
         _poison_rate_once(nan_rank_call)
-    from lictrain.train import train
+    from lictrain.trainer import train
 
     cfg = config_from_dict(cfg_dict)
     result = train(cfg, resume=resume, hooks=(_DumpWeights(f"{out_dir}/weights{rank}.pt", cfg.train.steps - 1),))

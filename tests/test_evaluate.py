@@ -11,8 +11,8 @@ from lictrain import bitstream
 from lictrain.checkpoint import load_checkpoint
 from lictrain.data import EvalImages, load_rgb, pad_to_multiple, to_tensor
 from lictrain.errors import LictrainError
-from lictrain.evaluate import Codec, compress_file, decompress_file, evaluate, evaluate_image, psnr_8bit, quantize_8bit
-from lictrain.train import train
+from lictrain.evaluation import Codec, compress_file, decompress_file, evaluate, evaluate_image, psnr_8bit, quantize_8bit
+from lictrain.trainer import train
 from tests.conftest import tiny_config
 
 
@@ -60,6 +60,14 @@ def test_eval_writes_compressai_results_format(trained, tmp_path):
     assert len(rows) == 4 and {row["image"] for row in rows} == {"chelsea.png", "coffee.png"}
     a_rows = [float(row["bpp"]) for row in rows if float(row["lmbda"]) == 0.013]
     assert r["bpp"][1] == pytest.approx(np.mean(a_rows))
+    # every row and every point says which checkpoint it came from (two checkpoints of one lambda stay apart)
+    assert r["checkpoint"] == [str(trained / "b"), str(trained / "a")]
+    assert {(row["checkpoint"], float(row["lmbda"])) for row in rows} == {(str(trained / "b"), 0.0035),
+                                                                          (str(trained / "a"), 0.013)}
+    from lictrain.cli import format_results_table
+
+    table = format_results_table(summary).splitlines()
+    assert table[0].startswith("| checkpoint | lambda") and str(trained / "a") in table[3]
 
 
 def test_file_round_trip_reproduces_the_evaluation_reconstruction(trained, tmp_path):
@@ -126,3 +134,16 @@ def test_elic_codes_under_no_grad(tmp_path):
     assert x_hat.shape == x.shape
     # the checkerboard context is recomputed in another order when decoding: allow rare rounding flips
     assert (fwd - x_hat).abs().mean().item() < 1e-3
+
+
+def test_device_option_errors_are_one_line(trained):
+    ckpt = load_checkpoint(trained / "a")
+    with pytest.raises(LictrainError, match="unknown device 'gpu0'"):
+        Codec.from_checkpoint(ckpt, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(LictrainError, match="no CUDA device"):
+            Codec.from_checkpoint(ckpt, device="cuda")
+    # and the CPU path is the default one, explicitly
+    x = to_tensor(load_rgb(EvalImages("samples:val").images.files[0])[:64, :64])
+    a = Codec.from_checkpoint(ckpt, device="cpu").decompress(Codec.from_checkpoint(ckpt).compress(x))
+    assert a.device.type == "cpu" and a.shape == x.shape

@@ -43,3 +43,40 @@ def test_msssim_distortion_is_zero_for_identical_images():
     out = {"x_hat": x.clone(), "likelihoods": {"y": torch.full((1, 1, 1, 1), 0.5)}}
     terms = RateDistortionLoss(5.0, "ms-ssim")(out, x)
     assert terms.distortion.item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_ms_ssim_db_by_hand():
+    from lictrain.losses import ms_ssim_db
+
+    assert ms_ssim_db(0.99) == pytest.approx(20.0)  # -10 log10(0.01)
+    assert ms_ssim_db(0.9) == pytest.approx(10.0)
+    assert ms_ssim_db(1.0) == float("inf")
+
+
+def test_ms_ssim_runs_validate_and_compare_on_ms_ssim(tmp_path):
+    """Validation of an MS-SSIM run logs MS-SSIM (against pytorch-msssim directly); a compare of such runs reads
+    MS-SSIM in dB from the results and says so."""
+    from pytorch_msssim import ms_ssim
+
+    from lictrain.comparison.compare import QUALITY_LABELS, quality
+    from lictrain.data import EvalImages, crop_to, pad_to_multiple
+    from lictrain.losses import RateDistortionLoss, ms_ssim_db
+    from lictrain.models import build_model
+    from lictrain.trainer import validate
+
+    torch.manual_seed(0)
+    model = build_model("mbt2018-mean", "tiny").eval()
+    ds = EvalImages("samples:val", 192)
+    val = validate(model, ds, RateDistortionLoss(0.013, "ms-ssim"), torch.device("cpu"), 64)
+    values = []
+    with torch.no_grad():
+        for i in range(len(ds)):
+            x = ds[i][None]
+            x_hat = crop_to(model(pad_to_multiple(x, 64))["x_hat"], *x.shape[-2:]).clamp(0, 1)
+            values.append(ms_ssim(x_hat, x, data_range=1.0).item())
+    assert val["ms_ssim"] == pytest.approx(sum(values) / len(values), rel=1e-5)
+    assert val["ms_ssim_db"] == pytest.approx(ms_ssim_db(val["ms_ssim"]))
+    assert "ms_ssim" not in validate(model, ds, RateDistortionLoss(0.013, "mse"), torch.device("cpu"), 64)
+    results = {"psnr-rgb": [31.0], "ms-ssim-rgb": [0.99]}
+    assert quality(results, "mse") == 31.0 and quality(results, "ms-ssim") == pytest.approx(20.0)
+    assert QUALITY_LABELS["ms-ssim"] == "MS-SSIM-RGB (dB)"

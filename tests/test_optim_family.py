@@ -134,15 +134,15 @@ def test_cautious_adam_two_steps_by_hand():
     from lictrain.optim.cautious import CautiousAdam
 
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64))
-    opt = build_optimizer("cautious-adam", [p], lr=0.01)
+    opt = build_optimizer("cautious-adam", [p], lr=0.01, options={"eps": 0.0})  # eps 0: exact hand values
     assert isinstance(opt, CautiousAdam)
     g1 = torch.tensor([0.1, -0.2, 0.3, -0.4], dtype=torch.float64)
     g2 = torch.tensor([0.2, 0.1, -0.5, -0.1], dtype=torch.float64)
     p.grad = g1.clone()
     opt.step()
-    # step 1: m = 0.1 g1 agrees with g1 everywhere (mask of ones, scale 1): Adam's first step, lr * sign(g) (eps aside)
+    # step 1: m = 0.1 g1 agrees with g1 everywhere (mask of ones, scale 1): Adam's first step, lr * sign(g)
     expected = torch.tensor([1.0 - 0.01, -2.0 + 0.01, 0.5 - 0.01, 3.0 + 0.01], dtype=torch.float64)
-    torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-9)
+    torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-15)
     after_first = p.detach().clone()
     p.grad = g2.clone()
     opt.step()
@@ -152,7 +152,7 @@ def test_cautious_adam_two_steps_by_hand():
     v = 0.999 * 0.001 * g1**2 + 0.001 * g2**2
     v_hat = v / (1 - 0.999**2)
     mask = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
-    step = 0.01 / (1 - 0.9**2) * (4 / 3) * mask * m / (v_hat.sqrt() + 1e-8)
+    step = 0.01 / (1 - 0.9**2) * (4 / 3) * mask * m / v_hat.sqrt()
     torch.testing.assert_close(p.detach(), after_first - step, rtol=0, atol=1e-12)
     assert p[1].item() == after_first[1].item()  # the disagreeing coordinate did not move
 
@@ -174,3 +174,31 @@ def test_cautious_adam_scale_is_capped():
     m0, v0 = st["exp_avg"][0].item(), st["exp_avg_sq"][0].item()
     expected = -1.0 / (1 - 0.25) * 10 * m0 / math.sqrt(v0 / (1 - 0.999**2))
     assert moved[0].item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_weight_decay_and_muon_act_on_kernels_only():
+    import lictrain
+    from lictrain.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mbt2018-mean", "tiny")
+    named = [(n, p) for n, p in model.named_parameters() if not n.endswith("quantiles")]
+    opt = lictrain.build_optimizer(model, "adamw", lr=0.1)  # weight decay 1e-2 by default
+    before = {n: p.detach().clone() for n, p in named}
+    for _, p in named:
+        p.grad = torch.zeros_like(p)  # Adam's part is zero: only the decoupled decay moves anything
+    opt.step()
+    kernels = {n for n, _ in named if n.endswith("weight") and not n.startswith("entropy_bottleneck")
+               and ".beta" not in n and ".gamma" not in n}
+    assert "g_a.0.weight" in kernels and "g_a.1.gamma" not in kernels and "h_s.0.bias" not in kernels
+    for n, p in named:
+        if n in kernels:
+            assert torch.equal(p.detach(), before[n] * (1 - 0.1 * 1e-2)), n
+        else:  # biases, GDN beta/gamma, the entropy bottleneck's density parameters
+            assert torch.equal(p.detach(), before[n]), n
+    muon = lictrain.build_optimizer(model, "muon", lr=0.01)
+    muon_ids = {id(p) for p in muon.param_groups[0]["params"]}
+    assert muon.param_groups[0]["part"] == "muon"
+    assert {n for n, p in named if id(p) in muon_ids} == kernels  # GDN's gamma and the bottleneck's matrices: AdamW
+    # without a model (plain parameters) every parameter is treated alike: one group, as before
+    assert len(lictrain.build_optimizer([p for _, p in named], "adamw", lr=0.1).param_groups) == 1

@@ -7,7 +7,7 @@ import pytest
 
 from lictrain.errors import LictrainError
 from lictrain.schedule import finish_state, lr_factor
-from lictrain.train import train
+from lictrain.trainer import train
 from tests.conftest import tiny_config
 
 

@@ -406,7 +406,7 @@ def test_authors_semantics_follow_pytorch_optimizer_step_for_step(weight_decay):
         theirs.step()
         for pa, pb, p0 in zip(a, b, start):
             moved = (pb - p0).norm()
-            assert moved == 0 or (pa - pb).norm() <= 1e-4 * moved, ((pa - pb).norm(), moved)
+            assert (pa - pb).norm() <= 1e-4 * moved + 1e-12, ((pa - pb).norm(), moved)
     assert all((pa - p0).norm() > 0.1 for pa, p0 in zip(a, start))
 
 
@@ -454,3 +454,90 @@ def test_authors_semantics_precondition_predicts_the_step():
         opt.step()
         assert torch.allclose(p - before, predicted, atol=1e-6), k
     assert k == 3 and opt.state[p]["step"] == 3  # the first call only initialised
+
+
+# ---- batched over same-shape tensors ------------------------------------------------------------------------------
+# Shapes whose factors are full rank from the first gradient (see above: otherwise the basis of a null space is
+# picked by rounding, and two correct implementations, or one batched and one not, may differ by O(lr) there).
+REPEATED = [(8, 8, 3, 3), (8, 8, 3, 3), (8, 8, 3, 3), (8, 4, 3, 3), (8, 4, 3, 3), (6, 6), (6, 6), (6, 6), (8,), (8,),
+            (4, 8, 5, 5), (4, 8, 5, 5), (3, 4, 2, 3)]
+
+
+def test_batched_and_per_tensor_paths_agree_over_50_steps():
+    """Repeated shapes (as a LIC model has: N x N x k x k kernels, GDN gammas): rotations and factor updates done
+    together must give the per-tensor results to fp32 rounding, through 16 basis refreshes."""
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen) for s in REPEATED]
+    a = [torch.nn.Parameter(v.clone()) for v in start]
+    b = [torch.nn.Parameter(v.clone()) for v in start]
+    # The authors' semantics: our default's first step is taken in the basis of its own gradient, where the rotated
+    # gradient has exact zeros (for a matrix, the off-diagonal of its SVD) whose rounding-level values Adam turns
+    # into +-lr/2 steps of arbitrary sign, so any two orders of summation differ there (see soap.py). Measured
+    # with it: batched and per-tensor agree to ~4e-6 over 50 steps.
+    opt_a = SOAP(a, lr=1e-3, precondition_frequency=3, batched=True, semantics="authors")
+    opt_b = SOAP(b, lr=1e-3, precondition_frequency=3, batched=False, semantics="authors")
+    for _ in range(50):
+        for pa, pb in zip(a, b):
+            g = torch.randn(pa.shape, generator=gen)
+            pa.grad, pb.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    batches = opt_a._batches([opt_a.state[p] for p in a])
+    assert sorted(len(idx) for idx in batches) == [1, 2, 2, 2, 3, 3]
+    for pa, pb, p0 in zip(a, b, start):
+        moved = (pb - p0).norm()
+        assert moved > 0.01 and (pa - pb).norm() <= 1e-4 * moved, ((pa - pb).norm(), moved)
+        for fa, fb in zip(opt_a.state[pa]["GG"], opt_b.state[pb]["GG"]):
+            if fa is not None:
+                torch.testing.assert_close(fa, fb, rtol=1e-4, atol=1e-6)
+
+
+def test_batched_resume_is_bit_exact():
+    shapes = [(8, 8, 3, 3), (8, 8, 3, 3), (8, 8, 3, 3), (8,), (5, 5), (5, 5)]
+    gen = torch.Generator().manual_seed(2)
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(8)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+
+    def run(params, opt, gs):
+        for g_step in gs:
+            for p, g in zip(params, g_step):
+                p.grad = g.clone()
+            opt.step()
+
+    straight = [torch.nn.Parameter(v.clone()) for v in start]
+    run(straight, SOAP(straight, lr=1e-2, precondition_frequency=3), grads)
+    first = [torch.nn.Parameter(v.clone()) for v in start]
+    opt1 = SOAP(first, lr=1e-2, precondition_frequency=3)
+    run(first, opt1, grads[:4])
+    second = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    opt2 = SOAP(second, lr=1e-2, precondition_frequency=3)
+    opt2.load_state_dict(copy.deepcopy(opt1.state_dict()))
+    run(second, opt2, grads[4:])
+    for a, b in zip(straight, second):
+        assert torch.equal(a, b)
+
+
+def test_a_failing_basis_inside_a_group_falls_back_alone():
+    """Two same-shape tensors, one with a gradient whose fp32 eigh misbehaves (tests/data, see above), in one batch:
+    both stay finite, and the healthy tensor gets its bases and moves as it would alone."""
+    from pathlib import Path
+
+    bad = torch.load(Path(__file__).parent / "data" / "elic_tiny_clipped_grad.pt")
+    good = torch.randn(bad.shape, generator=torch.Generator().manual_seed(3))
+    ps = [torch.nn.Parameter(torch.zeros_like(bad)), torch.nn.Parameter(torch.zeros_like(bad))]
+    opt = SOAP(ps, lr=1e-3, precondition_frequency=1, batched=True, semantics="authors")
+    alone = torch.nn.Parameter(torch.zeros_like(bad))
+    opt_alone = SOAP([alone], lr=1e-3, precondition_frequency=1, semantics="authors")
+    for k in range(4):
+        ps[0].grad, ps[1].grad, alone.grad = bad.clone(), good.clone(), good.clone()
+        opt.step()
+        opt_alone.step()
+        if k == 1:  # the first update: the healthy tensor's step does not depend on its batch neighbour
+            assert (ps[1] - alone).norm() <= 1e-5 * alone.norm()
+    # (later steps are compared in norm only: a factor of rank 48 < 74 after one gradient leaves a null space whose
+    # basis the QR refresh completes from rounding-level columns, so two orders of summation pick different bases
+    # there, batched or not; tests above use full-rank shapes for step-by-step agreement)
+    assert all(torch.isfinite(p).all() for p in ps)
+    assert all(torch.isfinite(q).all() for p in ps for q in opt.state[p]["Q"] if q is not None)
+    assert all(q is not None for q, f in zip(opt.state[ps[1]]["Q"], opt.state[ps[1]]["GG"]) if f is not None)
+    assert 0.3 < ps[1].norm() / alone.norm() < 3

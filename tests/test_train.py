@@ -6,12 +6,12 @@ import time
 import pytest
 import torch
 
-import lictrain.train as train_mod
+import lictrain.trainer as train_mod
 from lictrain.checkpoint import load_checkpoint
 from lictrain.errors import LictrainError
 from lictrain.methods import StepHook
 from lictrain.models import build_model
-from lictrain.train import train
+from lictrain.trainer import train
 from tests.conftest import tiny_config
 
 
@@ -253,6 +253,75 @@ def test_init_from_with_optimizer_state_continues_the_source_run(tmp_path, optim
                           "train.init_state=weights+optimizer", name="other"))
     with pytest.raises(LictrainError, match="train.init_state must be"):
         train(tiny_config(tmp_path, f"train.init_from={tmp_path / 'src'}", "train.init_state=all", name="bad"))
+
+
+def test_init_from_with_sma_starts_its_average_from_the_loaded_weights(tmp_path):
+    """SMA copies the weights when it wraps the optimizer: the fine-tune's weights, not the random initialisation;
+    with weights+optimizer the source's average and the new lr reach the wrapped optimizer."""
+    common = ("optim.name=adam+sma", "train.ema_decay=0")
+    train(tiny_config(tmp_path, "train.steps=7", *common, name="src"))
+    src = load_checkpoint(tmp_path / "src")
+    train(tiny_config(tmp_path, "train.steps=0", *common, f"train.init_from={tmp_path / 'src'}", name="ft"))
+    ft = load_checkpoint(tmp_path / "ft")
+    from lictrain.models import build_model
+
+    names = [n for n, _ in build_model("mbt2018-mean", "tiny").named_parameters() if not n.endswith("quantiles")]
+    average = dict(zip(names, ft["optimizer"]["sma"]["average"]))
+    for n in ("g_a.0.weight", "h_s.0.weight", "entropy_bottleneck._matrix0"):
+        if n in average:
+            assert torch.equal(average[n], src["model"][n]), n
+    assert torch.equal(average["g_a.0.weight"], src["model"]["g_a.0.weight"])
+    train(tiny_config(tmp_path, "train.steps=0", *common, f"train.init_from={tmp_path / 'src'}",
+                      "train.init_state=weights+optimizer", "optim.lr=5e-5", name="ft2"))
+    ft2 = load_checkpoint(tmp_path / "ft2")
+    for a, b in zip(ft2["optimizer"]["sma"]["average"], src["optimizer"]["sma"]["average"]):
+        assert torch.equal(a, b)
+    assert {g["lr"] for g in ft2["optimizer"]["base"]["param_groups"]} == {5e-5}
+
+
+def test_sma_shares_the_groups_of_its_optimizer_after_loading():
+    from lictrain.optim import build_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    a = build_optimizer("adam+sma", [p], 0.1)
+    p.grad = torch.ones(3)
+    a.step()
+    b = build_optimizer("adam+sma", [p], 0.1)
+    b.load_state_dict(a.state_dict())
+    assert b.param_groups is b.base.param_groups and b.state is b.base.state
+    b.param_groups[0]["lr"] = 0.5  # what a scheduler does
+    assert b.base.param_groups[0]["lr"] == 0.5
+
+
+def test_init_from_a_plain_state_dict(tmp_path):
+    """A CompressAI-style weights file (bare, or under 'state_dict' with DataParallel prefixes); a file of another
+    model is refused in one line naming the keys."""
+    from lictrain.models import build_model
+
+    torch.manual_seed(5)
+    src = build_model("mbt2018-mean", "tiny")
+    torch.save(src.state_dict(), tmp_path / "bare.pth")
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}},
+               tmp_path / "wrapped.pth.tar")
+    for name in ("bare.pth", "wrapped.pth.tar"):
+        train(tiny_config(tmp_path, "train.steps=0", "train.ema_decay=0", f"train.init_from={tmp_path / name}",
+                          name=f"ft-{name}"))
+        ft = load_checkpoint(tmp_path / f"ft-{name}")
+        for k, v in src.state_dict().items():
+            assert torch.equal(ft["model"][k], v), (name, k)
+    torch.save(build_model("cheng2020-anchor", "tiny").state_dict(), tmp_path / "other.pth")
+    with pytest.raises(LictrainError, match=r"does not fit MeanScaleHyperprior: missing .*; unexpected ") as e:
+        train(tiny_config(tmp_path, f"train.init_from={tmp_path / 'other.pth'}", name="other"))
+    assert "\n" not in str(e.value)
+    torch.save(build_model("mbt2018-mean", "small").state_dict(), tmp_path / "wide.pth")
+    with pytest.raises(LictrainError, match=r"does not fit MeanScaleHyperprior: wrong shape .*g_a|\(\+\d+ more\)"):
+        train(tiny_config(tmp_path, f"train.init_from={tmp_path / 'wide.pth'}", name="wide"))
+    with pytest.raises(LictrainError, match="holds no optimizer state"):
+        train(tiny_config(tmp_path, f"train.init_from={tmp_path / 'bare.pth'}", "train.init_state=weights+optimizer",
+                          name="opt"))
+    torch.save({"a": 1}, tmp_path / "junk.pt")
+    with pytest.raises(LictrainError, match="neither a lictrain checkpoint nor a state dict"):
+        train(tiny_config(tmp_path, f"train.init_from={tmp_path / 'junk.pt'}", name="junk"))
 
 
 def test_best_checkpoint_holds_the_best_regular_validation(tmp_path):

@@ -43,7 +43,7 @@ def conflicts(checkpoint: str, optimizers: list[str], out: Path, steps: int = 20
               every: int = 1, per_layer: bool = False, overrides: list[str] = ()) -> dict:
     """Fine-tune from `checkpoint` with each optimizer at a small learning rate (the paper's Figure 3 protocol),
     probing every `every` steps; returns {optimizer: {"intra": [...], "inter": [...], "steps": [...]}}."""
-    from ..train import train
+    from ..trainer import train
 
     out = Path(out)
     ckpt = load_checkpoint(checkpoint)

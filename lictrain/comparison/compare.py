@@ -22,11 +22,12 @@ from ..checkpoint import load_checkpoint
 from ..config import RunConfig, config_from_dict, set_key, validate
 from ..data import active_spec, resolve_image_files, set_name
 from ..errors import LictrainError
-from ..evaluate import evaluate
+from ..evaluation import evaluate
 from ..io import write_atomic
+from ..losses import ms_ssim_db
 from ..recipes import RECIPES
 from ..schedule import finish_state
-from ..train import train
+from ..trainer import train
 from .figures import (BDRateUnavailable, bd_rate, converged_loss, mean_and_spread, read_val_curve, read_val_records,
                       to_anchor)
 from .plots import plot_compare
@@ -68,12 +69,18 @@ def config_hash(cfg: RunConfig) -> str:
 
 def init_source(pattern: str | None, lmbda: float, seed: int) -> str | None:
     """train.init_from for one point of a curve: `{lmbda}` and `{seed}` are filled in (lambda as in run folder
-    names, e.g. 0.0018) and a glob must then match exactly one path, so each point of a fine-tuning compare starts
-    from the matching point of a trained curve, e.g. runs/bench/runs/adam-lmbda{lmbda}-seed{seed}-*."""
-    if not pattern or "{" not in pattern:
+    names, e.g. 0.0018) and a glob must then match exactly one run folder or checkpoint file, so each point of a
+    fine-tuning compare starts from the matching point of a trained curve, e.g.
+    runs/bench/runs/adam-lmbda{lmbda}-seed{seed}-*. Paths are relative to the current directory."""
+    if not pattern:
         return pattern
-    text = pattern.format(lmbda=f"{lmbda:g}", seed=seed)
-    matches = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
+    try:
+        text = pattern.format(lmbda=f"{lmbda:g}", seed=seed) if "{" in pattern else pattern
+    except (KeyError, IndexError, ValueError) as e:
+        raise LictrainError(f"train.init_from '{pattern}': only {{lmbda}} and {{seed}} can be filled in ({e})") from None
+    if not glob.has_magic(text):
+        return text
+    matches = [m for m in sorted(glob.glob(text)) if Path(m).is_file() or (Path(m) / "checkpoint.pt").is_file()]
     if len(matches) != 1:
         raise LictrainError(f"train.init_from '{pattern}' gives {len(matches)} checkpoints for lambda {lmbda:g}, "
                             f"seed {seed} ({text}); it must give exactly one")
@@ -149,19 +156,30 @@ def compare(base: RunConfig, out_dir: str | Path) -> dict:
     settings = base.compare
     for run in runs:
         train_or_reuse(run)
-    points: dict = {}  # (recipe, seed, eval set) -> list of (lmbda, bpp, psnr)
+    points: dict = {}  # (recipe, seed, eval set) -> list of (lmbda, bpp, quality: PSNR or MS-SSIM in dB)
+    metric = base.loss.metric
     for run in runs:
         for spec in settings.eval_data:
             r = evaluate_or_reuse(run, spec, settings.eval_max_images)["results"]
-            points.setdefault((run.recipe, run.seed, spec), []).append((run.lmbda, r["bpp"][0], r["psnr-rgb"][0]))
+            points.setdefault((run.recipe, run.seed, spec), []).append((run.lmbda, r["bpp"][0], quality(r, metric)))
     summary = summarize(runs, points, settings.recipes, settings.eval_data, settings.bd_method)
+    summary["quality"] = QUALITY_LABELS[metric]
     summary["data"] = data_roles(base)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     write_atomic(out_dir / "summary.md", summary_markdown(summary))
-    summary["plots"] = [str(p) for p in plot_compare(runs, points, settings.eval_data, out_dir)]
+    summary["plots"] = [str(p) for p in plot_compare(runs, points, settings.eval_data, out_dir, summary["quality"])]
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+QUALITY_LABELS = {"mse": "PSNR-RGB (dB)", "ms-ssim": "MS-SSIM-RGB (dB)"}
+
+
+def quality(results: dict, metric: str) -> float:
+    """The first point's quality in a results.json: PSNR for MSE-trained runs, MS-SSIM in dB for MS-SSIM ones (the
+    metric each is trained for, as the papers plot them)."""
+    return results["psnr-rgb"][0] if metric == "mse" else ms_ssim_db(results["ms-ssim-rgb"][0])
 
 
 def data_roles(cfg: RunConfig) -> dict:
@@ -257,7 +275,8 @@ def summary_markdown(summary: dict) -> str:
     sets = summary["eval_sets"]
     lines = [
         f"Anchor: **{summary['anchor']}**; lambdas {summary['lambdas']}; seeds {summary['seeds']}; "
-        f"BD-rate ({summary['bd_method']}) of PSNR-RGB vs bpp from real bitstreams, negative is better.",
+        f"BD-rate ({summary['bd_method']}) of {summary.get('quality', 'PSNR-RGB (dB)')} vs bpp from real "
+        "bitstreams, negative is better.",
         "",
         "| recipe | Steps-to-" + summary["anchor"] + " | Time-to-" + summary["anchor"] + " | "
         + " | ".join(f"BD-rate {set_name(s)}" for s in sets) + " | BD-rate avg |",

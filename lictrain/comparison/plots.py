@@ -52,9 +52,9 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, title: str = "") -> 
     return out_png
 
 
-def plot_compare(runs, points: dict, eval_sets: list[str], out_dir: Path) -> list[Path]:
+def plot_compare(runs, points: dict, eval_sets: list[str], out_dir: Path, quality: str = "PSNR-RGB (dB)") -> list[Path]:
     """Validation R-D loss against steps and against training time (a panel per lambda, the anchor's target
-    dashed), and R-D curves (PSNR against bpp) per evaluation set."""
+    dashed), and R-D curves (`quality`, PSNR or MS-SSIM in dB, against bpp) per evaluation set."""
     out_dir = Path(out_dir)
     recipes = list(dict.fromkeys(r.recipe for r in runs))
     lambdas = sorted({r.lmbda for r in runs})
@@ -90,7 +90,7 @@ def plot_compare(runs, points: dict, eval_sets: list[str], out_dir: Path) -> lis
             bpp = np.mean([[p[1] for p in c] for c in curves], axis=0)
             psnr = np.mean([[p[2] for p in c] for c in curves], axis=0)
             ax.plot(bpp, psnr, "o-", color=colors[name], label=name)
-        ax.set(xlabel="bpp (real bitstreams)", ylabel="PSNR-RGB (dB)", title=f"R-D on {set_name(spec)}")
+        ax.set(xlabel="bpp (real bitstreams)", ylabel=quality, title=f"R-D on {set_name(spec)}")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()

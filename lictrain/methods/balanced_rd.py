@@ -171,10 +171,11 @@ class BalancedRD(Method):
         w, eff = self.weights, self.effective(losses)
         logs = _weight_logs(w, eff)
         rate, dist = ctx.terms.rate, ctx.terms.weighted_distortion
-        # Diagnostics on log steps (this process's gradients; the update is the same with or without them): one
-        # extra backward pass for grad R, which stops at the encoder and entropy model; grad lmbda*D then follows
-        # from the combined gradient the update needs anyway.
-        g_r = _grads(rate, ctx.params, True) if ctx.will_log else None
+        # Diagnostics on log steps (the update is the same with or without them): one extra backward pass for
+        # grad R, which stops at the encoder and entropy model; grad lmbda*D then follows from the combined gradient
+        # the update needs anyway. Under DDP that combined gradient is averaged over processes, so grad R is too
+        # (will_log is the same on every process: the collective is safe).
+        g_r = ctx.reduce_mean(_grads(rate, ctx.params, True)) if ctx.will_log else None
         e_r, e_d = float(eff[0]), float(eff[1])
         (e_r * rate + e_d * dist).backward()
         if g_r is not None and e_d > 0:

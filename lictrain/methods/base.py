@@ -1,6 +1,6 @@
 """The method interface: how one training step turns its rate and distortion terms into a parameter update.
 
-The loop (train.py) owns everything shared: data, forward pass, NaN guard, clipping, the optimizer step, EMA,
+The loop (trainer.py) owns everything shared: data, forward pass, NaN guard, clipping, the optimizer step, EMA,
 LR schedule, validation, checkpoints and logs. Per step it calls, in order:
 
     hooks' before_backward(ctx)       read-only probes (e.g. gradient-conflict analysis): may compute their own

@@ -11,8 +11,8 @@ run's own budget B = train.steps instead (`schedule: budget`, the default), keep
       the head stage's end and `embed_end` = 0.9 B (ours: the last 10% anneals without embedding or resets).
   fine-tuning (`preset: finetune`)   the paper fine-tunes 50 epochs where Adam fine-tunes 80, with F = 10: head
       fraction 10/50, 40 events of 1% (40%).
-The shortened budget itself (70/120 or 50/80 of the baseline's steps) is the run's train.steps: see
-configs/bench-cmd.yaml. `schedule: epochs` keeps the fixed-length epochs (`epoch_steps`, `head_epochs`, `period`)
+The shortened budget itself (70/120 or 50/80 of the baseline's steps) is the run's train.steps (or `budget_steps`):
+see configs/bench-cmd.yaml. The schedule is fixed when the run starts and kept on resume. `schedule: epochs` keeps the fixed-length epochs (`epoch_steps`, `head_epochs`, `period`)
 of lictrain's first version. Every trainable coordinate is one trajectory w_i(t), sampled at the head-stage events.
 
 Step 1 (once, at the end of the head stage): for M in `modes` (S = `samples_per_mode` * M trajectories, at most
@@ -61,6 +61,7 @@ import numpy as np
 import torch
 
 from ..errors import LictrainError
+from ..optim.cautious import CautiousAdam
 from ..registry import register_method
 from .base import Method, StepContext
 from .cmd_modes import (decompose, gram, layer_sensitivity, parameter_saliency, rls_update, sample_loss,
@@ -115,7 +116,7 @@ def epoch_schedule(total: int, epoch_steps: int, head_epochs: int, period: int) 
 def _zero_moments(optimizer, p: torch.Tensor, idx: torch.Tensor) -> None:
     """Zero the coordinate-wise optimizer state of p at flat positions idx (Adam/AdamW moments, SGD momentum)."""
     base = getattr(optimizer, "base", optimizer)  # through the SMA wrapper
-    if not isinstance(base, (torch.optim.Adam, torch.optim.SGD)):
+    if not isinstance(base, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, CautiousAdam)):
         return  # e.g. SOAP: its moments live in a rotated basis, coordinates do not map; values are re-imposed
     state = base.state.get(p)
     if not state:
@@ -132,8 +133,8 @@ class CMDLIC(Method):
 
     name = "cmd-lic"
 
-    def __init__(self, schedule: str = "budget", preset: str = "scratch", head_snapshots: int = 20,
-                 embed_end: float = 0.9, head_fraction: float | None = None, embed_events: int | None = None,
+    def __init__(self, schedule: str = "budget", preset: str = "scratch", budget_steps: int | None = None,
+                 head_snapshots: int = 20, embed_end: float = 0.9, head_fraction: float | None = None, embed_events: int | None = None,
                  epoch_steps: int = 100, head_epochs: int = 10, period: int = 1,
                  modes: list | tuple = (10, 30, 50, 100), samples_per_mode: int = 200, max_samples: int = 10000,
                  embed_percent: float = 1.0, dummy: bool = True, dummy_cap: float = 25.0,
@@ -161,7 +162,9 @@ class CMDLIC(Method):
             preset_values["head_fraction"] = head_fraction
         if embed_events is not None:
             preset_values["embed_events"] = embed_events
-        self.schedule, self.preset_values = schedule, preset_values
+        if budget_steps is not None and budget_steps < 1:
+            raise LictrainError("cmd-lic needs budget_steps >= 1 (or unset: the run's train.steps)")
+        self.schedule, self.preset_values, self.budget_steps = schedule, preset_values, budget_steps
         self.head_snapshots, self.embed_end = head_snapshots, embed_end
         self.epoch_steps, self.head_epochs, self.period = epoch_steps, head_epochs, period
         self.modes, self.samples_per_mode, self.max_samples = sorted(int(m) for m in modes), samples_per_mode, max_samples
@@ -191,8 +194,14 @@ class CMDLIC(Method):
         self.named = [(n, p) for n, p in model.named_parameters() if any(p is q for q in self.params)]
         self.offsets = np.cumsum([0] + [p.numel() for p in self.params])
         self.n = int(self.offsets[-1])
+        total_steps = self.budget_steps or total_steps
         self.events = self.schedule_for(total_steps)
         self.n_records = sum(e.kind == "record" for e in self.events)
+        steps = [e.step for e in self.events]
+        if total_steps and len(set(steps)) < len(steps):
+            raise LictrainError(f"cmd-lic: {total_steps} steps are too few for its schedule ({self.head_snapshots} "
+                                f"head-stage samples and {self.preset_values['embed_events']} embedding events need "
+                                "distinct steps): train longer, or lower head_snapshots / embed_events")
 
     def flat(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.params])
@@ -260,6 +269,15 @@ class CMDLIC(Method):
             prev = loss
         refs, mode, k, d, m, loss = best
         true_loss, _ = sample_loss(self.model, images, ctx.criterion, self.seed)
+        # Every process must take rank 0's decision (M, embed or not), or install()'s broadcast would not match
+        decision = torch.tensor([float(m), loss, true_loss], dtype=torch.float64, device=self.params[0].device)
+        ctx.broadcast_([decision])
+        if int(decision[0]) != m:  # this rank's kernels chose another M: decompose at rank 0's (install() then
+            # broadcasts rank 0's references, modes and coefficients, which only need the same shapes here)
+            m = int(decision[0])
+            refs, mode, k, d = decompose(traj, m, min(self.samples_per_mode * m, self.max_samples),
+                                         torch.Generator().manual_seed(self.seed))
+        loss, true_loss = float(decision[1]), float(decision[2])
         self.chosen_modes = m
         logs = {"cmd_modes": float(m), "cmd_instant_loss": loss, "cmd_true_loss": true_loss}
         if not loss <= (1 + self.max_instant_gap) * true_loss:  # (also catches a NaN instant loss)
@@ -399,7 +417,8 @@ class CMDLIC(Method):
 
     # -- checkpoints: everything, so a resumed run continues exactly --
     def state_dict(self) -> dict:
-        state = {"events_done": self.done, "trajectories": self.trajectories, "images": [x.cpu() for x in self.images],
+        state = {"events_done": self.done, "events": [(e.step, e.kind, e.epoch) for e in self.events],
+                 "trajectories": self.trajectories, "images": [x.cpu() for x in self.images],
                  "overhead": self.overhead, "chosen_modes": self.chosen_modes, "decomposed": self.decomposed,
                  "embedding_off": self.embedding_off}
         if self.decomposed:
@@ -409,8 +428,17 @@ class CMDLIC(Method):
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        # "epoch": checkpoints of the epochs-only version, where one event was one epoch
-        self.done = state["events_done"] if "events_done" in state else state["epoch"]
+        if self.schedule == "epochs" and "events_done" in state:
+            self.done = state["events_done"]  # fixed-length epochs: a longer run only appends events (attach)
+        elif "events" in state:  # the budget schedule the run started with: a resume that changes train.steps keeps it
+            self.events = [Event(int(st), kind, ep) for st, kind, ep in state["events"]]
+            self.n_records = sum(e.kind == "record" for e in self.events)
+            self.done = state["events_done"]
+        elif self.schedule != "epochs":
+            raise LictrainError("this checkpoint is from cmd-lic's first version (fixed epochs): resume it with "
+                                "method.options.schedule=epochs")
+        else:  # the first version: one event per epoch
+            self.done = state["epoch"]
         self.trajectories = list(state["trajectories"])
         self.embedding_off = state.get("embedding_off", False)
         dev = self.params[0].device

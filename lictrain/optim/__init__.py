@@ -5,7 +5,7 @@
 with its options under `optim.options.sma`, e.g. {sma: {alpha: 0.8, every: 5}}.
 
 The entropy bottlenecks' `quantiles` never go to these optimizers: they are trained by CompressAI's auxiliary loss
-with their own Adam (see `split_parameters` and train.py), exactly as CompressAI's reference training script does.
+with their own Adam (see `split_parameters` and trainer.py), exactly as CompressAI's reference training script does.
 """
 
 from __future__ import annotations
@@ -66,7 +66,30 @@ def split_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], 
     return main, aux
 
 
-def build_optimizer(name: str, params: Iterable, lr: float, options: dict | None = None) -> torch.optim.Optimizer:
+def kernel_parameters(model: nn.Module) -> set[int]:
+    """ids of the convolution and linear kernels (the weights of nn.Conv*/nn.ConvTranspose*/nn.Linear, masked context
+    convolutions included): the tensors weight decay and Muon are meant for. Biases, GDN's beta and gamma and the
+    entropy models' density parameters are not kernels."""
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+    return {id(m.weight) for m in model.modules() if isinstance(m, kinds) and isinstance(m.weight, nn.Parameter)}
+
+
+def _groups(params: list, kernels: set[int] | None, weight_decay: float, muon: bool):
+    """Parameter groups as timm builds them: decay (and, for Muon, orthogonalisation) on kernels only. Without
+    `kernels`, or when nothing distinguishes the groups, one group (the layout of lictrain's earlier checkpoints)."""
+    if kernels is None or (weight_decay == 0 and not muon):
+        return params
+    kern = [p for p in params if id(p) in kernels]
+    rest = [p for p in params if id(p) not in kernels]
+    groups = [{"params": kern, "kernels": True}] if kern else []
+    groups += [{"params": rest, "kernels": False, "weight_decay": 0.0}] if rest else []
+    return groups
+
+
+def build_optimizer(name: str, params: Iterable, lr: float, options: dict | None = None,
+                    kernels: set[int] | None = None) -> torch.optim.Optimizer:
+    """`kernels` (see kernel_parameters): when given, weight decay applies to kernels only and Muon orthogonalises
+    kernels only; without it every parameter is treated alike."""
     base, *wrappers = name.split("+")
     OPTIMIZERS.lookup(base)
     for w in wrappers:
@@ -83,6 +106,7 @@ def build_optimizer(name: str, params: Iterable, lr: float, options: dict | None
             f"optimizer '{base}' has no option {', '.join(unknown)}; valid options: {', '.join(sorted(accepted - {'lr'}))}"
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}  # YAML lists -> betas tuples
+    params = _groups(list(params), kernels, float(kwargs.get("weight_decay", 0.0) or 0.0), base == "muon")
     try:
         opt = spec.cls(params, lr=lr, **kwargs)
     except (ValueError, TypeError) as e:  # torch's own checks of option values (betas, eps, ...)

@@ -7,8 +7,8 @@ the masking is from "Cautious Optimizers", Liang et al. 2024). Per parameter ten
     scale = 1 / max(mean(mask), 1 / max_scale)     (keeps the update's size; at most max_scale, 10 in their code)
     p    <- p * (1 - lr * weight_decay) - lr / (1 - b1^t) * scale * mask * m_t / (sqrt(v_t / (1 - b2^t)) + eps)
 
-Everything else is torch.optim.Adam's arithmetic (bias corrections, epsilon after the corrected root); with
-max_scale = 1 and a mask of ones it is Adam. The recipes `cautious-adam` and `balanced-rd-cautious` use it, so the
+Everything else is torch.optim.Adam's arithmetic (bias corrections, epsilon after the corrected root); weight decay
+is decoupled (AdamW's, as in the authors' code). With max_scale = 1 and a mask of ones it is Adam (AdamW with decay). The recipes `cautious-adam` and `balanced-rd-cautious` use it, so the
 benchmark can tell the optimizer's share of the authors' result from the balancing's.
 """
 

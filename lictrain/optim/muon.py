@@ -20,18 +20,24 @@ class MuonWithAdamW(Optimizer):
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         if not hasattr(torch.optim, "Muon"):
             raise RuntimeError(f"torch {torch.__version__} has no torch.optim.Muon")
-        params = [p for p in params]
-        kernels = [p for p in params if p.ndim >= 2]
-        rest = [p for p in params if p.ndim < 2]
+        params = list(params)
+        if params and isinstance(params[0], dict):  # groups from build_optimizer: {"kernels": bool} says which
+            kernels = [p for g in params if g["kernels"] for p in g["params"]]
+            rest = [p for g in params if not g["kernels"] for p in g["params"]]
+            rest_decay = next((g.get("weight_decay", weight_decay) for g in params if not g["kernels"]), weight_decay)
+        else:  # plain parameters: every tensor of two or more dimensions is a kernel
+            kernels = [p for p in params if p.ndim >= 2]
+            rest = [p for p in params if p.ndim < 2]
+            rest_decay = weight_decay
         groups = ([{"params": kernels, "part": "muon"}] if kernels else []) + (
-            [{"params": rest, "part": "adamw"}] if rest else [])
+            [{"params": rest, "part": "adamw", "weight_decay": rest_decay}] if rest else [])
         super().__init__(groups, dict(lr=lr, weight_decay=weight_decay))
         # 2-D views sharing storage with the kernels: Muon's in-place updates land in the real parameters.
         self._views = [torch.nn.Parameter(p.data.view(p.shape[0], -1)) for p in kernels]
         self._muon = torch.optim.Muon(self._views, lr=lr, weight_decay=weight_decay, momentum=momentum,
                                       nesterov=nesterov, ns_steps=ns_steps, adjust_lr_fn="match_rms_adamw") \
             if kernels else None
-        self._adamw = torch.optim.AdamW(rest, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay) if rest else None
+        self._adamw = torch.optim.AdamW(rest, lr=lr, betas=betas, eps=eps, weight_decay=rest_decay) if rest else None
 
     def _inner(self):
         return [(g, opt) for g, opt in zip(self.param_groups, [o for o in (self._muon, self._adamw) if o is not None])]

@@ -56,6 +56,9 @@ class SMA(torch.optim.Optimizer):
 
     def load_state_dict(self, state: dict) -> None:
         self.base.load_state_dict(state["base"])
+        # torch's load_state_dict gives the base new param_groups and state objects: share those, or LR schedules
+        # would from now on set the lr of orphaned groups
+        self.param_groups, self.state = self.base.param_groups, self.base.state
         self.count = int(state["sma"]["count"])
         with torch.no_grad():
             for a, s in zip(self.average, state["sma"]["average"]):

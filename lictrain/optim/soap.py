@@ -18,13 +18,19 @@ Choices (all documented because they matter for LIC):
 - Unlike the authors' code, the first step is taken (in the basis of the first gradient's factors) instead of only
   initialising the factors, so with preconditioning off (max_precond_dim=0) SOAP is exactly torch.optim.Adam.
   Adam's epsilon is placed as in torch.optim.Adam (after the bias-corrected square root), for the same reason, and
-  decoupled weight decay is applied before the update, as torch.optim.AdamW does.
+  decoupled weight decay is applied before the update, as torch.optim.AdamW does. A cost of taking that first step,
+  found while testing the batched path: in the basis of its own gradient the rotated gradient has exact zeros (for a
+  matrix, the off-diagonal of its SVD) that arrive as rounding-level values, and Adam's normalisation turns them into
+  steps of up to lr/2 of arbitrary sign; the authors' semantics has no such step.
   `semantics="authors"` reproduces the authors' code (and pytorch_optimizer's SOAP, which follows it) instead: the
   first call only initialises the factors and basis, epsilon is added to the uncorrected sqrt(v) with both bias
   corrections folded into the step size, and weight decay multiplies the weights after the update. The test suite
   checks this mode against pytorch_optimizer's SOAP, trajectory for trajectory.
 - The first moment is kept in the rotated space (rotated again exactly when the basis changes), which saves one
   projection per step; the arithmetic equals keeping it in the original space.
+- Speed: tensors of the same shape (a LIC model's N x N x k x k kernels, GDN gammas, the bottleneck's matrices) are
+  rotated and accumulated together with batched products; `batched=False` keeps one tensor at a time (the same
+  results to fp32 rounding, tested).
 - Numerics: factors, eigh and QR run in fp32 (fp64 for fp64 parameters) whatever the parameter dtype or autocast.
   If a factor is not finite or eigh/QR fail, the step retries in fp64 with jitter and otherwise keeps the last good
   basis; a non-finite gradient leaves factors and moments untouched and skips that parameter's step.
@@ -95,6 +101,36 @@ def _rotate(x: torch.Tensor, plan: list, back: bool = False) -> torch.Tensor:
     return x.reshape(shape)
 
 
+def _rotate_stacked(x: torch.Tensor, plan: list, back: bool = False) -> torch.Tensor:
+    """_rotate for n same-shape tensors at once: x is (n, *shape), each plan entry (pre, d, post, Q) holds the n
+    tensors' bases stacked, (n, d, d). One batched product per dimension instead of n small ones."""
+    n, shape = x.shape[0], x.shape[1:]
+    for pre, d, post, q in plan:
+        m = q if back else q.transpose(1, 2)  # applied to each vector along this dimension: y = m @ x
+        if post == 1:
+            x = torch.bmm(x.reshape(n, pre, d), m.transpose(1, 2))
+        elif pre == 1:
+            x = torch.bmm(m, x.reshape(n, d, post))
+        else:
+            xt = x.reshape(n, pre, d, post).transpose(1, 2).reshape(n, d, pre * post)
+            x = torch.bmm(m, xt).reshape(n, d, pre, post).transpose(1, 2)
+    return x.reshape(n, *shape)
+
+
+def _factor_update_stacked(fs: list[torch.Tensor], g: torch.Tensor, i: int, beta: float) -> None:
+    """_factor_update for n same-shape gradients g (n, *shape) and their factors fs (n tensors d x d)."""
+    n, shape = g.shape[0], g.shape[1:]
+    pre, d, post = math.prod(shape[:i]), shape[i], math.prod(shape[i + 1 :])
+    if post == 1:
+        gi = g.reshape(n, pre, d)
+        outer = torch.bmm(gi.transpose(1, 2), gi)
+    else:
+        gi = g.reshape(n, pre, d, post).transpose(1, 2).reshape(n, d, pre * post)
+        outer = torch.bmm(gi, gi.transpose(1, 2))
+    torch._foreach_mul_(fs, beta)
+    torch._foreach_add_(fs, list(outer.unbind(0)), alpha=1 - beta)
+
+
 def project(x: torch.Tensor, qs: list, back: bool = False) -> torch.Tensor:
     """Rotate every dimension i of x by Q_i^T (into the eigenbasis) or, with back=True, by Q_i (out of it)."""
     return _rotate(x, _rotation_plan(tuple(x.shape), qs), back)
@@ -157,6 +193,7 @@ class SOAP(Optimizer):
         bias_correction: bool = True,
         basis_refresh: str = "qr",
         semantics: str = "adam",
+        batched: bool = True,
     ):
         if lr <= 0 or eps < 0 or weight_decay < 0:
             raise ValueError("SOAP needs lr > 0, eps >= 0, weight_decay >= 0")
@@ -176,6 +213,7 @@ class SOAP(Optimizer):
             semantics=semantics,
         )
         super().__init__(params, defaults)
+        self.batched = batched  # rotate and accumulate same-shape tensors together (same results to fp32 rounding)
         self._plans: dict = {}
 
     # ---- shapes and state ----------------------------------------------------------------------------------------
@@ -269,13 +307,15 @@ class SOAP(Optimizer):
         """The rotation plan of p's current bases, cached until the bases change (not part of the state dict)."""
         key = (id(p), tuple(id(q) for q in state["Q"]))
         plan = self._plans.get(id(p))
-        if plan is None or plan[0] != key:
-            plan = (key, _rotation_plan(tuple(state["exp_avg"].shape), state["Q"]))
+        if plan is None or plan[0] != key:  # (the bases are kept alive with the plan: see _stacked_plan)
+            plan = (key, _rotation_plan(tuple(state["exp_avg"].shape), state["Q"]), list(state["Q"]))
             self._plans[id(p)] = plan
         return plan[1]
 
     def _step_group(self, group: dict) -> None:
-        """Rotations per tensor; the elementwise Adam arithmetic for all tensors at once (torch's foreach kernels)."""
+        """Rotations and factor updates batched over same-shape tensors (batched products), the elementwise Adam
+        arithmetic for all tensors at once (torch's foreach kernels); basis refreshes per tensor (every
+        precondition_frequency steps, not worth batching)."""
         b1, b2 = group["betas"]
         shampoo_beta = b2 if group["shampoo_beta"] is None else group["shampoo_beta"]
         authors = group.get("semantics", "adam") == "authors"
@@ -297,30 +337,84 @@ class SOAP(Optimizer):
             params.append(p)
             states.append(state)
             grads.append(g)
-            plan = self._plan(p, state)
-            g_rots.append(_rotate(g, plan) if plan else g)
         if not params:
             return
+        batches = self._batches(states)
+        g_rots = self._rotate_all(params, states, grads, batches)
         ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
         torch._foreach_lerp_(ms, g_rots, 1 - b1)
         torch._foreach_mul_(vs, b2)
         torch._foreach_addcmul_(vs, g_rots, g_rots, value=1 - b2)
-        updates = self._directions(states, group, ms, vs)
-        for i, (p, st) in enumerate(zip(params, states)):
-            plan = self._plan(p, st)
-            u = _rotate(updates[i], plan, back=True) if plan else updates[i]
-            updates[i] = u.reshape(p.shape).to(p.dtype)
+        updates = self._rotate_all(params, states, self._directions(states, group, ms, vs), batches, back=True)
+        updates = [u.reshape(p.shape).to(p.dtype) for u, p in zip(updates, params)]
         decay = 1 - group["lr"] * group["weight_decay"]
         if group["weight_decay"] and not authors:
             torch._foreach_mul_(params, decay)
         torch._foreach_sub_(params, updates)
         if group["weight_decay"] and authors:
             torch._foreach_mul_(params, decay)
+        # (the first gradient went into the factors when they were created)
+        self._accumulate_all(states, grads, batches, shampoo_beta, first_done=authors)
         for p, st, g in zip(params, states, grads):
-            if st["step"] > 1 or authors:  # (the first gradient went into the factors when they were created)
-                self._accumulate_factors(st, g, shampoo_beta)
             if st["step"] % group["precondition_frequency"] == 0 and any(f is not None for f in st["GG"]):
                 self._refresh_basis(st, exact=group["basis_refresh"] == "eigh")
+
+    def _batches(self, states: list) -> list[list[int]]:
+        """Indices of the tensors handled together: same work shape, dtype and device, and the same dimensions with
+        a factor and with a basis. Unbatched (batched=False): one tensor each."""
+        if not self.batched:
+            return [[i] for i in range(len(states))]
+        by: dict = {}
+        for i, st in enumerate(states):
+            m = st["exp_avg"]
+            key = (tuple(m.shape), m.dtype, m.device, tuple(f is None for f in st["GG"]), tuple(q is None for q in st["Q"]))
+            by.setdefault(key, []).append(i)
+        return list(by.values())
+
+    def _stacked_plan(self, params: list, states: list) -> list:
+        """The rotation plan of several same-shape tensors with their bases stacked, cached until a basis changes.
+
+        The cache entry keeps the bases it was built from alive: it is keyed by their ids, and a freed tensor's id
+        can be reused by the next basis (found by a test: a stale plan after a refresh)."""
+        key = (tuple(id(p) for p in params), tuple(id(q) for st in states for q in st["Q"]))
+        hit = self._plans.get(key[0])
+        if hit is None or hit[0] != key:
+            plans = [_rotation_plan(tuple(st["exp_avg"].shape), st["Q"]) for st in states]
+            stacked = [(pre, d, post, torch.stack([pl[k][3] for pl in plans]))
+                       for k, (pre, d, post, _) in enumerate(plans[0])]
+            hit = (key, stacked, [list(st["Q"]) for st in states])
+            self._plans[key[0]] = hit
+        return hit[1]
+
+    def _rotate_all(self, params: list, states: list, xs: list, batches: list, back: bool = False) -> list:
+        """Every tensor of xs rotated into (or, back=True, out of) its parameter's eigenbasis."""
+        out = list(xs)
+        for idx in batches:
+            if len(idx) == 1:
+                i = idx[0]
+                plan = self._plan(params[i], states[i])
+                if plan:
+                    out[i] = _rotate(xs[i], plan, back)
+                continue
+            plan = self._stacked_plan([params[i] for i in idx], [states[i] for i in idx])
+            if plan:
+                y = _rotate_stacked(torch.stack([xs[i] for i in idx]), plan, back)
+                for j, i in enumerate(idx):
+                    out[i] = y[j]
+        return out
+
+    def _accumulate_all(self, states: list, grads: list, batches: list, beta: float, first_done: bool) -> None:
+        """Factor updates with this step's gradients (a tensor's first gradient is already in its factors, unless
+        first_done: the authors' first call only initialised)."""
+        for idx in batches:
+            idx = [i for i in idx if states[i]["step"] > 1 or first_done]
+            if len(idx) == 1:
+                self._accumulate_factors(states[idx[0]], grads[idx[0]], beta)
+            elif idx:
+                g = torch.stack([grads[i] for i in idx])
+                for k, f in enumerate(states[idx[0]]["GG"]):
+                    if f is not None:
+                        _factor_update_stacked([states[i]["GG"][k] for i in idx], g, k, beta)
 
     @staticmethod
     def _directions(states: list, group: dict, ms: list, vs: list) -> list:
@@ -395,10 +489,12 @@ class SOAP(Optimizer):
                 decayed = p.to(update.dtype) + (update if authors else 0)
                 update = update - group["lr"] * group["weight_decay"] * decayed
             out.append(update.to(p.dtype))
+            # with the authors' decay after the update, every share of the update is scaled by (1 - lr wd) too
+            share_scale = 1 - group["lr"] * group["weight_decay"] if authors else 1.0
             for sh, part in zip(shares, parts or []):
                 x_rot = project(part[i].reshape(g.shape).to(g.dtype), state["Q"]) * (1 - b1)
                 (d,) = self._directions([{"step": t}], group, [x_rot], [v])
-                sh.append(-project(d, state["Q"], back=True).reshape(p.shape).to(p.dtype))
+                sh.append(-share_scale * project(d, state["Q"], back=True).reshape(p.shape).to(p.dtype))
         return (out, shares) if parts is not None else out
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -37,6 +37,7 @@ LOSSLESS_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".webp")
 
 @dataclass
 class ImageResult:
+    checkpoint: str  # as given to evaluate (a run folder or a checkpoint file): which R-D point this row belongs to
     image: str
     lmbda: float
     height: int
@@ -62,23 +63,31 @@ def psnr_8bit(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 class Codec:
     """A trained model ready for entropy coding (update() done once), plus its identity for the file header."""
 
-    def __init__(self, model, name: str, preset: str, metric: str = "mse", lmbda: float = 0.0):
-        self.model = model.eval()
+    def __init__(self, model, name: str, preset: str, metric: str = "mse", lmbda: float = 0.0, device: str = "cpu"):
+        # The entropy coder runs on the CPU in any case; `device` is where the transforms run. A file decodes
+        # bit-exactly only where the hyperprior computes the same scales as the encoder's: keep one device per file.
+        try:
+            self.device = torch.device(device)
+        except RuntimeError:
+            raise LictrainError(f"unknown device '{device}' (cpu, cuda, cuda:N)") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise LictrainError(f"device '{device}' asked for, but this machine has no CUDA device")
+        self.model = model.to(self.device).eval()
         self.model.update(force=True)
         self.name, self.preset, self.metric, self.lmbda = canonical_name(name), preset, metric, float(lmbda)
         self.multiple = downsampling(name)
         self.fingerprint = weights_fingerprint(self.model)
 
     @classmethod
-    def from_checkpoint(cls, ckpt: dict, use_ema: bool = True) -> "Codec":
+    def from_checkpoint(cls, ckpt: dict, use_ema: bool = True, device: str = "cpu") -> "Codec":
         cfg = checkpoint_config(ckpt)
         model = model_from_checkpoint(ckpt, use_ema=use_ema)
-        return cls(model, cfg.model.name, cfg.model.preset, cfg.loss.metric, cfg.loss.lmbda)
+        return cls(model, cfg.model.name, cfg.model.preset, cfg.loss.metric, cfg.loss.lmbda, device)
 
     @torch.no_grad()  # required: some models (ELIC) fail in compress() with autograd on
     def compress(self, x: torch.Tensor) -> bitstream.Bitstream:
         h, w = x.shape[-2:]
-        out = self.model.compress(pad_to_multiple(x.unsqueeze(0), self.multiple))
+        out = self.model.compress(pad_to_multiple(x.unsqueeze(0).to(self.device), self.multiple))
         header = dict(model=self.name, preset=self.preset, metric=self.metric, lmbda=float(self.lmbda),
                       height=int(h), width=int(w), fingerprint=self.fingerprint)
         return bitstream.Bitstream(header, out["strings"], out["shape"])
@@ -95,16 +104,16 @@ class Codec:
             x_hat = self.model.decompress(bs.strings, bs.shape)["x_hat"]
         except Exception as e:  # a structurally valid file whose payload does not fit the model
             raise LictrainError(f"{source} could not be decoded: {str(e).splitlines()[0][:200]}") from None
-        return crop_to(x_hat, hd["height"], hd["width"])[0].clamp(0, 1)
+        return crop_to(x_hat, hd["height"], hd["width"])[0].clamp(0, 1).cpu()
 
     @torch.no_grad()
     def estimated_bpp(self, x: torch.Tensor) -> float:
         h, w = x.shape[-2:]
-        out = self.model(pad_to_multiple(x.unsqueeze(0), self.multiple))
+        out = self.model(pad_to_multiple(x.unsqueeze(0).to(self.device), self.multiple))
         return bpp_from_likelihoods(out["likelihoods"], h * w).item()
 
 
-def evaluate_image(codec: Codec, x: torch.Tensor, name: str) -> tuple[ImageResult, torch.Tensor]:
+def evaluate_image(codec: Codec, x: torch.Tensor, name: str, checkpoint: str = "") -> tuple[ImageResult, torch.Tensor]:
     h, w = x.shape[-2:]
     t0 = time.perf_counter()
     bs = codec.compress(x)
@@ -116,7 +125,7 @@ def evaluate_image(codec: Codec, x: torch.Tensor, name: str) -> tuple[ImageResul
     if min(h, w) >= MS_SSIM_MIN_SIDE:
         ms = ms_ssim_value(quantize_8bit(x_hat)[None] / 255, quantize_8bit(x)[None] / 255).item()
     res = ImageResult(
-        image=name, lmbda=codec.lmbda, height=h, width=w, bytes=nbytes, bpp=nbytes * 8 / (h * w),
+        checkpoint=checkpoint, image=name, lmbda=codec.lmbda, height=h, width=w, bytes=nbytes, bpp=nbytes * 8 / (h * w),
         bpp_estimated=codec.estimated_bpp(x), psnr_rgb=psnr_8bit(x, x_hat), ms_ssim_rgb=ms,
         encoding_time=t1 - t0, decoding_time=t2 - t1,
     )
@@ -125,20 +134,22 @@ def evaluate_image(codec: Codec, x: torch.Tensor, name: str) -> tuple[ImageResul
 
 def evaluate(
     checkpoints: list[str | Path], data: str, out_dir: str | Path, use_ema: bool = True, name: str | None = None,
-    progress: bool = True, max_images: int | None = None,
+    progress: bool = True, max_images: int | None = None, device: str = "cpu",
 ) -> dict:
     """Evaluate one checkpoint per R-D point on an image folder; write per_image.csv and results.json."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     dataset = EvalImages(data, max_images=max_images)
-    codecs = sorted((Codec.from_checkpoint(load_checkpoint(c), use_ema) for c in checkpoints), key=lambda c: c.lmbda)
+    pairs = sorted(((str(c), Codec.from_checkpoint(load_checkpoint(c), use_ema, device)) for c in checkpoints),
+                   key=lambda pc: pc[1].lmbda)
+    labels, codecs = [label for label, _ in pairs], [codec for _, codec in pairs]
     rows: list[ImageResult] = []
     points = []
-    for codec in codecs:
+    for label, codec in pairs:
         per = []
         for i in tqdm(range(len(dataset)), desc=f"eval lmbda={codec.lmbda}", disable=None if progress else True):
-            res, _ = evaluate_image(codec, dataset[i], dataset.name(i))
+            res, _ = evaluate_image(codec, dataset[i], dataset.name(i), label)
             per.append(res)
         rows += per
         points.append({k: float(np.mean([getattr(r, k) for r in per]))
@@ -155,6 +166,7 @@ def evaluate(
         "description": f"lictrain evaluation on {data} ({len(dataset)} images), real bitstreams, "
         f"{'EMA' if use_ema else 'raw'} weights",
         "results": {
+            "checkpoint": labels,
             "lmbda": [c.lmbda for c in codecs],
             "bpp": [p["bpp"] for p in points],
             "bpp_estimated": [p["bpp_estimated"] for p in points],
@@ -168,8 +180,8 @@ def evaluate(
     return summary
 
 
-def compress_file(checkpoint: str, image: str, output: str) -> dict:
-    codec = Codec.from_checkpoint(load_checkpoint(checkpoint))
+def compress_file(checkpoint: str, image: str, output: str, device: str = "cpu") -> dict:
+    codec = Codec.from_checkpoint(load_checkpoint(checkpoint), device=device)
     path = Path(image)
     if not path.is_file():
         raise LictrainError(f"image not found: {image}")
@@ -183,14 +195,14 @@ def compress_file(checkpoint: str, image: str, output: str) -> dict:
     return {"bytes": len(data), "bpp": len(data) * 8 / (h * w)}
 
 
-def decompress_file(checkpoint: str, file: str, output: str) -> dict:
+def decompress_file(checkpoint: str, file: str, output: str, device: str = "cpu") -> dict:
     path, out = Path(file), Path(output)
     if out.suffix.lower() not in LOSSLESS_SUFFIXES:
         raise LictrainError(f"output must be a lossless image ({', '.join(LOSSLESS_SUFFIXES)}), got '{output}'")
     if not path.is_file():
         raise LictrainError(f"file not found: {file}")
     bs = bitstream.decode(path.read_bytes(), source=str(path))
-    codec = Codec.from_checkpoint(load_checkpoint(checkpoint))
+    codec = Codec.from_checkpoint(load_checkpoint(checkpoint), device=device)
     x_hat = codec.decompress(bs, source=str(path))
     arr = quantize_8bit(x_hat).byte().permute(1, 2, 0).numpy()
     out.parent.mkdir(parents=True, exist_ok=True)

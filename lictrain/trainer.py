@@ -26,17 +26,17 @@ import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm import tqdm
 
-from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_state_dict_checked, load_weights
 from .io import save_atomic, write_atomic
 from .config import RunConfig, dump_config
 from . import distributed
 from .data import EvalImages, ImageList, crop_to, pad_to_multiple, train_loader
 from .ema import EMA
 from .errors import LictrainError
-from .losses import RateDistortionLoss, psnr_from_mse
+from .losses import MS_SSIM_MIN_SIDE, RateDistortionLoss, ms_ssim_db, ms_ssim_value, psnr_from_mse
 from .methods import StepContext, StepHook, build_method
 from .models import build_model, downsampling
-from .optim import build_optimizer, split_parameters
+from .optim import build_optimizer, kernel_parameters, split_parameters
 from .schedule import lr_factor
 
 log = logging.getLogger("lictrain")
@@ -73,10 +73,12 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def validate(model, dataset: EvalImages, criterion: RateDistortionLoss, device, multiple: int) -> dict:
-    """Mean over images of the R-D loss, bpp (estimated from likelihoods) and PSNR, in eval mode (no noise)."""
+    """Mean over images of the R-D loss, bpp (estimated from likelihoods) and PSNR, in eval mode (no noise); for
+    MS-SSIM runs also MS-SSIM and MS-SSIM in dB, -10 log10(1 - MS-SSIM), on images large enough for its 5 scales."""
     was_training = model.training
     model.eval()
     sums = dict(loss=0.0, bpp=0.0, mse=0.0, psnr=0.0)
+    ms_values = []
     for i in range(len(dataset)):
         x = dataset[i].unsqueeze(0).to(device)
         h, w = x.shape[-2:]
@@ -87,8 +89,14 @@ def validate(model, dataset: EvalImages, criterion: RateDistortionLoss, device, 
         sums["bpp"] += terms.rate.item()
         sums["mse"] += terms.mse.item()
         sums["psnr"] += psnr_from_mse(terms.mse.item())
+        if criterion.metric == "ms-ssim" and min(h, w) >= MS_SSIM_MIN_SIDE:
+            ms_values.append(ms_ssim_value(out["x_hat"].clamp(0, 1), x).item())
     model.train(was_training)
-    return {k: v / len(dataset) for k, v in sums.items()}
+    result = {k: v / len(dataset) for k, v in sums.items()}
+    if ms_values:
+        result["ms_ssim"] = sum(ms_values) / len(ms_values)
+        result["ms_ssim_db"] = ms_ssim_db(result["ms_ssim"])
+    return result
 
 
 class MetricsLog:
@@ -165,30 +173,53 @@ def _graceful_interrupt():
             signal.signal(sig, h)
 
 
-def _load_initial_state(trainer: "Trainer") -> None:
-    """Fine-tuning (train.init_from): the checkpoint's weights, by default those a run is evaluated with (its EMA
-    when it kept one) with the optimizer, step count and schedule afresh; with train.init_state=weights+optimizer its
-    raw weights and the optimizer state that belongs to them (moments, SOAP's bases), at this run's learning rate."""
-    cfg = trainer.cfg
-    ckpt = load_checkpoint(cfg.train.init_from, map_location=trainer.device)
+def _load_initial_weights(model, cfg: RunConfig, device) -> dict | None:
+    """Fine-tuning (train.init_from), before anything copies the weights (EMA, SMA's average). From a plain state
+    dict (CompressAI's or any `torch.save(model.state_dict())` of the same architecture and width): its weights.
+    From a lictrain checkpoint: by default the weights a run is evaluated with (its EMA when it kept one), the
+    optimizer, step count and schedule afresh; with train.init_state=weights+optimizer its raw weights, whose
+    optimizer state _load_initial_optimizer then loads. Returns the checkpoint (None for a plain state dict)."""
+    ckpt = load_weights(cfg.train.init_from, map_location=device)
+    if isinstance(ckpt, tuple):
+        if cfg.train.init_state != "weights":
+            raise LictrainError(f"{cfg.train.init_from} is a plain state dict: it holds no optimizer state "
+                                "(train.init_state must be weights)")
+        load_state_dict_checked(model, ckpt[1], cfg.train.init_from)
+        log.info("initialised from the state dict %s", cfg.train.init_from)
+        return None
     src = ckpt["config"]
     if (src["model"]["name"], src["model"]["preset"]) != (cfg.model.name, cfg.model.preset):
         raise LictrainError(f"train.init_from holds a {src['model']['name']} ({src['model']['preset']}) model but this "
                             f"run builds {cfg.model.name} ({cfg.model.preset})")
     with_optimizer = cfg.train.init_state == "weights+optimizer"
-    if with_optimizer and src["optim"]["name"] != cfg.optim.name:
-        raise LictrainError(f"train.init_state=weights+optimizer needs the same optimizer: {cfg.train.init_from} was "
-                            f"trained with {src['optim']['name']}, this run uses {cfg.optim.name}")
-    use_ema = ckpt.get("ema") and not with_optimizer
-    trainer.model.load_state_dict(ckpt["ema"]["model"] if use_ema else ckpt["model"])
     if with_optimizer:
-        trainer.optimizer.load_state_dict(ckpt["optimizer"])
-        if trainer.aux_optimizer is not None and ckpt.get("aux_optimizer"):
-            trainer.aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
-        for opt, lr in ((trainer.optimizer, cfg.optim.lr), (trainer.aux_optimizer, cfg.optim.aux_lr)):
-            for g in opt.param_groups if opt is not None else []:
-                g["lr"] = g["initial_lr"] = lr
+        if src["optim"]["name"] != cfg.optim.name:
+            raise LictrainError(f"train.init_state=weights+optimizer needs the same optimizer: {cfg.train.init_from} "
+                                f"was trained with {src['optim']['name']}, this run uses {cfg.optim.name}")
+        if not ckpt.get("optimizer"):
+            raise LictrainError(f"{cfg.train.init_from} holds no optimizer state (checkpoint_best.pt keeps weights "
+                                "only: use the run folder's checkpoint.pt)")
+    use_ema = ckpt.get("ema") and not with_optimizer
+    model.load_state_dict(ckpt["ema"]["model"] if use_ema else ckpt["model"])
     log.info("initialised from %s (step %d, %s)", cfg.train.init_from, ckpt["state"]["step"], cfg.train.init_state)
+    return ckpt
+
+
+def _load_initial_optimizer(trainer: "Trainer", ckpt: dict) -> None:
+    """The source run's optimizer state (moments, SOAP's bases, SMA's average) under this run's settings: every
+    group setting (lr, betas, ...) stays as this run's config made it; only the state comes from the source."""
+    cfg = trainer.cfg
+    for opt, saved in ((trainer.optimizer, ckpt["optimizer"]), (trainer.aux_optimizer, ckpt.get("aux_optimizer"))):
+        if opt is None or not saved:
+            continue
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        try:
+            opt.load_state_dict(saved)
+        except (ValueError, KeyError) as e:
+            raise LictrainError(f"the optimizer state in {cfg.train.init_from} does not fit this run's optimizer: "
+                                f"{str(e).splitlines()[0][:160]}") from None
+        for g, kept in zip(opt.param_groups, settings):
+            g.update(kept)
 
 
 def _probes(cfg: RunConfig, model, main_named, val_set: EvalImages, multiple: int) -> tuple[StepHook, ...]:
@@ -292,18 +323,20 @@ class Trainer:
         cfg, device, dist = self.cfg, self.device, self.dist
         torch.manual_seed(cfg.seed)
         self.model = model = build_model(cfg.model.name, cfg.model.preset).to(device)
+        source = _load_initial_weights(model, cfg, device) if cfg.train.init_from and not self.resume else None
         self.multiple = downsampling(cfg.model.name)
         if cfg.data.crop % self.multiple:
             raise LictrainError(f"data.crop must be a multiple of {self.multiple} for {cfg.model.name}, "
                                 f"got {cfg.data.crop}")
         self.main_named, aux_named = split_parameters(model)
         self.params = [p for _, p in self.main_named]
-        self.optimizer = build_optimizer(cfg.optim.name, self.params, cfg.optim.lr, cfg.optim.options)
+        self.optimizer = build_optimizer(cfg.optim.name, self.params, cfg.optim.lr, cfg.optim.options,
+                                         kernels=kernel_parameters(model))
         self.aux_optimizer = torch.optim.Adam([p for _, p in aux_named], lr=cfg.optim.aux_lr) if aux_named else None
         for g in self.optimizer.param_groups:
             g["initial_lr"] = g["lr"]
-        if cfg.train.init_from and not self.resume:
-            _load_initial_state(self)
+        if source is not None and cfg.train.init_state == "weights+optimizer":
+            _load_initial_optimizer(self, source)
         self.scheduler = ReduceLROnPlateau(self.optimizer, mode="min", factor=cfg.train.plateau_factor,
                                            patience=cfg.train.plateau_patience, min_lr=cfg.train.min_lr)
         self.fixed_schedule = cfg.train.schedule != "plateau"  # lr a function of the step alone (schedule.py)
@@ -404,8 +437,9 @@ class Trainer:
         self.metrics.write({"kind": "val", "step": state["step"], "images_seen": state["images_seen"],
                         "train_time": state["train_time"], "lr": self.optimizer.param_groups[0]["lr"], **val,
                         **(extra or {})})
+        quality = f"  MS-SSIM {val['ms_ssim_db']:.2f} dB" if "ms_ssim_db" in val else ""
         self.report(f"step {state['step']:>7d}  val loss {val['loss']:.4f}  bpp {val['bpp']:.4f}  PSNR {val['psnr']:.2f} dB"
-                 f"  train time {state['train_time']:.1f}s")
+                    f"{quality}  train time {state['train_time']:.1f}s")
         return val
 
     def _set_lr(self, step: int) -> None:
@@ -499,12 +533,16 @@ class Trainer:
                               state["step"], cfg.data.workers, rank=dist.rank, world=dist.world)
         batches = iter(loader)
         window: dict[str, list] = {"loss": [], "bpp": [], "mse": []}
+        # The method's logs since the last train line: an event between log steps (CMD-LIC's decomposition, an
+        # embedding) reaches the next line; per-step values (Balanced R-D's weights) are the latest step's.
+        pending: dict = {}
         self.grad_norm = torch.zeros(())
         tick = time.perf_counter()
         try:
             with _graceful_interrupt() as interrupt:
                 while state["step"] < total:
                     terms, logs, skipped = self.train_step(next(batches).to(device, non_blocking=True))
+                    pending.update(logs)
                     bar.update(1)
                     if not skipped:
                         for k, v in (("loss", terms.loss), ("bpp", terms.rate), ("mse", terms.mse)):
@@ -513,8 +551,8 @@ class Trainer:
                     stop_requested = dist.any([interrupt["stop"]], device)[0]  # a stop on any rank stops all, here
                     at_end = state["step"] == total or stop_requested
                     if (state["step"] % cfg.train.log_every == 0 or at_end) and window["loss"]:
-                        self._write_train_log(window, logs, bar)
-                        window = {k: [] for k in window}
+                        self._write_train_log(window, pending, bar)
+                        window, pending = {k: [] for k in window}, {}
                     regular_val = state["step"] % cfg.train.val_every == 0
                     regular_ckpt = state["step"] % cfg.train.ckpt_every == 0
                     if regular_val or regular_ckpt or at_end:
