@@ -1,9 +1,9 @@
-"""The Python API: what the command line does, as functions (also reachable as `lictrain.trainer`, ...).
+"""The Python API: what the command line does, as functions (also reachable as `lictrain.train`, ...).
 
     import lictrain
 
-    result = lictrain.trainer("demo", overrides=["train.steps=200", "run_dir=runs/api"])   # a config name, path or dict
-    summary = lictrain.evaluation([result.run_dir], "samples:val", "runs/api/eval")       # real bitstreams
+    result = lictrain.train("demo", overrides=["train.steps=200", "run_dir=runs/api"])   # a config name, path or dict
+    summary = lictrain.evaluate([result.run_dir], "samples:val", "runs/api/eval")       # real bitstreams
     model = lictrain.build_model("mbt2018-mean", "small")
     optimizer = lictrain.build_optimizer(model, "soap", lr=1e-4)  # the entropy bottlenecks' quantiles left out
 
@@ -25,7 +25,7 @@ from .models import build_model
 from .trainer import RunResult
 from .trainer import train as _train
 
-__all__ = ["train", "evaluate", "build_model", "build_optimizer", "load_config"]
+__all__ = ["train", "evaluate", "build_model", "build_optimizer", "load_config", "make_config"]
 
 
 def make_config(config: RunConfig | dict | str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:

@@ -12,8 +12,9 @@ run's own budget B = train.steps instead (`schedule: budget`, the default), keep
   fine-tuning (`preset: finetune`)   the paper fine-tunes 50 epochs where Adam fine-tunes 80, with F = 10: head
       fraction 10/50, 40 events of 1% (40%).
 The shortened budget itself (70/120 or 50/80 of the baseline's steps) is the run's train.steps (or `budget_steps`):
-see configs/bench-cmd.yaml. The schedule is fixed when the run starts and kept on resume. `schedule: epochs` keeps the fixed-length epochs (`epoch_steps`, `head_epochs`, `period`)
-of lictrain's first version. Every trainable coordinate is one trajectory w_i(t), sampled at the head-stage events.
+see configs/bench-cmd.yaml. The schedule is fixed when the run starts and kept on resume. `schedule: epochs` keeps
+the fixed-length epochs (`epoch_steps`, `head_epochs`, `period`) of lictrain's first version. Every trainable
+coordinate is one trajectory w_i(t), sampled at the head-stage events.
 
 Step 1 (once, at the end of the head stage): for M in `modes` (S = `samples_per_mode` * M trajectories, at most
 `max_samples`, sampled uniformly): |corr| matrix of the sample, complete-linkage ("farthest point") hierarchical
@@ -134,7 +135,8 @@ class CMDLIC(Method):
     name = "cmd-lic"
 
     def __init__(self, schedule: str = "budget", preset: str = "scratch", budget_steps: int | None = None,
-                 head_snapshots: int = 20, embed_end: float = 0.9, head_fraction: float | None = None, embed_events: int | None = None,
+                 head_snapshots: int = 20, embed_end: float = 0.9, head_fraction: float | None = None,
+                 embed_events: int | None = None,
                  epoch_steps: int = 100, head_epochs: int = 10, period: int = 1,
                  modes: list | tuple = (10, 30, 50, 100), samples_per_mode: int = 200, max_samples: int = 10000,
                  embed_percent: float = 1.0, dummy: bool = True, dummy_cap: float = 25.0,
@@ -167,9 +169,11 @@ class CMDLIC(Method):
         self.schedule, self.preset_values, self.budget_steps = schedule, preset_values, budget_steps
         self.head_snapshots, self.embed_end = head_snapshots, embed_end
         self.epoch_steps, self.head_epochs, self.period = epoch_steps, head_epochs, period
-        self.modes, self.samples_per_mode, self.max_samples = sorted(int(m) for m in modes), samples_per_mode, max_samples
+        self.modes = sorted(int(m) for m in modes)
+        self.samples_per_mode, self.max_samples = samples_per_mode, max_samples
         self.embed_percent, self.dummy, self.dummy_cap = embed_percent, dummy, dummy_cap
-        self.dummy_left_fraction, self.max_instant_gap, self.perturb_std = dummy_left_fraction, max_instant_gap, perturb_std
+        self.dummy_left_fraction, self.max_instant_gap = dummy_left_fraction, max_instant_gap
+        self.perturb_std = perturb_std
         self.sensitivity_images, self.saturation = sensitivity_images, saturation
         self.trajectory_mb, self.seed = trajectory_mb, seed
         self.events: list[Event] = []
