@@ -84,6 +84,10 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> nn.Module:
     model = build_model(cfg.model.name, cfg.model.preset)
     state = ckpt["ema"]["model"] if (use_ema and ckpt.get("ema")) else ckpt["model"]
     model.load_state_dict(state)
+    if ckpt.get("ptq"):  # a W8A8 checkpoint (lictrain ptq): its weights are int8 x scale; quantize the activations
+        from .quantization.activations import attach_activation_quantizers
+
+        attach_activation_quantizers(model, ckpt["ptq"]["layers"])
     return model.eval()
 
 

@@ -140,13 +140,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated (default latent_kurt,latent_maxmed; or intra_cos,inter_cos)")
     a.add_argument("--out", default="runs/analysis/probes.png")
 
+    p = sub.add_parser("ptq", help="W8A8 post-training quantization of checkpoints, with ΔBD-rate against float",
+                       description="Quantize each checkpoint (int8 per-channel weights by AdaRound and/or nearest "
+                       "rounding; 8-bit dynamic per-channel activations), evaluate float and W8A8 with real "
+                       "bitstreams, and write ΔBD-rate per training recipe to OUT/summary.md and summary.json.")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint files or run folders, one per lambda")
+    p.add_argument("--calib", required=True, help="calibration images (folder or samples spec)")
+    p.add_argument("--data", default="samples:val", help="evaluation images (default samples:val)")
+    p.add_argument("--out", default="runs/ptq")
+    p.add_argument("--weights", default="adaround,nearest", help="adaround, nearest or both (default both)")
+    p.add_argument("--iters", type=int, default=1000,
+                   help="AdaRound iterations per layer (default 1000; RDO-PTQ uses 20000 on a GPU)")
+    p.add_argument("--batch", type=int, default=4, help="calibration crops per AdaRound iteration (default 4)")
+    p.add_argument("--calib-images", type=int, default=8, help="calibration images (default 8)")
+    p.add_argument("--calib-crop", type=int, default=256, help="centre crop of each calibration image (default 256)")
+    p.add_argument("--keep-float", default="", help="comma-separated module prefixes left in float (e.g. h_s)")
+    p.add_argument("--max-images", type=int, help="evaluate on the first N images only")
+
     sub.add_parser("list", help="list models, presets, optimizers and methods")
     return parser
 
 
 # What may change when a run is resumed: how long and how it is watched, not what it computes per step.
 RESUME_KEYS = {"train.steps", "train.val_every", "train.ckpt_every", "train.log_every", "train.progress",
-               "train.tensorboard", "train.max_consecutive_skips", "device", "data.workers", "data.cache_mb",
+               "train.tensorboard", "train.max_consecutive_skips", "train.compile", "device", "data.workers", "data.cache_mb",
                "probe.conflicts_every", "probe.conflicts_per_layer", "probe.outliers_every", "probe.outliers_images"}
 
 
@@ -282,6 +299,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_ptq(args) -> int:
+    from .quantization.report import format_summary, ptq_report
+
+    modes = tuple(m for m in args.weights.split(",") if m)
+    bad = [m for m in modes if m not in ("adaround", "nearest")]
+    if bad or not modes:
+        raise LictrainError(f"--weights takes adaround, nearest or both, got '{args.weights}'")
+    summary = ptq_report(args.checkpoints, args.calib, args.data, args.out, modes, args.iters, args.batch,
+                         args.calib_images, args.calib_crop, tuple(k for k in args.keep_float.split(",") if k),
+                         args.max_images)
+    print(format_summary(summary))
+    print(f"wrote {Path(args.out) / 'summary.md'} and {Path(args.out) / 'summary.json'}")
+    return 0
+
+
 def cmd_list(args) -> int:
     from .methods import METHODS
     from .models import ALIASES, MODELS
@@ -302,7 +334,8 @@ def cmd_list(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "compress": cmd_compress,
-            "decompress": cmd_decompress, "demo": cmd_demo, "list": cmd_list, "analyze": cmd_analyze}
+            "decompress": cmd_decompress, "demo": cmd_demo, "list": cmd_list, "analyze": cmd_analyze,
+            "ptq": cmd_ptq}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ class DataConfig:
     batch_size: int = 8
     val_crop: int | None = None  # centre-crop validation images to this side (None: whole images)
     val_max_images: int | None = None  # validate on the first N images only (None: all)
-    workers: int = 0  # DataLoader worker processes
+    workers: int | None = None  # DataLoader worker processes; None: 0 on the CPU, up to 8 per process on CUDA
     cache_mb: int = 2048  # decode training images once and keep them in RAM when they fit in this budget
 
 
@@ -79,6 +79,15 @@ class TrainConfig:
     plateau_factor: float = 0.5
     min_lr: float = 0.0
     max_consecutive_skips: int = 10  # stop after this many non-finite steps in a row
+    # GPU path (lictrain/precision.py). precision: fp32 | bf16 | fp16 (autocast for the transforms; parameters,
+    # gradients, optimizer states and the entropy models stay fp32; fp16 adds a GradScaler, standard method only)
+    precision: str = "fp32"
+    tf32: bool = True  # TF32 for fp32 convolutions and matrix products on CUDA (SOAP's own products stay full fp32)
+    compile: bool | str = False  # torch.compile the model's training forward: true (inductor) or a backend name
+    # what a non-finite loss or gradient does: skip (the step is not taken; one host synchronisation per step) or
+    # zero (decided on the device: the gradient is zeroed, so the optimizer takes a step on a zero gradient, and
+    # the count is read at log steps: no synchronisation); auto: zero on CUDA with the standard method, else skip
+    nonfinite: str = "auto"
     tensorboard: bool = False
     progress: bool = True  # progress bar (only drawn on a terminal)
 
@@ -284,7 +293,7 @@ def validate(cfg: RunConfig) -> None:
     checks = [
         (cfg.data.crop >= 16, "data.crop must be at least 16"),
         (cfg.data.batch_size >= 1, "data.batch_size must be at least 1"),
-        (cfg.data.workers >= 0, "data.workers must be >= 0"),
+        (cfg.data.workers is None or cfg.data.workers >= 0, "data.workers must be >= 0"),
         (cfg.loss.lmbda > 0, "loss.lmbda must be positive"),
         (cfg.loss.metric in ("mse", "ms-ssim"), f"loss.metric must be mse or ms-ssim, got '{cfg.loss.metric}'"),
         (cfg.loss.metric != "ms-ssim" or cfg.data.crop >= 161, "loss.metric ms-ssim needs data.crop >= 161"),
@@ -308,6 +317,12 @@ def validate(cfg: RunConfig) -> None:
          f"train.schedule must be plateau, cosine or step, got '{cfg.train.schedule}'"),
         (0 <= cfg.train.decay_start < 1, "train.decay_start must be in [0, 1)"),
         (0 < cfg.train.final_lr_factor <= 1, "train.final_lr_factor must be in (0, 1]"),
+        (cfg.train.precision in ("fp32", "bf16", "fp16"),
+         f"train.precision must be fp32, bf16 or fp16, got '{cfg.train.precision}'"),
+        (cfg.train.precision != "fp16" or cfg.method.name == "standard",
+         "train.precision=fp16 needs loss scaling, which only the standard method supports: use bf16"),
+        (cfg.train.nonfinite in ("auto", "skip", "zero"),
+         f"train.nonfinite must be auto, skip or zero, got '{cfg.train.nonfinite}'"),
         (cfg.train.max_consecutive_skips >= 1, "train.max_consecutive_skips must be at least 1"),
         (cfg.probe.conflicts_every >= 0 and cfg.probe.outliers_every >= 0, "probe intervals must be >= 0"),
         (cfg.probe.outliers_images >= 1, "probe.outliers_images must be at least 1"),

@@ -256,7 +256,7 @@ class RunSampler(Sampler):
 
 def train_loader(
     images: ImageList, crop: int, batch_size: int, seed: int, start_step: int = 0, workers: int = 0,
-    rank: int = 0, world: int = 1,
+    rank: int = 0, world: int = 1, pin_memory: bool = False,
 ) -> DataLoader:
     ds = TrainCrops(images, crop, seed)
     return DataLoader(
@@ -266,6 +266,7 @@ def train_loader(
         num_workers=workers,
         drop_last=True,
         persistent_workers=workers > 0,
+        pin_memory=pin_memory,  # page-locked batches: the copy to the GPU overlaps the step (non_blocking)
         # A private generator, so creating the loader does not consume the global RNG (resume exactness).
         generator=torch.Generator().manual_seed(seed),
     )

@@ -63,6 +63,14 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [bool(v) for v in t.tolist()]
 
+    def all_on_device(self, flag: torch.Tensor) -> torch.Tensor:
+        """AND over ranks of a boolean device tensor, without reading it on the host (no synchronisation)."""
+        if not self.enabled:
+            return flag
+        t = flag.to(torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return t.bool()
+
     def max(self, value: float, device: torch.device) -> float:
         if not self.enabled:
             return value

@@ -52,7 +52,7 @@ def _iter_likelihoods(likelihoods):
 
 def bpp_from_likelihoods(likelihoods, num_pixels: int) -> torch.Tensor:
     """Sum over all latents of -log2(p), per pixel of the batch (num_pixels = N * H * W)."""
-    total = sum(torch.log(lk).sum() for lk in _iter_likelihoods(likelihoods))
+    total = sum(torch.log(lk.float()).sum() for lk in _iter_likelihoods(likelihoods))
     return total / (-math.log(2) * num_pixels)
 
 

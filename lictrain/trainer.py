@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from .losses import MS_SSIM_MIN_SIDE, RateDistortionLoss, ms_ssim_db, ms_ssim_va
 from .methods import StepContext, StepHook, build_method
 from .models import build_model, downsampling
 from .optim import build_optimizer, kernel_parameters, split_parameters
+from .precision import autocast, compile_model, configure_tf32, grad_scaler, keep_entropy_models_fp32
 from .schedule import lr_factor
 
 log = logging.getLogger("lictrain")
@@ -239,6 +241,16 @@ def _probes(cfg: RunConfig, model, main_named, val_set: EvalImages, multiple: in
     return tuple(probes)
 
 
+def data_workers(setting: int | None, device: torch.device, world: int = 1) -> int:
+    """data.workers, or its default: none on the CPU (the step itself uses every core); on CUDA enough processes
+    to crop and batch while the GPU steps, up to 8 per training process."""
+    if setting is not None:
+        return setting
+    if device.type != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) // world - 1))
+
+
 def _rng_state(device: torch.device) -> tuple:
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
@@ -265,6 +277,26 @@ def _reevaluator(model, criterion, x, rng, device):
 
 def _is_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
+
+
+def _zero_unless(ok: torch.Tensor, params) -> None:
+    """Gradients left as they are when `ok` (a device bool), all zero otherwise, decided on the device: NaN/Inf
+    entries are cleared first (NaN * 0 is NaN), then everything is multiplied by ok."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    for g in grads:
+        g.nan_to_num_(0.0, 0.0, 0.0)
+    torch._foreach_mul_(grads, ok.to(grads[0].dtype))
+
+
+def _disable_optimizer_finite_checks(optimizer) -> None:
+    """The loop guarantees finite gradients before every step: optimizers that check on their own (SOAP, reading a
+    flag from the device each step) need not."""
+    while optimizer is not None:
+        if hasattr(optimizer, "check_finite"):
+            optimizer.check_finite = False
+        optimizer = getattr(optimizer, "base", None)
 
 
 def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()) -> RunResult:
@@ -322,7 +354,11 @@ class Trainer:
     def _build(self) -> None:
         cfg, device, dist = self.cfg, self.device, self.dist
         torch.manual_seed(cfg.seed)
+        configure_tf32(device, cfg.train.tf32)
         self.model = model = build_model(cfg.model.name, cfg.model.preset).to(device)
+        if cfg.train.precision != "fp32":
+            keep_entropy_models_fp32(model)  # before the EMA copies the model
+        self.scaler = grad_scaler(device, cfg.train.precision)
         source = _load_initial_weights(model, cfg, device) if cfg.train.init_from and not self.resume else None
         self.multiple = downsampling(cfg.model.name)
         if cfg.data.crop % self.multiple:
@@ -333,6 +369,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim.name, self.params, cfg.optim.lr, cfg.optim.options,
                                          kernels=kernel_parameters(model))
         self.aux_optimizer = torch.optim.Adam([p for _, p in aux_named], lr=cfg.optim.aux_lr) if aux_named else None
+        _disable_optimizer_finite_checks(self.optimizer)
         for g in self.optimizer.param_groups:
             g["initial_lr"] = g["lr"]
         if source is not None and cfg.train.init_state == "weights+optimizer":
@@ -354,6 +391,17 @@ class Trainer:
             DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, _ in aux_named])
             self.forward_model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
                                      broadcast_buffers=False)
+        self.forward_model = compile_model(self.forward_model, cfg.train.compile)
+        mode = cfg.train.nonfinite
+        if mode == "auto":
+            mode = "zero" if device.type == "cuda" and cfg.method.name == "standard" else "skip"
+        if mode == "zero" and cfg.method.name != "standard":
+            raise LictrainError(f"train.nonfinite=zero needs the standard method (the {cfg.method.name} method reads "
+                                "this step's losses after the update): use skip")
+        self.nonfinite = "skip" if self.scaler is not None else mode  # fp16: the GradScaler decides, on the host
+        # zero mode's counts live on the device and reach self.state at log, validation and checkpoint steps
+        self.device_skips = torch.zeros((), dtype=torch.int64, device=device)
+        self.device_consecutive = torch.zeros((), dtype=torch.int64, device=device)
         if dist.enabled:  # same initial weights everywhere (seeded above), but each rank its own quantization noise
             torch.manual_seed(cfg.seed + 1_000_003 * (dist.rank + 1))
         self.criterion = RateDistortionLoss(cfg.loss.lmbda, cfg.loss.metric)
@@ -457,7 +505,9 @@ class Trainer:
         self._set_lr(step)
         model.train()
         rng = _rng_state(self.device) if self.method.needs_reevaluation else None
-        terms = self.criterion(self.forward_model(x), x)
+        with autocast(self.device, self.cfg.train.precision):
+            out = self.forward_model(x)
+        terms = self.criterion(out, x)  # in fp32: the entropy models' likelihoods are fp32, x_hat is cast
         will_log = (step + 1) % self.cfg.train.log_every == 0 or step + 1 == self.cfg.train.steps
         ctx = StepContext(step=step, model=model, optimizer=self.optimizer, params=self.params, terms=terms,
                           will_log=will_log, reevaluate=_reevaluator(model, self.criterion, x, rng, self.device),
@@ -466,27 +516,39 @@ class Trainer:
         probe_logs: dict = {}  # hooks' measurements: written at their own steps, not only at log steps
         for h in self.hooks:
             probe_logs.update(h.before_backward(ctx) or {})
-        # A non-finite loss on any rank skips the step on every rank (DDP would hang on a partial backward).
-        skipped = dist.any([not _is_finite(terms.loss.detach())], self.device)[0]
-        if not skipped:
-            logs.update(self.method.backward(ctx))
-            clip = self.cfg.train.clip_max_norm if self.cfg.train.clip_max_norm > 0 else math.inf
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-            skipped = not _is_finite(self.grad_norm)
-        if skipped:
-            state["skipped_steps"] += 1
-            state["consecutive_skips"] += 1
+        clip = self.cfg.train.clip_max_norm if self.cfg.train.clip_max_norm > 0 else math.inf
+        if self.nonfinite == "zero":
+            self._step_on_device(ctx, terms, clip)
+            skipped = False
         else:
-            self.optimizer.step()
-            state["consecutive_skips"] = 0
-            logs.update(self.method.after_step(ctx))
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.aux_optimizer is not None:
-            aux_loss = model.aux_loss()
-            if _is_finite(aux_loss.detach()):
-                aux_loss.backward()
-                self.aux_optimizer.step()
-            self.aux_optimizer.zero_grad(set_to_none=True)
+            # A non-finite loss on any rank skips the step on every rank (DDP would hang on a partial backward).
+            skipped = dist.any([not _is_finite(terms.loss.detach())], self.device)[0]
+            if not skipped:
+                if self.scaler is not None:  # fp16 (standard method only: config.validate)
+                    self.scaler.scale(terms.loss).backward()
+                    self.scaler.unscale_(self.optimizer)
+                else:
+                    logs.update(self.method.backward(ctx))
+                self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+                skipped = not _is_finite(self.grad_norm)
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)  # steps only if the unscaled gradients are finite (as skipped)
+                    self.scaler.update()  # a smaller loss scale after an overflow
+                elif not skipped:
+                    self.optimizer.step()
+            if skipped:
+                state["skipped_steps"] += 1
+                state["consecutive_skips"] += 1
+            else:
+                state["consecutive_skips"] = 0
+                logs.update(self.method.after_step(ctx))
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.aux_optimizer is not None:
+                aux_loss = model.aux_loss()
+                if _is_finite(aux_loss.detach()):
+                    aux_loss.backward()
+                    self.aux_optimizer.step()
+                self.aux_optimizer.zero_grad(set_to_none=True)
         if self.ema is not None and not skipped:
             self.ema.update(model)
         for h in self.hooks:
@@ -496,6 +558,41 @@ class Trainer:
             self.metrics.write({"kind": "probe", "step": state["step"], **probe_logs})
         state["images_seen"] += x.shape[0] * dist.world
         return terms, logs, skipped
+
+    def _step_on_device(self, ctx: StepContext, terms, clip: float) -> None:
+        """train.nonfinite=zero: the step without host synchronisations. Whether loss and gradient are finite is
+        decided on the device (and AND-ed over ranks there); a non-finite step's gradient is zeroed, so the
+        optimizer steps on a zero gradient (Adam's moments decay and the weights move by the momentum alone: unlike
+        skip mode this is not a no-op, but no NaN/Inf reaches weights, moments or factors), and the step is counted
+        in device counters that _read_device_skips brings to the host at log, validation and checkpoint steps."""
+        model = self.model
+        self.method.backward(ctx)  # the standard method (config validation): no logs
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        ok = self.dist.all_on_device(torch.isfinite(terms.loss.detach()) & torch.isfinite(self.grad_norm))
+        _zero_unless(ok, self.params)
+        self.optimizer.step()
+        self.method.after_step(ctx)
+        self.optimizer.zero_grad(set_to_none=True)
+        bad = (~ok).to(torch.int64)
+        self.device_skips += bad
+        self.device_consecutive.add_(1).mul_(bad)
+        self.step_ok = ok
+        if self.aux_optimizer is not None:
+            aux_loss = model.aux_loss()
+            aux_loss.backward()
+            aux_params = [p for g in self.aux_optimizer.param_groups for p in g["params"]]
+            _zero_unless(torch.isfinite(aux_loss.detach()), aux_params)
+            self.aux_optimizer.step()
+            self.aux_optimizer.zero_grad(set_to_none=True)
+
+    def _read_device_skips(self) -> None:
+        """zero mode: the device's counts of non-finite steps into self.state (one synchronisation)."""
+        if self.nonfinite != "zero":
+            return
+        new, run = (int(v) for v in torch.stack([self.device_skips, self.device_consecutive]).tolist())
+        self.state["skipped_steps"] += new
+        self.state["consecutive_skips"] = run
+        self.device_skips.zero_()
 
     def _stop_if_stuck(self) -> None:
         state = self.state
@@ -509,7 +606,7 @@ class Trainer:
 
     def _write_train_log(self, window: dict, logs: dict, bar) -> None:
         # skipped steps are the same on every rank, so the windows have equal lengths
-        means = self.dist.mean(torch.stack([torch.stack(v).mean() for v in window.values()]))
+        means = self.dist.mean(torch.stack([torch.stack(v).nanmean() for v in window.values()]))
         mean = dict(zip(window, means.tolist()))
         record = {"kind": "train", "step": self.state["step"], "loss": mean["loss"], "bpp": mean["bpp"],
                   "psnr": psnr_from_mse(mean["mse"]), "grad_norm": float(self.grad_norm),
@@ -530,13 +627,15 @@ class Trainer:
             last_val = self.validate(step_scheduler=False)  # the untrained starting point of every curve
         # Each rank takes its share of every global batch (data.RunSampler): the same crops one process would see.
         loader = train_loader(self.train_images, cfg.data.crop, cfg.data.batch_size // dist.world, cfg.seed,
-                              state["step"], cfg.data.workers, rank=dist.rank, world=dist.world)
+                              state["step"], data_workers(cfg.data.workers, device, dist.world), rank=dist.rank,
+                              world=dist.world, pin_memory=device.type == "cuda")
         batches = iter(loader)
         window: dict[str, list] = {"loss": [], "bpp": [], "mse": []}
         # The method's logs since the last train line: an event between log steps (CMD-LIC's decomposition, an
         # embedding) reaches the next line; per-step values (Balanced R-D's weights) are the latest step's.
         pending: dict = {}
         self.grad_norm = torch.zeros(())
+        self.device_consecutive.fill_(state["consecutive_skips"])  # zero mode continues a resumed run's count
         tick = time.perf_counter()
         try:
             with _graceful_interrupt() as interrupt:
@@ -546,9 +645,17 @@ class Trainer:
                     bar.update(1)
                     if not skipped:
                         for k, v in (("loss", terms.loss), ("bpp", terms.rate), ("mse", terms.mse)):
-                            window[k].append(v.detach())
+                            # zero mode: a non-finite step's terms are left out of the means (NaN, nanmean)
+                            v = v.detach()
+                            window[k].append(v if self.nonfinite != "zero" else torch.where(self.step_ok, v, math.nan))
+                    boundary = (state["step"] % cfg.train.log_every == 0 or state["step"] % cfg.train.val_every == 0
+                                or state["step"] % cfg.train.ckpt_every == 0 or state["step"] == total)
+                    if boundary:
+                        self._read_device_skips()  # zero mode: its device counters, here and only here
                     self._stop_if_stuck()
-                    stop_requested = dist.any([interrupt["stop"]], device)[0]  # a stop on any rank stops all, here
+                    # A stop on any rank stops all, decided at boundaries (a collective every step would synchronise)
+                    stop_requested = (dist.any([interrupt["stop"]], device)[0] if boundary or not dist.enabled
+                                      else False)
                     at_end = state["step"] == total or stop_requested
                     if (state["step"] % cfg.train.log_every == 0 or at_end) and window["loss"]:
                         self._write_train_log(window, pending, bar)

@@ -55,3 +55,13 @@ def tiny_config(tmp_path, *overrides, name="run"):
         "data.batch_size=4", "data.val_crop=128", "train.progress=false", "optim.lr=1e-3", "train.log_every=1",
         *overrides,
     ])
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped, and reported as such, without one)")
+
+
+def pytest_report_header(config):
+    if torch.cuda.is_available():
+        return f"CUDA: {torch.cuda.get_device_name(0)} (tests marked cuda run)"
+    return "CUDA: not available (tests marked cuda are skipped: the GPU path is not verified in this session)"

@@ -61,6 +61,12 @@ def config_hash(cfg: RunConfig) -> str:
     if d["train"]["schedule"] == "plateau":  # added later: unused by plateau runs, must not change their hashes
         for k in ("schedule", "decay_start", "final_lr_factor"):
             d["train"].pop(k)
+    # Added later (the GPU path): at their defaults they must not change hashes. data.workers never changes what a
+    # run computes (each crop is drawn from its own seeded generator), so it is left out whatever its value.
+    d["data"]["workers"] = 0
+    for key, default in (("precision", "fp32"), ("tf32", True), ("compile", False), ("nonfinite", "auto")):
+        if d["train"].get(key) == default:
+            d["train"].pop(key, None)
     for k in ("train", "val"):  # what a run computes depends on the alternative in use, not on its fallbacks
         d["data"][k] = active_spec(d["data"][k])
     d.pop("probe")  # read-only measurements: they do not change what a run computes

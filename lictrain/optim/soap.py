@@ -43,7 +43,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from .common import closure_loss
+from .common import closure_loss, full_fp32_matmul
 
 
 def merged_shape(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
@@ -213,6 +213,7 @@ class SOAP(Optimizer):
             semantics=semantics,
         )
         super().__init__(params, defaults)
+        self.check_finite = True  # see step()
         self.batched = batched  # rotate and accumulate same-shape tensors together (same results to fp32 rounding)
         self._plans: dict = {}
 
@@ -295,10 +296,12 @@ class SOAP(Optimizer):
         if not grads:
             return loss
         # One check for all tensors: a non-finite gradient must reach neither the factors, the moments nor the weights.
-        if not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+        # It reads a flag from the device (a synchronisation); lictrain's trainer checks before calling and turns it
+        # off (check_finite = False).
+        if self.check_finite and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
             return loss
-        # Factors, bases and rotations in full precision even when the caller runs under autocast.
-        with torch.autocast(device_type=grads[0].device.type, enabled=False):
+        # Factors, bases and rotations in full precision even when the caller runs under autocast or enabled TF32.
+        with torch.autocast(device_type=grads[0].device.type, enabled=False), full_fp32_matmul():
             for group in self.param_groups:
                 self._step_group(group)
         return loss
