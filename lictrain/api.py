@@ -44,9 +44,15 @@ def make_config(config: RunConfig | dict | str | Path | None = None, overrides: 
 
 
 def train(config: RunConfig | dict | str | Path | None = None, overrides: Iterable[str] = (),
-          resume: bool = False) -> RunResult:
-    """Train (or, with resume=True, continue) one run; returns its RunResult (run_dir, step, train_time, last_val)."""
-    return _train(make_config(config, overrides), resume=resume)
+          resume: bool = False, model: nn.Module | None = None) -> RunResult:
+    """Train (or, with resume=True, continue) one run; returns its RunResult (run_dir, step, train_time, last_val).
+
+    `model`: a CompressAI compression model you built (any class with forward -> x_hat/likelihoods and aux_loss()),
+    trained in place under the config's data, optimizer, method and schedule instead of the config's registered
+    model. Its checkpoints hold its state dict (load it with model.load_state_dict(torch.load(...)["model"])) and
+    name it `custom`: `lictrain eval` cannot rebuild an unregistered class (register it with
+    lictrain.registry.register_model to get the command line's evaluation). Resuming needs the same model again."""
+    return _train(make_config(config, overrides), resume=resume, model=model)
 
 
 def evaluate(checkpoints: list[str | Path], data: str, out_dir: str | Path, **options) -> dict:

@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-crop", type=int, default=256, help="centre crop of each calibration image (default 256)")
     p.add_argument("--keep-float", default="", help="comma-separated module prefixes left in float (e.g. h_s)")
     p.add_argument("--max-images", type=int, help="evaluate on the first N images only")
+    p.add_argument("--min-targets-per-weight", type=float, default=10.0,
+                   help="AdaRound only layers with at least this many calibration outputs per weight, nearest "
+                   "rounding elsewhere (default 10; 0: AdaRound everywhere)")
+    p.add_argument("--outliers", action="store_true",
+                   help="add the float models' latent and activation Kurt / MaxMed (the rest of the paper's Table 2)")
 
     sub.add_parser("list", help="list models, presets, optimizers and methods")
     return parser
@@ -308,7 +313,8 @@ def cmd_ptq(args) -> int:
         raise LictrainError(f"--weights takes adaround, nearest or both, got '{args.weights}'")
     summary = ptq_report(args.checkpoints, args.calib, args.data, args.out, modes, args.iters, args.batch,
                          args.calib_images, args.calib_crop, tuple(k for k in args.keep_float.split(",") if k),
-                         args.max_images)
+                         args.max_images, outliers=args.outliers,
+                         min_targets_per_weight=args.min_targets_per_weight)
     print(format_summary(summary))
     print(f"wrote {Path(args.out) / 'summary.md'} and {Path(args.out) / 'summary.json'}")
     return 0

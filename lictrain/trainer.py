@@ -255,7 +255,7 @@ def _rng_state(device: torch.device) -> tuple:
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-def _reevaluator(model, criterion, x, rng, device):
+def _reevaluator(model, criterion, x, rng, device, precision: str = "fp32"):
     """The R-D terms of batch x under the current weights and the same noise draw as the step's forward pass.
 
     Same noise, so the difference to the step's terms is the effect of the update alone; the global RNG is restored
@@ -270,7 +270,9 @@ def _reevaluator(model, criterion, x, rng, device):
             torch.set_rng_state(rng[0])
             if rng[1] is not None:
                 torch.cuda.set_rng_state(rng[1], device)
-            return criterion(model(x), x)
+            with autocast(device, precision):  # as the step's own forward pass
+                out = model(x)
+            return criterion(out, x)
 
     return reevaluate
 
@@ -290,6 +292,14 @@ def _zero_unless(ok: torch.Tensor, params) -> None:
     torch._foreach_mul_(grads, ok.to(grads[0].dtype))
 
 
+def _check_user_model(model):
+    """A model given to train(model=...) must be a CompressAI-style compression model."""
+    if not isinstance(model, torch.nn.Module) or not callable(getattr(model, "aux_loss", None)):
+        raise LictrainError(f"train(model=...) needs a CompressAI compression model (forward returning x_hat and "
+                            f"likelihoods, and aux_loss()), got {type(model).__name__}")
+    return model
+
+
 def _disable_optimizer_finite_checks(optimizer) -> None:
     """The loop guarantees finite gradients before every step: optimizers that check on their own (SOAP, reading a
     flag from the device each step) need not."""
@@ -299,12 +309,14 @@ def _disable_optimizer_finite_checks(optimizer) -> None:
         optimizer = getattr(optimizer, "base", None)
 
 
-def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()) -> RunResult:
-    """Train (or resume) the run `cfg` describes. Under torchrun every process calls this; see distributed.py."""
+def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = (),
+          model: torch.nn.Module | None = None) -> RunResult:
+    """Train (or resume) the run `cfg` describes, or the given CompressAI `model` (trained in place) under cfg's
+    settings. Under torchrun every process calls this; see distributed.py."""
     device = distributed.local_device(resolve_device(cfg.device))
     dist = distributed.setup(device)
     try:
-        return Trainer(cfg, resume, hooks, device, dist).fit()
+        return Trainer(cfg, resume, hooks, device, dist, model=model).fit()
     finally:
         dist.close()
 
@@ -318,8 +330,11 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, resume: bool, hooks: tuple[StepHook, ...], device: torch.device,
-                 dist: distributed.Dist):
+                 dist: distributed.Dist, model: torch.nn.Module | None = None):
         self.cfg, self.resume, self.device, self.dist = cfg, resume, device, dist
+        self.user_model = _check_user_model(model) if model is not None else None
+        if model is not None:  # the checkpoint's config says it was not a registered model (eval cannot rebuild it)
+            cfg.model.name, cfg.model.preset = "custom", type(model).__name__
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_path = self.run_dir / "checkpoint.pt"
         self.best_path = self.run_dir / "checkpoint_best.pt"  # the weights of the best validation so far
@@ -355,12 +370,18 @@ class Trainer:
         cfg, device, dist = self.cfg, self.device, self.dist
         torch.manual_seed(cfg.seed)
         configure_tf32(device, cfg.train.tf32)
-        self.model = model = build_model(cfg.model.name, cfg.model.preset).to(device)
+        if self.user_model is not None:
+            self.model = model = self.user_model.to(device)
+        else:
+            self.model = model = build_model(cfg.model.name, cfg.model.preset).to(device)
         if cfg.train.precision != "fp32":
             keep_entropy_models_fp32(model)  # before the EMA copies the model
         self.scaler = grad_scaler(device, cfg.train.precision)
         source = _load_initial_weights(model, cfg, device) if cfg.train.init_from and not self.resume else None
-        self.multiple = downsampling(cfg.model.name)
+        # a user's model: its own `downsampling_factor` if it has one, else 64 (the largest total stride of
+        # CompressAI's models; padding to a multiple of it is safe for all of them)
+        self.multiple = (getattr(model, "downsampling_factor", 64) if self.user_model is not None
+                         else downsampling(cfg.model.name))
         if cfg.data.crop % self.multiple:
             raise LictrainError(f"data.crop must be a multiple of {self.multiple} for {cfg.model.name}, "
                                 f"got {cfg.data.crop}")
@@ -510,7 +531,8 @@ class Trainer:
         terms = self.criterion(out, x)  # in fp32: the entropy models' likelihoods are fp32, x_hat is cast
         will_log = (step + 1) % self.cfg.train.log_every == 0 or step + 1 == self.cfg.train.steps
         ctx = StepContext(step=step, model=model, optimizer=self.optimizer, params=self.params, terms=terms,
-                          will_log=will_log, reevaluate=_reevaluator(model, self.criterion, x, rng, self.device),
+                          will_log=will_log, reevaluate=_reevaluator(model, self.criterion, x, rng, self.device,
+                                                                self.cfg.train.precision),
                           reduce_mean=dist.mean_, broadcast_=dist.broadcast_, batch=x, criterion=self.criterion)
         logs: dict = {}
         probe_logs: dict = {}  # hooks' measurements: written at their own steps, not only at log steps
@@ -650,12 +672,12 @@ class Trainer:
                             window[k].append(v if self.nonfinite != "zero" else torch.where(self.step_ok, v, math.nan))
                     boundary = (state["step"] % cfg.train.log_every == 0 or state["step"] % cfg.train.val_every == 0
                                 or state["step"] % cfg.train.ckpt_every == 0 or state["step"] == total)
-                    if boundary:
-                        self._read_device_skips()  # zero mode: its device counters, here and only here
-                    self._stop_if_stuck()
                     # A stop on any rank stops all, decided at boundaries (a collective every step would synchronise)
                     stop_requested = (dist.any([interrupt["stop"]], device)[0] if boundary or not dist.enabled
                                       else False)
+                    if boundary or stop_requested:
+                        self._read_device_skips()  # zero mode: its device counters, here and only here
+                    self._stop_if_stuck()
                     at_end = state["step"] == total or stop_requested
                     if (state["step"] % cfg.train.log_every == 0 or at_end) and window["loss"]:
                         self._write_train_log(window, pending, bar)

@@ -4,6 +4,7 @@ import os
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 import lictrain
@@ -49,3 +50,24 @@ def test_build_optimizer_takes_parameters_too():
     p = torch.nn.Parameter(torch.zeros(3))
     opt = lictrain.build_optimizer([p], "adam", lr=0.1)
     assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["lr"] == 0.1
+
+
+def test_train_a_model_you_built(tmp_path):
+    from compressai.models import FactorizedPrior
+
+    from lictrain.checkpoint import load_checkpoint
+    from lictrain.errors import LictrainError
+
+    torch.manual_seed(0)
+    model = FactorizedPrior(N=8, M=12)  # not one of lictrain's registered presets
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = lictrain.train({"data": {"crop": 64, "batch_size": 2}, "train": {"steps": 3, "progress": False},
+                             "optim": {"lr": 1e-3}}, ["run_dir=" + str(tmp_path / "mine")], model=model)
+    assert result.step == 3
+    ckpt = load_checkpoint(result.run_dir)
+    assert ckpt["config"]["model"] == {"name": "custom", "preset": "FactorizedPrior"}
+    assert set(ckpt["model"]) == set(before)  # the checkpoint holds this model's weights...
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())  # ...trained in place
+    assert not torch.equal(before["g_a.0.weight"], model.state_dict()["g_a.0.weight"])
+    with pytest.raises(LictrainError, match="CompressAI compression model"):
+        lictrain.train({"train": {"steps": 1}}, ["run_dir=" + str(tmp_path / "bad")], model=torch.nn.Linear(2, 2))

@@ -81,21 +81,25 @@ def _image() -> torch.Tensor:
     return F.interpolate(noise, size=(70, 90), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_decoder_rebuilds_the_encoder_side_reconstruction(name):
-    torch.manual_seed(0)
-    model = build_model(name, "tiny")
-    _spread_latents(model)
-    codec = Codec(model, name, "tiny")
+def round_trip(name: str, codec: Codec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(decoded image, encoder-side reference, y_hat) of the test image through the file format."""
     x = _image()[0]
     h, w = x.shape[-2:]
     m = downsampling(name)
     padded = F.pad(x[None], (0, (-w) % m, 0, (-h) % m), mode="replicate")
     ref, y_hat = encoder_side_reconstruction(name, codec.model, padded)
     ref = ref[0, :, :h, :w].clamp(0, 1)
-
     data = bitstream.encode(codec.compress(x))  # through the file format, as `lictrain compress` writes it
-    x_hat = codec.decompress(bitstream.decode(data))
+    return codec.decompress(bitstream.decode(data)), ref, y_hat
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_decoder_rebuilds_the_encoder_side_reconstruction(name):
+    torch.manual_seed(0)
+    model = build_model(name, "tiny")
+    _spread_latents(model)
+    x_hat, ref, y_hat = round_trip(name, Codec(model, name, "tiny"))
+    x = _image()[0]
 
     assert x_hat.shape == x.shape
     if y_hat is not None:

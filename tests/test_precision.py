@@ -79,19 +79,26 @@ def test_fp16_is_refused_for_methods_that_backpropagate_on_their_own(tmp_path):
         load_config(None, ["train.precision=fp8"])
 
 
-def test_zero_mode_with_a_memoryless_optimizer_equals_skipping(tmp_path, monkeypatch):
-    """Plain SGD (no momentum, no decay) makes a zero-gradient step a no-op, so the device-side mode must then
-    produce exactly the weights, counts and logged losses of the host-side skip."""
+def skip_and_zero_runs(tmp_path, monkeypatch, nan_steps, *overrides):
+    """The same 8-step SGD run (no momentum, no decay, no EMA) with NaN reconstructions at nan_steps under both
+    guards; asserts their final weights are identical and returns both results."""
     runs = {}
     for mode in ("skip", "zero"):
-        monkeypatch.setattr(train_mod, "build_model", _nan_model_factory({2, 3, 6}))
+        monkeypatch.setattr(train_mod, "build_model", _nan_model_factory(nan_steps))
         runs[mode] = train(tiny_config(tmp_path, "train.steps=8", "optim.name=sgd", "optim.options.momentum=0",
-                                       "optim.lr=0.1", "train.ema_decay=0", "train.log_every=4",
-                                       f"train.nonfinite={mode}", name=mode))
-    assert runs["skip"].skipped_steps == runs["zero"].skipped_steps == 3
+                                       "optim.lr=0.1", "train.ema_decay=0", f"train.nonfinite={mode}", *overrides,
+                                       name=mode))
     a, b = load_checkpoint(runs["skip"].run_dir), load_checkpoint(runs["zero"].run_dir)
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+    return runs
+
+
+def test_zero_mode_with_a_memoryless_optimizer_equals_skipping(tmp_path, monkeypatch):
+    """Plain SGD (no momentum, no decay) makes a zero-gradient step a no-op, so the device-side mode must then
+    produce exactly the weights, counts and logged losses of the host-side skip."""
+    runs = skip_and_zero_runs(tmp_path, monkeypatch, {2, 3, 6}, "train.log_every=4")
+    assert runs["skip"].skipped_steps == runs["zero"].skipped_steps == 3
     la, lb = _lines(runs["skip"].run_dir), _lines(runs["zero"].run_dir)
     assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-6)
     assert [r["skipped_steps"] for r in lb] == [2, 3]

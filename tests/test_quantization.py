@@ -8,17 +8,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from lictrain import bitstream
 from lictrain.checkpoint import load_checkpoint, model_from_checkpoint
 from lictrain.errors import LictrainError
 from lictrain.evaluation import Codec
-from lictrain.models import build_model, downsampling
+from lictrain.models import build_model
 from lictrain.quantization import adaround, quantize_activation, quantize_nearest, weight_scales
 from lictrain.quantization.ptq import calibration_batch, quantize_checkpoint, quantize_model
 from lictrain.quantization.weights import reconstruction_error
 from lictrain.trainer import train
 from tests.conftest import smooth_image, tiny_config
-from tests.test_codecs import _image, _spread_latents, encoder_side_reconstruction
+from tests.test_codecs import _image, _spread_latents, round_trip
 
 
 def test_activation_quantizer_by_hand():
@@ -86,15 +85,9 @@ def test_quantized_model_round_trip_is_exact(name):
     calib = F.interpolate(torch.rand(2, 3, 8, 8), size=(64, 64), mode="bicubic").clamp(0, 1)
     record = quantize_model(model, calib, "nearest", progress=False)
     assert len(record["layers"]) >= 6 and all(v.dtype == torch.int8 for v in record["int8"].values())
-    codec = Codec(model, name, "tiny")
-    x = _image()[0]
-    h, w = x.shape[-2:]
-    m = downsampling(name)
-    padded = F.pad(x[None], (0, (-w) % m, 0, (-h) % m), mode="replicate")
-    ref, _ = encoder_side_reconstruction(name, codec.model, padded)
-    ref = ref[0, :, :h, :w].clamp(0, 1)
-    x_hat = codec.decompress(bitstream.decode(bitstream.encode(codec.compress(x))))
+    x_hat, ref, _ = round_trip(name, Codec(model, name, "tiny"))
     assert (x_hat - ref).abs().max().item() < 1e-4
+    x = _image()[0]
     # the activation quantizers are really in the coding path: without them the same weights decode differently
     plain = build_model(name, "tiny").eval()
     plain.load_state_dict(model.state_dict())
@@ -150,7 +143,7 @@ def test_ptq_command_quantizes_evaluates_and_reports(tmp_path, capsys):
     run = train(tiny_config(tmp_path, "train.steps=2"))
     out = tmp_path / "ptq"
     args = ["ptq", str(run.run_dir), "--calib", "samples:train", "--data", "samples:val", "--max-images", "1",
-            "--calib-images", "2", "--calib-crop", "64", "--weights", "nearest", "--out", str(out)]
+            "--calib-images", "2", "--calib-crop", "64", "--weights", "nearest", "--outliers", "--out", str(out)]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     (row,) = summary["rows"]
@@ -161,6 +154,28 @@ def test_ptq_command_quantizes_evaluates_and_reports(tmp_path, capsys):
     float_eval = json.loads(next((out / "eval").glob("*-float")).joinpath("results.json").read_text())
     assert float_eval["results"]["bpp"][0] == bf
     assert load_checkpoint(next(out.glob("*-w8a8-nearest.pt")))["ptq"]["weights"] == "nearest"
+    # the outlier columns are those of `lictrain analyze outliers` on the same float checkpoint and images
+    from lictrain.analysis.commands import outliers
+
+    ref = outliers([str(run.run_dir / "checkpoint.pt")], "samples:val", tmp_path / "out", max_images=1, maps=0)[0]
+    assert summary["outliers"]["adam"]["latent_kurt"] == pytest.approx(ref["latent_kurt"])
+    assert summary["outliers"]["adam"]["act_maxmed"] == pytest.approx(ref["act_maxmed"])
+    assert "Table 2" in (out / "summary.md").read_text()
     assert main(args) == 0  # a rerun reuses the quantized files and evaluations
-    assert main(args[:-4] + ["--weights", "floor", "--out", str(out)]) == 2
+    assert main(args[:-5] + ["--weights", "floor", "--out", str(out)]) == 2
     assert "adaround, nearest or both" in capsys.readouterr().err
+
+
+def test_adaround_only_where_the_calibration_outputs_outnumber_the_weights():
+    torch.manual_seed(0)
+    calib = F.interpolate(torch.rand(2, 3, 8, 8), size=(64, 64), mode="bicubic").clamp(0, 1)
+    record = quantize_model(build_model("mbt2018-mean", "tiny").eval(), calib, "adaround", iters=3,
+                            progress=False)
+    # by hand for the tiny preset (N=16, M=24) on 2 crops of 64²: g_a.0 (3 -> 16, 5x5: 1200 weights) gives
+    # 2 x 16 x 32 x 32 = 32768 outputs (27 per weight); h_s.4 (36 -> 48, 3x3: 15552 weights) gives
+    # 2 x 48 x 4 x 4 = 1536 (0.1 per weight)
+    assert record["rounding"]["g_a.0"] == "adaround"
+    assert all(record["rounding"][n] == "nearest" for n in record["layers"] if n.startswith(("h_a", "h_s")))
+    forced = quantize_model(build_model("mbt2018-mean", "tiny").eval(), calib, "adaround", iters=3, progress=False,
+                            min_targets_per_weight=0)
+    assert set(forced["rounding"].values()) == {"adaround"}
