@@ -482,8 +482,8 @@ def test_batched_and_per_tensor_paths_agree_over_50_steps():
             pa.grad, pb.grad = g.clone(), g.clone()
         opt_a.step()
         opt_b.step()
-    batches = opt_a._batches([opt_a.state[p] for p in a])
-    assert sorted(len(idx) for idx in batches) == [1, 2, 2, 2, 3, 3]
+    buckets = opt_a._buckets[id(opt_a.param_groups[0])][1]
+    assert sorted(b.n for b in buckets) == [1, 2, 2, 2, 3, 3]
     for pa, pb, p0 in zip(a, b, start):
         moved = (pb - p0).norm()
         assert moved > 0.01 and (pa - pb).norm() <= 1e-4 * moved, ((pa - pb).norm(), moved)

@@ -28,9 +28,10 @@ Choices (all documented because they matter for LIC):
   checks this mode against pytorch_optimizer's SOAP, trajectory for trajectory.
 - The first moment is kept in the rotated space (rotated again exactly when the basis changes), which saves one
   projection per step; the arithmetic equals keeping it in the original space.
-- Speed: tensors of the same shape (a LIC model's N x N x k x k kernels, GDN gammas, the bottleneck's matrices) are
-  rotated and accumulated together with batched products; `batched=False` keeps one tensor at a time (the same
-  results to fp32 rounding, tested).
+- Speed: the state of same-shape tensors (a LIC model's N x N x k x k kernels, GDN gammas, the bottleneck's
+  matrices) is kept stacked, and rotations, factor updates and basis refreshes are batched products over the stack
+  without transposed copies (soap_buckets.py); `batched=False` keeps one tensor at a time (the same results to
+  fp32 rounding, tested).
 - Numerics: factors, eigh and QR run in fp32 (fp64 for fp64 parameters) whatever the parameter dtype or autocast.
   If a factor is not finite or eigh/QR fail, the step retries in fp64 with jitter and otherwise keeps the last good
   basis; a non-finite gradient leaves factors and moments untouched and skips that parameter's step.
@@ -43,7 +44,8 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from .common import closure_loss, full_fp32_matmul
+from .common import closure_loss, eigh_descending, full_fp32_matmul
+from .soap_buckets import KRON_MAX, Bucket
 
 
 def merged_shape(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
@@ -57,7 +59,6 @@ def merged_shape(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
     return tuple(out) or (1,)
 
 
-KRON_MAX = 64  # trailing dimensions with at most this many elements together are rotated by one Kronecker matrix
 
 
 def _rotation_plan(shape: tuple[int, ...], qs: list) -> list[tuple[int, int, int, torch.Tensor]]:
@@ -77,7 +78,9 @@ def _rotation_plan(shape: tuple[int, ...], qs: list) -> list[tuple[int, int, int
             if q is None:
                 ref = next(m for m in mats[j:] if m is not None)
                 q = torch.eye(d, dtype=ref.dtype, device=ref.device)
-            k = q if k is None else torch.kron(k, q)
+            # (contiguous: torch.kron raises a view error when one operand is a QR output, column-major, and the
+            # other is not; found by tests/test_soap_buckets.py)
+            k = q if k is None else torch.kron(k.contiguous(), q.contiguous())
         sizes, mats = sizes[:j] + [tail], mats[:j] + [k]
     return [(math.prod(sizes[:i]), sizes[i], math.prod(sizes[i + 1 :]), q) for i, q in enumerate(mats) if q is not None]
 
@@ -101,36 +104,6 @@ def _rotate(x: torch.Tensor, plan: list, back: bool = False) -> torch.Tensor:
     return x.reshape(shape)
 
 
-def _rotate_stacked(x: torch.Tensor, plan: list, back: bool = False) -> torch.Tensor:
-    """_rotate for n same-shape tensors at once: x is (n, *shape), each plan entry (pre, d, post, Q) holds the n
-    tensors' bases stacked, (n, d, d). One batched product per dimension instead of n small ones."""
-    n, shape = x.shape[0], x.shape[1:]
-    for pre, d, post, q in plan:
-        m = q if back else q.transpose(1, 2)  # applied to each vector along this dimension: y = m @ x
-        if post == 1:
-            x = torch.bmm(x.reshape(n, pre, d), m.transpose(1, 2))
-        elif pre == 1:
-            x = torch.bmm(m, x.reshape(n, d, post))
-        else:
-            xt = x.reshape(n, pre, d, post).transpose(1, 2).reshape(n, d, pre * post)
-            x = torch.bmm(m, xt).reshape(n, d, pre, post).transpose(1, 2)
-    return x.reshape(n, *shape)
-
-
-def _factor_update_stacked(fs: list[torch.Tensor], g: torch.Tensor, i: int, beta: float) -> None:
-    """_factor_update for n same-shape gradients g (n, *shape) and their factors fs (n tensors d x d)."""
-    n, shape = g.shape[0], g.shape[1:]
-    pre, d, post = math.prod(shape[:i]), shape[i], math.prod(shape[i + 1 :])
-    if post == 1:
-        gi = g.reshape(n, pre, d)
-        outer = torch.bmm(gi.transpose(1, 2), gi)
-    else:
-        gi = g.reshape(n, pre, d, post).transpose(1, 2).reshape(n, d, pre * post)
-        outer = torch.bmm(gi, gi.transpose(1, 2))
-    torch._foreach_mul_(fs, beta)
-    torch._foreach_add_(fs, list(outer.unbind(0)), alpha=1 - beta)
-
-
 def project(x: torch.Tensor, qs: list, back: bool = False) -> torch.Tensor:
     """Rotate every dimension i of x by Q_i^T (into the eigenbasis) or, with back=True, by Q_i (out of it)."""
     return _rotate(x, _rotation_plan(tuple(x.shape), qs), back)
@@ -148,33 +121,6 @@ def _factor_update(f: torch.Tensor, g: torch.Tensor, i: int, beta: float) -> Non
     else:
         gi = g.reshape(pre, d, post).transpose(0, 1).reshape(d, pre * post)
         f.addmm_(gi, gi.T, beta=beta, alpha=1 - beta)
-
-
-def _eigh_descending(m: torch.Tensor) -> torch.Tensor | None:
-    """Eigenvectors of a symmetric PSD matrix, largest eigenvalue first, or None if they cannot be had.
-
-    The matrix is first scaled to a maximum of 1 (eigenvectors do not depend on scale): LAPACK's fp32 eigh returns
-    NaN without raising on factors of tiny magnitude (seen at ~1e-9 with clipped gradients). If eigh still fails
-    or gives non-finite vectors, it is retried in fp64 with a small diagonal jitter.
-    """
-    if not torch.isfinite(m).all():
-        return None
-    scale = m.abs().max()
-    if scale == 0:
-        return torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
-    m = m / scale
-    for attempt in range(2):
-        try:
-            if attempt == 0:
-                q = torch.linalg.eigh(m)[1]
-            else:
-                eye = torch.eye(m.shape[0], dtype=torch.float64, device=m.device)
-                q = torch.linalg.eigh(m.double() + 1e-10 * eye)[1].to(m.dtype)
-        except RuntimeError:  # includes torch.linalg.LinAlgError
-            continue
-        if torch.isfinite(q).all():
-            return q.flip(1)
-    return None
 
 
 class SOAP(Optimizer):
@@ -215,7 +161,8 @@ class SOAP(Optimizer):
         super().__init__(params, defaults)
         self.check_finite = True  # see step()
         self.batched = batched  # rotate and accumulate same-shape tensors together (same results to fp32 rounding)
-        self._plans: dict = {}
+        self._plans: dict = {}  # per-tensor rotation plans (batched=False)
+        self._buckets: dict = {}  # per param group: (its parameters with a gradient, their buckets)
 
     # ---- shapes and state ----------------------------------------------------------------------------------------
     @staticmethod
@@ -264,7 +211,7 @@ class SOAP(Optimizer):
             if f is None:
                 continue
             if exact or old[i] is None:
-                q = _eigh_descending(f)
+                q = eigh_descending(f)
             else:
                 q = None
                 scale = f.abs().max()
@@ -310,19 +257,16 @@ class SOAP(Optimizer):
         """The rotation plan of p's current bases, cached until the bases change (not part of the state dict)."""
         key = (id(p), tuple(id(q) for q in state["Q"]))
         plan = self._plans.get(id(p))
-        if plan is None or plan[0] != key:  # (the bases are kept alive with the plan: see _stacked_plan)
+        if plan is None or plan[0] != key:  # the bases are kept alive with the plan: a freed id can be reused
             plan = (key, _rotation_plan(tuple(state["exp_avg"].shape), state["Q"]), list(state["Q"]))
             self._plans[id(p)] = plan
         return plan[1]
 
     def _step_group(self, group: dict) -> None:
-        """Rotations and factor updates batched over same-shape tensors (batched products), the elementwise Adam
-        arithmetic for all tensors at once (torch's foreach kernels); basis refreshes per tensor (every
-        precondition_frequency steps, not worth batching)."""
         b1, b2 = group["betas"]
         shampoo_beta = b2 if group["shampoo_beta"] is None else group["shampoo_beta"]
         authors = group.get("semantics", "adam") == "authors"
-        params, states, g_rots, grads = [], [], [], []
+        params, states = [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -330,94 +274,96 @@ class SOAP(Optimizer):
             fresh = not state
             if fresh:
                 state.update(self._fresh_state(p, group))
-            g = p.grad.reshape(state["exp_avg"].shape).to(state["exp_avg"].dtype)
-            if fresh and any(f is not None for f in state["GG"]):
-                self._accumulate_factors(state, g, shampoo_beta)
-                self._refresh_basis(state, exact=True)
-            if fresh and authors:  # the authors' first call only sets up the factors and the basis
-                continue
+                if any(f is not None for f in state["GG"]):
+                    g = p.grad.reshape(state["exp_avg"].shape).to(state["exp_avg"].dtype)
+                    self._accumulate_factors(state, g, shampoo_beta)
+                    self._refresh_basis(state, exact=True)
+                if authors:  # the authors' first call only sets up the factors and the basis
+                    continue
             state["step"] += 1
             params.append(p)
             states.append(state)
-            grads.append(g)
         if not params:
             return
-        batches = self._batches(states)
-        g_rots = self._rotate_all(params, states, grads, batches)
-        ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
-        torch._foreach_lerp_(ms, g_rots, 1 - b1)
-        torch._foreach_mul_(vs, b2)
-        torch._foreach_addcmul_(vs, g_rots, g_rots, value=1 - b2)
-        updates = self._rotate_all(params, states, self._directions(states, group, ms, vs), batches, back=True)
-        updates = [u.reshape(p.shape).to(p.dtype) for u, p in zip(updates, params)]
+        step = self._step_buckets if self.batched else self._step_per_tensor
+        step(group, params, states, shampoo_beta, authors)
+
+    def _apply(self, group: dict, params: list, updates: list, authors: bool) -> None:
+        """Weight decay (decoupled, before the update as AdamW; after it with the authors' semantics) and the step."""
         decay = 1 - group["lr"] * group["weight_decay"]
         if group["weight_decay"] and not authors:
             torch._foreach_mul_(params, decay)
         torch._foreach_sub_(params, updates)
         if group["weight_decay"] and authors:
             torch._foreach_mul_(params, decay)
-        # (the first gradient went into the factors when they were created)
-        self._accumulate_all(states, grads, batches, shampoo_beta, first_done=authors)
+
+    def _step_buckets(self, group: dict, params: list, states: list, shampoo_beta: float, authors: bool) -> None:
+        """Same-shape tensors together (soap_buckets.py): one batched product per dimension for the rotations, the
+        factor updates riding on the rotation of the gradient, the elementwise Adam arithmetic over the stacks."""
+        b1, b2 = group["betas"]
+        buckets = self._bucket_list(group, params, states)
+        g_rots = []
+        for b in buckets:
+            b.step = self.state[b.params[0]]["step"]
+            g = torch.stack([p.grad.reshape(b.shape) for p in b.params]).to(b.m.dtype)
+            # (a tensor's first gradient went into its factors when they were created, except with the authors'
+            # semantics, whose first call only initialised)
+            beta = shampoo_beta if b.step > 1 or authors else None
+            g_rots.append(b.rotate(g, accumulate=beta) if b.preconditioned else g)
+        ms, vs = [b.m for b in buckets], [b.v for b in buckets]
+        torch._foreach_lerp_(ms, g_rots, 1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, g_rots, g_rots, value=1 - b2)
+        directions = self._directions([{"step": b.step} for b in buckets], group, ms, vs)
+        order, updates = [], []
+        for b, d in zip(buckets, directions):
+            u = b.rotate(d, back=True) if b.preconditioned else d
+            order.extend(b.params)
+            parts = u.unbind(0)
+            updates.extend(parts if b.plain else (x.view(p.shape).to(p.dtype) for x, p in zip(parts, b.params)))
+        self._apply(group, order, updates, authors)
+        for b in buckets:
+            if b.preconditioned and b.step % group["precondition_frequency"] == 0:
+                b.refresh(exact=group["basis_refresh"] == "eigh")
+
+    def _bucket_list(self, group: dict, params: list, states: list) -> list[Bucket]:
+        """The group's buckets, rebuilt (stacking the per-parameter state) when the parameters with a gradient,
+        their step counts or their state objects (load_state_dict) changed."""
+        cached = self._buckets.get(id(group))
+        if (cached is not None and len(cached[0]) == len(params) and all(a is b for a, b in zip(cached[0], params))
+                and all(b.still_holds([self.state[p] for p in b.params]) for b in cached[1])):
+            return cached[1]
+        by: dict = {}
+        for p, st in zip(params, states):
+            by.setdefault(Bucket.key(st), []).append((p, st))
+        buckets = [Bucket([p for p, _ in items], [st for _, st in items]) for items in by.values()]
+        for b in buckets:  # updates need no reshape or cast (merge_dims off, fp32 parameters)
+            b.plain = all(tuple(p.shape) == b.shape and p.dtype == b.m.dtype for p in b.params)
+        self._buckets[id(group)] = (list(params), buckets)
+        return buckets
+
+    def _step_per_tensor(self, group: dict, params: list, states: list, shampoo_beta: float, authors: bool) -> None:
+        """One tensor at a time (batched=False): the reference the bucketed path is tested against."""
+        b1, b2 = group["betas"]
+        grads = [p.grad.reshape(st["exp_avg"].shape).to(st["exp_avg"].dtype) for p, st in zip(params, states)]
+        g_rots = [self._rotate_one(p, st, g) for p, st, g in zip(params, states, grads)]
+        ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+        torch._foreach_lerp_(ms, g_rots, 1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, g_rots, g_rots, value=1 - b2)
+        directions = self._directions(states, group, ms, vs)
+        updates = [self._rotate_one(p, st, d, back=True).reshape(p.shape).to(p.dtype)
+                   for p, st, d in zip(params, states, directions)]
+        self._apply(group, params, updates, authors)
         for p, st, g in zip(params, states, grads):
+            if st["step"] > 1 or authors:
+                self._accumulate_factors(st, g, shampoo_beta)
             if st["step"] % group["precondition_frequency"] == 0 and any(f is not None for f in st["GG"]):
                 self._refresh_basis(st, exact=group["basis_refresh"] == "eigh")
 
-    def _batches(self, states: list) -> list[list[int]]:
-        """Indices of the tensors handled together: same work shape, dtype and device, and the same dimensions with
-        a factor and with a basis. Unbatched (batched=False): one tensor each."""
-        if not self.batched:
-            return [[i] for i in range(len(states))]
-        by: dict = {}
-        for i, st in enumerate(states):
-            m = st["exp_avg"]
-            key = (tuple(m.shape), m.dtype, m.device, tuple(f is None for f in st["GG"]), tuple(q is None for q in st["Q"]))
-            by.setdefault(key, []).append(i)
-        return list(by.values())
-
-    def _stacked_plan(self, params: list, states: list) -> list:
-        """The rotation plan of several same-shape tensors with their bases stacked, cached until a basis changes.
-
-        The cache entry keeps the bases it was built from alive: it is keyed by their ids, and a freed tensor's id
-        can be reused by the next basis (found by a test: a stale plan after a refresh)."""
-        key = (tuple(id(p) for p in params), tuple(id(q) for st in states for q in st["Q"]))
-        hit = self._plans.get(key[0])
-        if hit is None or hit[0] != key:
-            plans = [_rotation_plan(tuple(st["exp_avg"].shape), st["Q"]) for st in states]
-            stacked = [(pre, d, post, torch.stack([pl[k][3] for pl in plans]))
-                       for k, (pre, d, post, _) in enumerate(plans[0])]
-            hit = (key, stacked, [list(st["Q"]) for st in states])
-            self._plans[key[0]] = hit
-        return hit[1]
-
-    def _rotate_all(self, params: list, states: list, xs: list, batches: list, back: bool = False) -> list:
-        """Every tensor of xs rotated into (or, back=True, out of) its parameter's eigenbasis."""
-        out = list(xs)
-        for idx in batches:
-            if len(idx) == 1:
-                i = idx[0]
-                plan = self._plan(params[i], states[i])
-                if plan:
-                    out[i] = _rotate(xs[i], plan, back)
-                continue
-            plan = self._stacked_plan([params[i] for i in idx], [states[i] for i in idx])
-            if plan:
-                y = _rotate_stacked(torch.stack([xs[i] for i in idx]), plan, back)
-                for j, i in enumerate(idx):
-                    out[i] = y[j]
-        return out
-
-    def _accumulate_all(self, states: list, grads: list, batches: list, beta: float, first_done: bool) -> None:
-        """Factor updates with this step's gradients (a tensor's first gradient is already in its factors, unless
-        first_done: the authors' first call only initialised)."""
-        for idx in batches:
-            idx = [i for i in idx if states[i]["step"] > 1 or first_done]
-            if len(idx) == 1:
-                self._accumulate_factors(states[idx[0]], grads[idx[0]], beta)
-            elif idx:
-                g = torch.stack([grads[i] for i in idx])
-                for k, f in enumerate(states[idx[0]]["GG"]):
-                    if f is not None:
-                        _factor_update_stacked([states[i]["GG"][k] for i in idx], g, k, beta)
+    def _rotate_one(self, p: torch.Tensor, state: dict, x: torch.Tensor, back: bool = False) -> torch.Tensor:
+        plan = self._plan(p, state)
+        return _rotate(x, plan, back) if plan else x
 
     @staticmethod
     def _directions(states: list, group: dict, ms: list, vs: list) -> list:
@@ -506,6 +452,7 @@ class SOAP(Optimizer):
         originals = dict(state_dict["state"])
         super().load_state_dict(state_dict)
         self._plans.clear()
+        self._buckets.clear()
         indices = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(indices, params):

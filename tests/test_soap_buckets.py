@@ -1,0 +1,123 @@
+"""SOAP's stacked state (lictrain/optim/soap_buckets.py) against independent references: the explicit Kronecker
+product acting on the vectorised tensor, the Gram matrix of the raw gradient with its dimension moved first, and
+the per-tensor refresh of soap.py."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from lictrain.optim.soap import SOAP
+from lictrain.optim.soap_buckets import Bucket
+
+# (shape, dimensions without a factor): conv kernels (trailing kh x kw merged into one Kronecker step), three
+# trailing small dimensions (the general partial trace), size-1 dimensions, a dimension kept diagonal (as one larger
+# than max_precond_dim is) in the middle and at the end, a matrix, a vector with a factor (precondition_1d)
+SHAPES = [((4, 3, 2, 3), ()), ((3, 2, 2, 2), ()), ((6, 1, 3), ()), ((5, 4, 1, 1), ()), ((4, 7, 3), (1,)),
+          ((3, 5, 9), (2,)), ((6, 5), ()), ((7,), ())]
+
+
+def _bucket(shape, diagonal, n=3, seed=0, step=4):
+    gen = torch.Generator().manual_seed(seed)
+    states = []
+    for _ in range(n):
+        gg = [None if (i in diagonal or d == 1) else _spd(d, gen) for i, d in enumerate(shape)]
+        qs = [None if f is None else torch.linalg.qr(torch.randn(f.shape, generator=gen, dtype=torch.float64))[0]
+              for f in gg]
+        states.append({"step": step, "exp_avg": torch.randn(shape, generator=gen, dtype=torch.float64),
+                       "exp_avg_sq": torch.rand(shape, generator=gen, dtype=torch.float64), "GG": gg, "Q": qs})
+    reference = copy.deepcopy(states)
+    return Bucket([None] * n, states), reference, gen
+
+
+def _spd(d, gen):
+    a = torch.randn(d, d + 2, generator=gen, dtype=torch.float64)
+    return a @ a.T / d
+
+
+def _kron(qs, shape):
+    k = torch.ones(1, 1, dtype=torch.float64)
+    for q, d in zip(qs, shape):
+        k = torch.kron(k, torch.eye(d, dtype=torch.float64) if q is None else q.contiguous()).contiguous()
+    return k
+
+
+@pytest.mark.parametrize("shape,diagonal", SHAPES)
+def test_rotation_equals_the_explicit_kronecker_product(shape, diagonal):
+    bucket, ref, gen = _bucket(shape, diagonal)
+    x = torch.randn(bucket.n, *shape, generator=gen, dtype=torch.float64)
+    into, back = bucket.rotate(x), bucket.rotate(x, back=True)
+    for j, st in enumerate(ref):
+        k = _kron(st["Q"], shape)
+        torch.testing.assert_close(into[j].reshape(-1), k.T @ x[j].reshape(-1), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(back[j].reshape(-1), k @ x[j].reshape(-1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape,diagonal", SHAPES)
+def test_factors_accumulated_on_the_way_equal_the_gram_of_the_raw_gradient(shape, diagonal):
+    """The factor of dimension i is taken from the partly rotated gradient; it must equal G_(i) G_(i)^T of the
+    gradient itself (rotations of the other dimensions are orthogonal and cancel)."""
+    bucket, ref, gen = _bucket(shape, diagonal)
+    g = torch.randn(bucket.n, *shape, generator=gen, dtype=torch.float64)
+    beta = 0.9
+    bucket.rotate(g, accumulate=beta)
+    for j, st in enumerate(ref):
+        for i, f0 in enumerate(st["GG"]):
+            if f0 is None:
+                assert bucket.gg[i] is None
+                continue
+            gi = g[j].movedim(i, 0).reshape(shape[i], -1)
+            torch.testing.assert_close(bucket.gg[i][j], beta * f0 + (1 - beta) * gi @ gi.T, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape,diagonal", SHAPES)
+def test_refresh_equals_the_per_tensor_refresh(shape, diagonal):
+    """Batched power iteration + QR, the second moment permuted by each item's own order (row moves and the
+    elementwise gather both), the first moment moved to the new bases in one pass: against soap.py's per-tensor
+    refresh on copies of the same states."""
+    bucket, ref, _ = _bucket(shape, diagonal, n=4, seed=1)
+    v0 = [st["exp_avg_sq"].clone() for st in ref]
+    bucket.refresh(exact=False)
+    moved = 0
+    for j, st in enumerate(ref):
+        SOAP._refresh_basis(st, exact=False)
+        for i, q in enumerate(st["Q"]):
+            if q is not None:
+                torch.testing.assert_close(bucket.q[i][j], q, rtol=1e-9, atol=1e-9)
+        assert torch.equal(bucket.v[j], st["exp_avg_sq"])  # a permutation: exact
+        torch.testing.assert_close(bucket.m[j], st["exp_avg"], rtol=1e-9, atol=1e-9)
+        moved += not torch.equal(st["exp_avg_sq"], v0[j])
+    if any(d > 1 and i not in diagonal for i, d in enumerate(shape)) and math.prod(shape) > 7:
+        assert moved > 0  # (random bases: the orders did change, so the permutation was exercised)
+
+
+def test_a_non_finite_factor_keeps_its_basis_and_its_moments_alone():
+    bucket, ref, _ = _bucket((4, 3, 2, 3), (), n=3, seed=2)
+    bucket.gg[0][1, 0, 0] = float("nan")
+    bucket.refresh(exact=False)
+    torch.testing.assert_close(bucket.q[0][1], ref[1]["Q"][0], rtol=0, atol=0)  # kept
+    SOAP._refresh_basis(ref[0], exact=False)
+    torch.testing.assert_close(bucket.q[0][0], ref[0]["Q"][0], rtol=1e-9, atol=1e-9)  # the neighbour refreshed
+    assert all(torch.isfinite(q).all() for q in bucket.q if q is not None)
+
+
+def test_parameter_state_is_views_of_the_stacks_and_a_replaced_entry_is_honoured():
+    gen = torch.Generator().manual_seed(4)
+    ps = [torch.nn.Parameter(torch.randn(4, 4, 3, 3, generator=gen)) for _ in range(3)]
+    opt = SOAP(ps, lr=1e-3, precondition_frequency=2)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    (bucket,) = opt._buckets[id(opt.param_groups[0])][1]
+    for j, p in enumerate(ps):
+        assert opt.state[p]["exp_avg_sq"].data_ptr() == bucket.v[j].data_ptr()
+    # a user (or load_state_dict) replaces one entry: the next step must use it, not the stale stack
+    opt.state[ps[1]]["exp_avg"] = torch.zeros(4, 4, 3, 3)
+    for p in ps:
+        p.grad = torch.zeros(p.shape)
+    before = ps[1].detach().clone()
+    opt.step()
+    assert torch.equal(ps[1], before)  # zero gradient and zero first moment: no step
+    assert opt.state[ps[1]]["exp_avg"].data_ptr() != 0 and opt._buckets[id(opt.param_groups[0])][1][0] is not bucket
