@@ -81,7 +81,7 @@ def checkpoint_config(ckpt: dict) -> RunConfig:
 def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> nn.Module:
     """The trained model (EMA weights when the run kept an EMA and use_ema), in eval mode on the CPU."""
     cfg = checkpoint_config(ckpt)
-    model = build_model(cfg.model.name, cfg.model.preset)
+    model = build_model(cfg.model.name, cfg.model.preset, cfg.model.kwargs)
     state = ckpt["ema"]["model"] if (use_ema and ckpt.get("ema")) else ckpt["model"]
     model.load_state_dict(state)
     if ckpt.get("ptq"):  # a W8A8 checkpoint (lictrain ptq): its weights are int8 x scale; quantize the activations

@@ -22,8 +22,9 @@ LAMBDAS_MSE = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483)  # CompressAI's s
 
 @dataclass
 class ModelConfig:
-    name: str = "mbt2018-mean"
+    name: str = "mbt2018-mean"  # a registered model (lictrain list) or an import path package.module:ClassName
     preset: str = "tiny"
+    kwargs: dict = field(default_factory=dict)  # constructor arguments: override a preset's, or build an import path
 
 
 @dataclass

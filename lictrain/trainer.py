@@ -373,7 +373,7 @@ class Trainer:
         if self.user_model is not None:
             self.model = model = self.user_model.to(device)
         else:
-            self.model = model = build_model(cfg.model.name, cfg.model.preset).to(device)
+            self.model = model = build_model(cfg.model.name, cfg.model.preset, cfg.model.kwargs).to(device)
         if cfg.train.precision != "fp32":
             keep_entropy_models_fp32(model)  # before the EMA copies the model
         self.scaler = grad_scaler(device, cfg.train.precision)

@@ -65,7 +65,7 @@ def test_train_a_model_you_built(tmp_path):
                              "optim": {"lr": 1e-3}}, ["run_dir=" + str(tmp_path / "mine")], model=model)
     assert result.step == 3
     ckpt = load_checkpoint(result.run_dir)
-    assert ckpt["config"]["model"] == {"name": "custom", "preset": "FactorizedPrior"}
+    assert ckpt["config"]["model"] == {"name": "custom", "preset": "FactorizedPrior", "kwargs": {}}
     assert set(ckpt["model"]) == set(before)  # the checkpoint holds this model's weights...
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())  # ...trained in place
     assert not torch.equal(before["g_a.0.weight"], model.state_dict()["g_a.0.weight"])

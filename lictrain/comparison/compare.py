@@ -69,6 +69,8 @@ def config_hash(cfg: RunConfig) -> str:
             d["train"].pop(key, None)
     for k in ("train", "val"):  # what a run computes depends on the alternative in use, not on its fallbacks
         d["data"][k] = active_spec(d["data"][k])
+    if not d["model"].get("kwargs"):  # added later (custom models): empty, it must not change hashes
+        d["model"].pop("kwargs", None)
     d.pop("probe")  # read-only measurements: they do not change what a run computes
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 

@@ -3,10 +3,18 @@
 `paper` is the published width (the high-rate configuration where a paper gives two), `small` and `bench` CPU
 benchmark widths, `tiny` a CPU test width; all presets keep the architecture's structure (layers, context models, groups).
 Everything is built from CompressAI's classes: lictrain adds no layers of its own here.
+
+A model may also be named by import path, `package.module:ClassName` (config `model.name`, with its constructor's
+arguments in `model.kwargs`): the class must be a CompressAI-style compression model (CompressionModel-like: forward
+returning x_hat and likelihoods, compress, decompress, update, aux_loss). The path and kwargs are recorded in the
+checkpoint's config, so eval, compress and decompress rebuild it (the module must be importable there too). Its
+`downsampling_factor` class attribute, if any, is the multiple images are padded to (else 64). `model.kwargs` also
+overrides a registered model's preset values (e.g. {N: 96}).
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import torch.nn as nn
@@ -56,6 +64,36 @@ def _elic(N: int, M: int) -> nn.Module:
 ALIASES = {"elic2022-official": "elic", "elic2022": "elic"}
 
 
+REQUIRED = ("forward", "compress", "decompress", "update", "aux_loss")
+
+
+def is_import_path(name: str) -> bool:
+    return ":" in name
+
+
+def _import_class(path: str) -> type:
+    """The class named by 'package.module:ClassName', checked to be a CompressAI-style compression model."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise LictrainError(f"model '{path}': an import path is written package.module:ClassName")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or whatever the module raises on import
+        raise LictrainError(f"model '{path}': cannot import {module_name} ({type(e).__name__}: {e})") from None
+    cls = module
+    for part in attr.split("."):
+        cls = getattr(cls, part, None)
+        if cls is None:
+            raise LictrainError(f"model '{path}': {module_name} has no attribute {attr}")
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise LictrainError(f"model '{path}': {attr} is not an nn.Module class")
+    missing = [m for m in REQUIRED if not callable(getattr(cls, m, None))]
+    if missing:
+        raise LictrainError(f"model '{path}': {attr} is not a CompressAI-style compression model "
+                            f"(missing {', '.join(missing)}; see compressai.models.CompressionModel)")
+    return cls
+
+
 def get_spec(name: str) -> ModelSpec:
     if name not in ALIASES and name not in MODELS:
         MODELS.lookup(name)  # the one-line error listing the valid models
@@ -63,16 +101,33 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def canonical_name(name: str) -> str:
+    if is_import_path(name):
+        return name
     get_spec(name)
     return ALIASES.get(name, name)
 
 
-def build_model(name: str, preset: str = "tiny") -> nn.Module:
-    spec = get_spec(name)
-    if preset not in spec.presets:
-        raise LictrainError(f"unknown preset '{preset}' for model '{name}'; valid presets: {', '.join(spec.presets)}")
-    return spec.build(**spec.presets[preset])
+def build_model(name: str, preset: str = "tiny", kwargs: dict | None = None) -> nn.Module:
+    """A registered model at a preset (kwargs override the preset's values), or the class at an import path built
+    with kwargs (the preset is then only a label)."""
+    kwargs = dict(kwargs or {})
+    if is_import_path(name):
+        cls = _import_class(name)
+        build, what = cls, name
+    else:
+        spec = get_spec(name)
+        if preset not in spec.presets:
+            raise LictrainError(f"unknown preset '{preset}' for model '{name}'; valid presets: "
+                                f"{', '.join(spec.presets)}")
+        kwargs = {**spec.presets[preset], **kwargs}
+        build, what = spec.build, f"{name} ({preset})"
+    try:
+        return build(**kwargs)
+    except TypeError as e:  # a wrong keyword or a missing argument
+        raise LictrainError(f"cannot build model {what} with {kwargs or 'no arguments'}: {e}") from None
 
 
 def downsampling(name: str) -> int:
+    if is_import_path(name):
+        return int(getattr(_import_class(name), "downsampling_factor", 64))
     return get_spec(name).downsampling
