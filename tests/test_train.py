@@ -86,8 +86,8 @@ def _nan_model_factory(nan_steps):
     """build_model whose reconstruction is NaN during the given training forward passes."""
     calls = {"n": 0}
 
-    def factory(name, preset):
-        model = build_model(name, preset)
+    def factory(name, preset, kwargs=None):
+        model = build_model(name, preset, kwargs)
 
         def hook(module, inputs, output):
             if module.training:
