@@ -322,14 +322,15 @@ def cmd_ptq(args) -> int:
 
 def cmd_list(args) -> int:
     from .methods import METHODS
-    from .models import ALIASES, MODELS
+    from .models import ALIASES, MODELS, parameter_count
     from .optim import OPTIMIZERS, WRAPPERS
 
-    print("models (presets):")
+    print("models (presets: parameters, arguments):")
     for name, spec in MODELS.items():
         alias = [a for a, t in ALIASES.items() if t == name]
-        presets = ", ".join(f"{k} {v}" for k, v in spec.presets.items())
-        print(f"  {name}{' (alias ' + ', '.join(alias) + ')' if alias else ''}: {spec.description}\n    {presets}")
+        print(f"  {name}{' (alias ' + ', '.join(alias) + ')' if alias else ''}: {spec.description}")
+        for preset, kwargs in spec.presets.items():
+            print(f"    {preset:<6} {parameter_count(name, preset) / 1e6:7.2f}M  {kwargs}")
     print("optimizers:")
     for name, spec in OPTIMIZERS.items():
         print(f"  {name}: {spec.description}; defaults {spec.defaults}")

@@ -82,10 +82,12 @@ def test_list_shows_registries(capsys):
     code, out, _ = run(["list"], capsys)
     assert code == 0
     lines = out.splitlines()
-    for name, spec in MODELS.items():  # every model on its own line, followed by every preset with its widths
+    for name, spec in MODELS.items():  # every model on its own line, followed by a line per preset with its widths
         i = next(i for i, ln in enumerate(lines) if ln.strip().startswith(name + ":") or ln.strip().startswith(name + " "))
-        for preset, widths in spec.presets.items():
-            assert f"{preset} {widths}" in lines[i + 1], (name, preset)
+        for j, (preset, widths) in enumerate(spec.presets.items()):
+            assert lines[i + 1 + j].split()[0] == preset and lines[i + 1 + j].endswith(str(widths)), (name, preset)
+    # parameter counts: TCM-S's as published (45.18M, CMD-LIC Table 1)
+    assert next(ln for ln in lines if ln.split()[:1] == ["paper"] and "'N': 64" in ln).split()[1] == "45.18M"
     for name in OPTIMIZERS:
         assert any(ln.strip().startswith(name + ":") for ln in lines), name
     methods = next(ln for ln in lines if ln.startswith("methods: "))

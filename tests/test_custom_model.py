@@ -91,3 +91,49 @@ def test_bad_import_paths_get_one_line_errors(user_module, path, message):
 def test_bad_constructor_arguments_get_one_line_errors(user_module):
     with pytest.raises(LictrainError, match="cannot build model .*SmallFactorized with {'K': 3}"):
         build_model(f"{user_module}:SmallFactorized", kwargs={"K": 3})
+
+
+def _renamed_model():
+    from compressai.models import FactorizedPrior
+
+    class Renamed(FactorizedPrior):
+        """CompressAI's factorized prior with its transforms under other names, declared for lictrain."""
+        lictrain_transforms = ("encoder", "decoder")
+
+        def __init__(self):
+            super().__init__(N=8, M=12)
+            self.encoder, self.decoder = self.g_a, self.g_s
+            del self.g_a, self.g_s
+
+        def forward(self, x):
+            y_hat, likelihoods = self.entropy_bottleneck(self.encoder(x))
+            return {"x_hat": self.decoder(y_hat), "likelihoods": {"y": likelihoods}}
+
+    return Renamed, FactorizedPrior
+
+
+def test_analyses_find_the_transforms_a_model_declares():
+    from lictrain.analysis.outliers import image_features
+    from lictrain.methods.cmd_modes import sensitive_layers
+    from lictrain.models import transforms
+
+    Renamed, FactorizedPrior = _renamed_model()
+    torch.manual_seed(0)
+    renamed, plain = Renamed(), FactorizedPrior(N=8, M=12)
+    state = {k.replace("encoder.", "g_a.").replace("decoder.", "g_s."): v for k, v in renamed.state_dict().items()}
+    plain.load_state_dict(state)
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    a = image_features(renamed, x, 16, "encoder.2")
+    b = image_features(plain, x, 16, "g_a.2")
+    for key in ("y", "y_hat", "act"):
+        assert torch.equal(a[key], b[key]), key
+    assert transforms(renamed) == ("encoder", "decoder") and transforms(plain) == ("g_a", "g_s")
+    scores = {"encoder.0": 3.0, "encoder.2": 1.0, "entropy_bottleneck": 2.0, "h_s.0": 0.5}
+    assert sensitive_layers(scores, ("encoder.", "decoder.")) == ["encoder.0", "entropy_bottleneck"]
+
+    class Undeclared(Renamed):
+        lictrain_transforms = ("g_a", "g_s")
+
+    with pytest.raises(LictrainError, match="has no module g_a, g_s: name its analysis and synthesis") as info:
+        transforms(Undeclared())
+    assert "\n" not in str(info.value)

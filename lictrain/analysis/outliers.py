@@ -23,6 +23,7 @@ import torch.nn as nn
 from ..data import EvalImages, pad_to_multiple
 from ..errors import LictrainError
 from ..methods.base import StepContext, StepHook
+from ..models import transforms
 from .stats import channels_last_matrix, kurtosis, max_median
 
 DEFAULT_LAYER = "g_a.3"
@@ -38,11 +39,13 @@ def find_module(model: nn.Module, name: str) -> nn.Module:
 
 @contextmanager
 def capture(model: nn.Module, layer: str | None):
-    """Record g_a's output (y), g_s's input (y_hat) and `layer`'s output while the block runs."""
+    """Record the analysis transform's output (y), the synthesis transform's input (y_hat) and `layer`'s output
+    while the block runs (g_a and g_s, or the transforms the model names: lictrain.models.transforms)."""
     found: dict[str, torch.Tensor] = {}
+    analysis, synthesis = transforms(model)
     handles = [
-        find_module(model, "g_a").register_forward_hook(lambda m, i, o: found.__setitem__("y", o)),
-        find_module(model, "g_s").register_forward_pre_hook(lambda m, i: found.__setitem__("y_hat", i[0])),
+        find_module(model, analysis).register_forward_hook(lambda m, i, o: found.__setitem__("y", o)),
+        find_module(model, synthesis).register_forward_pre_hook(lambda m, i: found.__setitem__("y_hat", i[0])),
     ]
     if layer:
         handles.append(find_module(model, layer).register_forward_hook(

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from ..errors import LictrainError
+from ..models import transforms
 from ..optim.cautious import CautiousAdam
 from ..registry import register_method
 from .base import Method, StepContext
@@ -290,7 +291,7 @@ class CMDLIC(Method):
             return {**logs, "cmd_embedding_off": 1.0}
         # Step 2 on the final weights
         scores = layer_sensitivity(self.model, self.named, images, ctx.criterion, self.perturb_std, self.seed)
-        sensitive = set(sensitive_layers(scores))
+        sensitive = set(sensitive_layers(scores, tuple(n + "." for n in transforms(self.model))))
         saliency = parameter_saliency(self.model, self.named, images, ctx.criterion, self.seed)
         layers = tensors_by_layer(self.named)
         blocked = torch.zeros(self.n, dtype=torch.bool)

@@ -11,7 +11,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-MAIN_TRANSFORMS = ("g_a.", "g_s.")
+from ..models import transforms
+
+
+def _main_prefixes(model) -> tuple[str, ...]:
+    """Parameter-name prefixes of the main transforms (CompressAI's g_a. and g_s. unless the model names others)."""
+    return tuple(n + "." for n in transforms(model))
 
 
 # ---- Step 1: correlation mode decomposition ------------------------------------------------------------------
@@ -163,6 +168,7 @@ def layer_sensitivity(model, named_params, images, criterion, perturb_std: float
     """Loss increase when a layer's parameters get Gaussian noise of std perturb_std * max|w| (R-D loss for
     g_a / g_s layers, rate for the others)."""
     base_loss, base_rate = sample_loss(model, images, criterion, seed)
+    main = _main_prefixes(model)
     g = torch.Generator().manual_seed(seed)
     out = {}
     for layer, idx in tensors_by_layer(named_params).items():
@@ -176,14 +182,14 @@ def layer_sensitivity(model, named_params, images, criterion, perturb_std: float
         with torch.no_grad():
             for p, s in zip(ps, saved):
                 p.copy_(s)
-        out[layer] = (loss - base_loss) if layer.startswith(MAIN_TRANSFORMS) else (rate - base_rate)
+        out[layer] = (loss - base_loss) if layer.startswith(main) else (rate - base_rate)
     return out
 
 
-def sensitive_layers(scores: dict[str, float]) -> list[str]:
-    """The top half of the g_a/g_s layers and the top half of the other layers, by loss increase."""
-    main = sorted((v, k) for k, v in scores.items() if k.startswith(MAIN_TRANSFORMS))
-    rest = sorted((v, k) for k, v in scores.items() if not k.startswith(MAIN_TRANSFORMS))
+def sensitive_layers(scores: dict[str, float], main_prefixes: tuple[str, ...] = ("g_a.", "g_s.")) -> list[str]:
+    """The top half of the main-transform layers (g_a/g_s) and the top half of the other layers, by loss increase."""
+    main = sorted((v, k) for k, v in scores.items() if k.startswith(main_prefixes))
+    rest = sorted((v, k) for k, v in scores.items() if not k.startswith(main_prefixes))
     pick = [k for _, k in main[::-1][: math.ceil(len(main) / 2)]] + [k for _, k in rest[::-1][: math.ceil(len(rest) / 2)]]
     return pick
 

@@ -2,7 +2,8 @@
 
 `paper` is the published width (the high-rate configuration where a paper gives two), `small` and `bench` CPU
 benchmark widths, `tiny` a CPU test width; all presets keep the architecture's structure (layers, context models, groups).
-Everything is built from CompressAI's classes: lictrain adds no layers of its own here.
+Everything is built from CompressAI's classes, except TCM (tcm.py: lictrain's own implementation on CompressAI's
+layers and entropy models).
 
 A model may also be named by import path, `package.module:ClassName` (config `model.name`, with its constructor's
 arguments in `model.kwargs`): the class must be a CompressAI-style compression model (CompressionModel-like: forward
@@ -10,6 +11,10 @@ returning x_hat and likelihoods, compress, decompress, update, aux_loss). The pa
 checkpoint's config, so eval, compress and decompress rebuild it (the module must be importable there too). Its
 `downsampling_factor` class attribute, if any, is the multiple images are padded to (else 64). `model.kwargs` also
 overrides a registered model's preset values (e.g. {N: 96}).
+
+The analyses (latent outliers) and CMD-LIC's layer ranking need the model's analysis transform (whose output is the
+latent y) and synthesis transform (whose input is y_hat): CompressAI's `g_a` and `g_s` unless the model names its
+own in a class attribute `lictrain_transforms = ("encoder", "decoder")`.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from compressai.models import (
 
 from ..errors import LictrainError
 from ..registry import MODELS, ModelSpec, register_model
+from .tcm import TCM
 
 
 def _elic_groups(m: int) -> list[int]:
@@ -61,7 +67,15 @@ def _elic(N: int, M: int) -> nn.Module:
     return Elic2022Official(N=N, M=M, groups=_elic_groups(M))
 
 
-ALIASES = {"elic2022-official": "elic", "elic2022": "elic"}
+_TCM_TINY = dict(N=16, M=40, Z=16, head_dims=(8,) * 6, hyper_head_dim=8, atten_inner=16, atten_head_dim=8,
+                 param_hidden=(32, 16))
+register_model("tcm", {"paper": dict(N=64), "large": dict(N=128), "small": dict(N=32, M=160, Z=96, atten_inner=64,
+                                                                              param_hidden=(112, 64)),
+                       "tiny": _TCM_TINY}, 64,
+               "Liu et al. 2023, TCM (Transformer-CNN mixture blocks, channel-wise Swin-attention entropy model); "
+               "paper = TCM-S")(TCM)
+
+ALIASES = {"elic2022-official": "elic", "elic2022": "elic", "tcm-s": "tcm"}
 
 
 REQUIRED = ("forward", "compress", "decompress", "update", "aux_loss")
@@ -92,6 +106,17 @@ def _import_class(path: str) -> type:
         raise LictrainError(f"model '{path}': {attr} is not a CompressAI-style compression model "
                             f"(missing {', '.join(missing)}; see compressai.models.CompressionModel)")
     return cls
+
+
+def transforms(model: nn.Module) -> tuple[str, str]:
+    """Module names of the model's analysis and synthesis transforms (see the module docstring)."""
+    names = tuple(getattr(model, "lictrain_transforms", ("g_a", "g_s")))
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if len(names) != 2 or missing:
+        raise LictrainError(f"{type(model).__name__} has no module {', '.join(missing) or names}: name its analysis and "
+                            "synthesis transforms in a class attribute lictrain_transforms = (\"enc\", \"dec\")")
+    return names
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -125,6 +150,12 @@ def build_model(name: str, preset: str = "tiny", kwargs: dict | None = None) -> 
         return build(**kwargs)
     except TypeError as e:  # a wrong keyword or a missing argument
         raise LictrainError(f"cannot build model {what} with {kwargs or 'no arguments'}: {e}") from None
+
+
+def parameter_count(name: str, preset: str) -> int:
+    """Trainable parameters of a registered model at a preset (the entropy bottleneck's quantiles included, as
+    papers count them)."""
+    return sum(p.numel() for p in build_model(name, preset).parameters())
 
 
 def downsampling(name: str) -> int:
