@@ -9,6 +9,7 @@ timed block only. Peak memory is the CUDA allocator's peak over the timed steps.
 The papers' workload (issue 18), on a GPU:
 
     python benchmarks/gpu_step.py --device cuda --model elic --preset paper --batch 16 --crop 256
+    python benchmarks/gpu_step.py --device cuda --model tcm --preset paper --batch 16 --crop 256   # TCM-S
 
 `--nonfinite skip,zero` puts the host-synchronising guard beside the synchronisation-free one; on the CPU (no
 asynchrony to lose) the same comparison shows what the hot-path change costs there:

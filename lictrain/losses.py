@@ -29,10 +29,14 @@ class RDTerms:
     distortion: torch.Tensor  # D as defined above
     lmbda: float
     mse: torch.Tensor  # detached, on the [0, 1] scale, for PSNR logging
+    # a training-time penalty the model's authors add to R + lmbda D (the model's forward returns it as
+    # "regularizer" in training mode only: e.g. AuxT's orthogonality term); not part of the R-D trade-off
+    regularizer: torch.Tensor | None = None
 
     @property
     def loss(self) -> torch.Tensor:
-        return self.rate + self.lmbda * self.distortion
+        rd = self.rate + self.lmbda * self.distortion
+        return rd if self.regularizer is None else rd + self.regularizer
 
     @property
     def weighted_distortion(self) -> torch.Tensor:
@@ -85,7 +89,8 @@ class RateDistortionLoss(nn.Module):
             distortion = (255.0**2) * mse
         else:
             distortion = 1.0 - ms_ssim_value(x_hat, target)
-        return RDTerms(rate=rate, distortion=distortion, lmbda=self.lmbda, mse=mse.detach())
+        return RDTerms(rate=rate, distortion=distortion, lmbda=self.lmbda, mse=mse.detach(),
+                       regularizer=output.get("regularizer"))
 
 
 def psnr_from_mse(mse: float, peak: float = 1.0) -> float:

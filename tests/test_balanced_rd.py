@@ -338,3 +338,25 @@ def test_logged_gradient_norms_and_cosine_match_separate_backward_passes():
     assert logs["grad_cos"] == pytest.approx(float(g_r @ g_d[0]) / math.sqrt(rr * dd), rel=1e-12)
     # and the update itself is the multipliers' combination
     torch.testing.assert_close(theta.grad, logs["eff_R"] * g_r + logs["eff_D"] * g_d[0], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("method", [BalancedRD, BalancedRDQP])
+def test_a_model_regulariser_is_added_outside_the_balancing(method):
+    """A model's own training penalty (AuxT's orthogonality term) reaches the gradient with weight 1, and the logged
+    distortion gradient stays the distortion's alone."""
+    theta = torch.nn.Parameter(torch.tensor([0.3, -1.2, 0.7], dtype=torch.float64))
+
+    def terms(with_reg):
+        rate = (theta**2).sum() * 0.1
+        dist = ((theta - 1) ** 2).sum() * 0.7
+        reg = (theta**4).sum() * 0.05 if with_reg else None
+        return RDTerms(rate=rate, distortion=dist / 0.5, lmbda=0.5, mse=torch.zeros(()), regularizer=reg)
+
+    g_reg = 0.2 * theta.detach() ** 3  # d/dtheta of 0.05 theta^4
+    m = method()
+    plain = m.backward(StepContext(0, None, None, [theta], terms(False), will_log=True))
+    grad_plain, theta.grad = theta.grad.clone(), None
+    logs = m.backward(StepContext(0, None, None, [theta], terms(True), will_log=True))
+    torch.testing.assert_close(theta.grad, grad_plain + g_reg, rtol=1e-12, atol=1e-15)
+    assert logs["grad_norm_D"] == pytest.approx(plain["grad_norm_D"], rel=1e-12)
+    assert logs["eff_R"] == pytest.approx(plain["eff_R"], rel=1e-12)

@@ -1,9 +1,10 @@
 """The models: CompressAI architectures registered by name (lictrain.registry.MODELS), each with size presets.
 
 `paper` is the published width (the high-rate configuration where a paper gives two), `small` and `bench` CPU
-benchmark widths, `tiny` a CPU test width; all presets keep the architecture's structure (layers, context models, groups).
-Everything is built from CompressAI's classes, except TCM (tcm.py: lictrain's own implementation on CompressAI's
-layers and entropy models).
+benchmark widths, `tiny` a CPU test width; all presets keep the architecture's structure (layers, context models,
+groups).
+Everything is built from CompressAI's classes, except TCM and TCM + AuxT (tcm.py, auxt.py: lictrain's own
+implementations on CompressAI's layers and entropy models).
 
 A model may also be named by import path, `package.module:ClassName` (config `model.name`, with its constructor's
 arguments in `model.kwargs`): the class must be a CompressAI-style compression model (CompressionModel-like: forward
@@ -39,6 +40,7 @@ from compressai.models import (
 
 from ..errors import LictrainError
 from ..registry import MODELS, ModelSpec, register_model
+from .auxt import TCMAuxT
 from .tcm import TCM
 
 
@@ -74,8 +76,11 @@ register_model("tcm", {"paper": dict(N=64), "large": dict(N=128), "small": dict(
                        "tiny": _TCM_TINY}, 64,
                "Liu et al. 2023, TCM (Transformer-CNN mixture blocks, channel-wise Swin-attention entropy model); "
                "paper = TCM-S")(TCM)
+register_model("tcm-auxt", {k: MODELS["tcm"].presets[k] for k in ("paper", "small", "tiny")}, 64,
+               "TCM with Li et al. 2025's auxiliary transform (AuxT: wavelet-based linear shortcuts, "
+               "orthogonality regulariser); paper = TCM-S + AuxT")(TCMAuxT)
 
-ALIASES = {"elic2022-official": "elic", "elic2022": "elic", "tcm-s": "tcm"}
+ALIASES = {"elic2022-official": "elic", "elic2022": "elic", "tcm-s": "tcm", "tcm+auxt": "tcm-auxt"}
 
 
 REQUIRED = ("forward", "compress", "decompress", "update", "aux_loss")
@@ -114,8 +119,8 @@ def transforms(model: nn.Module) -> tuple[str, str]:
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if len(names) != 2 or missing:
-        raise LictrainError(f"{type(model).__name__} has no module {', '.join(missing) or names}: name its analysis and "
-                            "synthesis transforms in a class attribute lictrain_transforms = (\"enc\", \"dec\")")
+        raise LictrainError(f"{type(model).__name__} has no module {', '.join(missing) or names}: name its analysis "
+                            "and synthesis transforms in a class attribute lictrain_transforms = (\"enc\", \"dec\")")
     return names
 
 

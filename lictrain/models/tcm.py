@@ -166,7 +166,7 @@ class TCM(CompressionModel):
         super().__init__()
         if M % slices:
             raise ValueError(f"M = {M} is not divisible into {slices} slices")
-        self.M, self.slices = M, slices
+        self.M, self.slices, self.depths = M, slices, tuple(depths)
         d, hd = depths, head_dims
         self.g_a = nn.Sequential(
             ResidualBlockWithStride(3, 2 * N, 2),
