@@ -45,6 +45,21 @@ def test_extreme_keys_and_decays_stay_exact_in_float32():
     torch.testing.assert_close(got.double(), reference_bi_wkv(w, u, k, v), rtol=1e-4, atol=1e-5)
 
 
+def test_lalic_like_inputs_in_float32():
+    """LALIC's regime (decay / T, keys of layer-normed tokens): the products' path, in float32."""
+    w, u, k, v = _inputs(300, 4, 3.0, seed=4)
+    w, u = torch.randn(4, dtype=torch.float64) / 300, u / 300
+    got = bi_wkv(w.float(), u.float(), k.float(), v.float())
+    torch.testing.assert_close(got.double(), reference_bi_wkv(w, u, k, v), rtol=1e-4, atol=1e-5)
+
+
+def test_negative_decays_as_lalic_may_learn_them():
+    w, u, k, v = _inputs(23, 3, 1.0, seed=3)
+    w = -3 * w  # weights grow with distance, up to exp(6 * 21) over the sequence
+    got = bi_wkv(w.float(), u.float(), k.float(), v.float(), chunk=8)
+    torch.testing.assert_close(got.double(), reference_bi_wkv(w, u, k, v), rtol=1e-4, atol=1e-5)
+
+
 def test_gradients_equal_the_references():
     w, u, k, v = _inputs(13, 2, 2.0, seed=2)
     leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]

@@ -3,8 +3,8 @@
 `paper` is the published width (the high-rate configuration where a paper gives two), `small` and `bench` CPU
 benchmark widths, `tiny` a CPU test width; all presets keep the architecture's structure (layers, context models,
 groups).
-Everything is built from CompressAI's classes, except TCM and TCM + AuxT (tcm.py, auxt.py: lictrain's own
-implementations on CompressAI's layers and entropy models).
+Everything is built from CompressAI's classes, except TCM, TCM + AuxT and LALIC (tcm.py, auxt.py, lalic.py:
+lictrain's own implementations on CompressAI's layers, entropy models and latent codecs).
 
 A model may also be named by import path, `package.module:ClassName` (config `model.name`, with its constructor's
 arguments in `model.kwargs`): the class must be a CompressAI-style compression model (CompressionModel-like: forward
@@ -41,6 +41,7 @@ from compressai.models import (
 from ..errors import LictrainError
 from ..registry import MODELS, ModelSpec, register_model
 from .auxt import TCMAuxT
+from .lalic import LALIC
 from .tcm import TCM
 
 
@@ -79,6 +80,11 @@ register_model("tcm", {"paper": dict(N=64), "large": dict(N=128), "small": dict(
 register_model("tcm-auxt", {k: MODELS["tcm"].presets[k] for k in ("paper", "small", "tiny")}, 64,
                "TCM with Li et al. 2025's auxiliary transform (AuxT: wavelet-based linear shortcuts, "
                "orthogonality regulariser); paper = TCM-S + AuxT")(TCMAuxT)
+
+register_model("lalic", {"paper": {}, "tiny": dict(dims=(16, 16, 32, 40, 32, 16), depths=(1, 1, 1, 1),
+                                                  groups=tuple(_elic_groups(40)), min_params=16)}, 64,
+               "Feng et al. 2025, LALIC (Bi-RWKV linear attention transforms, ELIC entropy model with an RWKV "
+               "channel context)")(LALIC)
 
 ALIASES = {"elic2022-official": "elic", "elic2022": "elic", "tcm-s": "tcm", "tcm+auxt": "tcm-auxt"}
 

@@ -1,25 +1,38 @@
 """The bidirectional WKV of Vision-RWKV (and of LALIC's Bi-RWKV blocks) in pure PyTorch: exact, differentiable, on
 any device, without the authors' CUDA kernel.
 
-For a sequence of T tokens, per channel c, with decay w >= 0 per step and bonus u:
+For a sequence of T tokens, per channel c, with decay w per step and bonus u (LALIC learns w unconstrained, so w may
+be negative: weights then grow with distance; the computation below does not assume a sign):
 
     wkv_t = (sum_{i != t} exp(-(|t - i| - 1) w + k_i) v_i + exp(u + k_t) v_t)
             / (sum_{i != t} exp(-(|t - i| - 1) w + k_i)     + exp(u + k_t))
 
-(the caller chooses w's scale: Vision-RWKV passes its learned decay divided by T). Computed as two decayed scans
+(the caller chooses w's scale: Vision-RWKV and LALIC pass their learned decay and bonus divided by T; LALIC's CUDA
+kernel adds 1e-6 to the denominator and, per its chunked scan, differs from this formula by O(|decay| / T), a
+difference lictrain does not reproduce). Computed as two decayed scans
 (tokens before t, tokens after t: the second is the first on the reversed sequence) in chunks of `chunk` tokens:
-inside a chunk the decayed sums are a masked (chunk x chunk) product, from one chunk to the next a carried state.
-Every partial sum is kept as (numerator, denominator, log-scale) and every exponent has its maximum subtracted
-before exponentiation (the way a softmax is stabilised), so the result is exact up to floating-point rounding for
-any range of k, w and u — tested against a token-by-token reference in float64. Memory: B x T x chunk x C for the
-in-chunk weights (per direction); time: T / chunk small steps of the carried state. Measured on 2 CPU cores
-(2026-11-23): B = 2, T = 64 x 64, C = 64, forward + backward 2.1 s at chunk 16 (2.8 s at 32), 1.2 GB peak: exact but
-not fast; a fused kernel would be the GPU path.
+inside a chunk the decayed sums are a masked (chunk x chunk) product per channel, from chunk to chunk a carried
+state (again one product over the chunks). Every partial sum is kept as (numerator, denominator, log-scale) and
+exponents have their maximum subtracted before exponentiation (as a softmax is stabilised). When the log-weights
+inside a chunk, or across the chunks, span more than _FAST_SPREAD nats (keys far apart, or steep decays), the
+products could lose terms below fp32's range, and that part is computed pair by pair with each row's own maximum
+(in-chunk) or chunk by chunk (the carried state) instead: the result is exact up to floating-point rounding for any
+range of k, w and u, tested against a token-by-token reference in float64. LALIC's decays are its learned values
+divided by T (tiny) and its keys are projections of layer-normed tokens, so it takes the products.
+
+Measured on 2 CPU cores (2026-11-23): B = 2, T = 64 x 64, C = 64, forward + backward 0.24 s at chunk 64 (the first,
+pair-by-pair version: 2.1 s); a LALIC block at 128 x 128 x 96 (its first stage at 256^2), 1.1 s forward + backward.
+A fused kernel would be the fast GPU path (the authors' is built for one GPU architecture only).
 """
 
 from __future__ import annotations
 
 import torch
+
+# Above this spread of log-weights inside a chunk (keys' range plus the decay over a chunk, in nats) the in-chunk sums
+# are taken pair by pair with per-row maxima; below it as two products (fp32 keeps exp(-60) * 1e-7 well above its
+# smallest normal number, so nothing underflows).
+_FAST_SPREAD = 60.0
 
 
 def _logsum(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
@@ -31,6 +44,13 @@ def _logsum(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
     return num, den, top
 
 
+def _per_channel_matmul(mat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """out[b, n, t, c, s] = sum_i mat[t, i, c] x[b, n, i, c, s], as one batched product over the channels."""
+    b, n, i, c, s = x.shape
+    out = torch.bmm(mat.permute(2, 0, 1), x.permute(3, 2, 0, 1, 4).reshape(c, i, b * n * s))
+    return out.view(c, -1, b, n, s).permute(2, 3, 1, 0, 4)
+
+
 def _scan_before(w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int):
     """For every t, the sums over i < t of exp(-(t - 1 - i) w + k_i) * (v_i, 1), as (num, den, log-scale);
     k, v: (B, T, C) with T a multiple of chunk; w: (C,)."""
@@ -40,13 +60,23 @@ def _scan_before(w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int):
     pos = torch.arange(chunk, device=k.device, dtype=k.dtype)
     dist = pos[:, None] - 1 - pos[None, :]  # t - 1 - i inside a chunk, (L, L)
     mask = pos[:, None] > pos[None, :]
-    # in-chunk part: logw[b, n, t, i, c] = -(t - 1 - i) w + k_i for i < t
-    logw = -dist[..., None] * w + kc[:, :, None, :, :]
-    logw = logw.masked_fill(~mask[..., None], float("-inf"))
-    top = logw.amax(3)  # (b, n, L, c), -inf for each chunk's first token
-    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    e = torch.exp(logw - safe[:, :, :, None, :])
-    in_num, in_den = (e * vc[:, :, None]).sum(3), e.sum(3)
+    # in-chunk part: sum over i < t of exp(-(t - 1 - i) w) exp(k_i) (v_i, 1)
+    k_top = kc.amax(2, keepdim=True)  # (b, n, 1, c)
+    finite = torch.where(torch.isfinite(kc), kc, k_top)
+    spread = (k_top - finite.amin(2, keepdim=True)).amax() + chunk * w.abs().max()
+    if bool(spread <= _FAST_SPREAD):
+        # every term within exp(-60) of its chunk's largest: no term underflows, so the sums as products
+        decay = torch.exp(-dist[..., None] * w).masked_fill(~mask[..., None], 0.0)  # (L, L, c)
+        ek = torch.exp(kc - torch.where(torch.isfinite(k_top), k_top, torch.zeros_like(k_top)))
+        in_num, in_den = _per_channel_matmul(decay, torch.stack((ek * vc, ek), -1)).unbind(-1)
+        top = k_top.expand_as(kc)
+    else:  # the log-weights of every pair, each token's row stabilised by its own maximum (exact for any range)
+        logw = -dist[..., None] * w + kc[:, :, None, :, :]
+        logw = logw.masked_fill(~mask[..., None], float("-inf"))
+        top = logw.amax(3)  # (b, n, L, c), -inf for each chunk's first token
+        safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        e = torch.exp(logw - safe[:, :, :, None, :])
+        in_num, in_den = (e * vc[:, :, None]).sum(3), e.sum(3)
 
     # carried state: at the start of chunk j, the sum over all earlier chunks' tokens
     to_end = (chunk - 1 - pos)[:, None] * w  # decay from token i to the chunk's last step, (L, c)
@@ -54,21 +84,32 @@ def _scan_before(w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int):
     chunk_top = chunk_logw.amax(2)  # (b, n, c)
     ec = torch.exp(chunk_logw - chunk_top[:, :, None])
     chunk_num, chunk_den = (ec * vc).sum(2), ec.sum(2)
-    s_num = torch.zeros(b, c, dtype=k.dtype, device=k.device)
-    s_den, s_scale = torch.zeros_like(s_num), torch.full_like(s_num, float("-inf"))
-    states = []
-    for j in range(n):
-        states.append((s_num, s_den, s_scale))
-        s_num, s_den, s_scale = _logsum([(s_num, s_den, s_scale - chunk * w),
-                                         (chunk_num[:, j], chunk_den[:, j], chunk_top[:, j])])
-    st_num = torch.stack([s[0] for s in states], 1)[:, :, None]  # (b, n, 1, c)
-    st_den = torch.stack([s[1] for s in states], 1)[:, :, None]
-    st_scale = torch.stack([s[2] for s in states], 1)[:, :, None] - pos[:, None] * w  # decayed to each token
+    all_top = chunk_top.amax(1, keepdim=True)  # (b, 1, c): every chunk holds a real token, so finite
+    if bool((all_top - chunk_top).amax() + t_len * w.abs().max() <= _FAST_SPREAD):
+        # the chunk-level scan as one product: chunk j' reaches chunk j's start decayed by (j - 1 - j') chunks
+        idx = torch.arange(n, device=k.device)
+        gap = (idx[:, None] - 1 - idx[None, :]).to(k.dtype)
+        carry = torch.exp(-(gap[..., None] * chunk) * w).masked_fill(~(idx[:, None] > idx[None, :])[..., None], 0.0)
+        scale = torch.exp(chunk_top - all_top)
+        st = _per_channel_matmul(carry, torch.stack((chunk_num * scale, chunk_den * scale), -1)[:, None])
+        st_num, st_den = (x[:, 0, :, None] for x in st.unbind(-1))  # (b, n, 1, c)
+        st_scale = (all_top[:, :, None] - pos[:, None] * w).expand(b, n, chunk, c)  # decayed to each token
+    else:  # chunk by chunk, the carried state at its own log-scale (exact for any range)
+        s_num = torch.zeros(b, c, dtype=k.dtype, device=k.device)
+        s_den, s_scale = torch.zeros_like(s_num), torch.full_like(s_num, float("-inf"))
+        states = []
+        for j in range(n):
+            states.append((s_num, s_den, s_scale))
+            s_num, s_den, s_scale = _logsum([(s_num, s_den, s_scale - chunk * w),
+                                             (chunk_num[:, j], chunk_den[:, j], chunk_top[:, j])])
+        st_num = torch.stack([s[0] for s in states], 1)[:, :, None]  # (b, n, 1, c)
+        st_den = torch.stack([s[1] for s in states], 1)[:, :, None]
+        st_scale = torch.stack([s[2] for s in states], 1)[:, :, None] - pos[:, None] * w  # decayed to each token
     num, den, scale = _logsum([(in_num, in_den, top), (st_num.expand_as(in_num), st_den.expand_as(in_den), st_scale)])
     return num.reshape(b, t_len, c), den.reshape(b, t_len, c), scale.reshape(b, t_len, c)
 
 
-def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     """The bidirectional WKV (module docstring) of k, v: (B, T, C), with w, u: (C,). Returns (B, T, C)."""
     if k.shape != v.shape or k.dim() != 3 or w.shape != (k.shape[-1],) or u.shape != w.shape:
         raise ValueError(f"bi_wkv needs k, v of shape (B, T, C) and w, u of shape (C,); got {tuple(k.shape)}, "
