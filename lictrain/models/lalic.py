@@ -18,8 +18,8 @@ Structure:
 
 Presets: `paper` is the published configuration (dims 96, 144, 256, 320, 256, 192; depths 2, 4, 6, 6; groups 16,
 16, 32, 64, 192): 65,621,045 trainable parameters (no published count was found; this is the hand count of the
-public code's layers, which its class's trainable parameters also give, the folded omni-shift copies aside); `tiny` (every element, one block per
-stage, narrow) for CPU tests.
+public code's layers, which its class's trainable parameters also give, the folded omni-shift copies aside);
+`tiny` (every element, one block per stage, narrow) for CPU tests.
 
 Where lictrain differs from the public code: the WKV is the exact formula in pure PyTorch (the public CUDA kernel
 adds 1e-6 to the denominator and its chunked scan differs from the formula by O(|decay| / T); it is built for one
