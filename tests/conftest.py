@@ -65,3 +65,19 @@ def pytest_report_header(config):
     if torch.cuda.is_available():
         return f"CUDA: {torch.cuda.get_device_name(0)} (tests marked cuda run)"
     return "CUDA: not available (tests marked cuda are skipped: the GPU path is not verified in this session)"
+
+
+def adam_losses(model, x: torch.Tensor, steps: int, lmbda: float = 0.01, lr: float = 1e-3) -> list[float]:
+    """The R-D loss before each of `steps` plain Adam steps on the fixed batch x (quantiles left alone)."""
+    from lictrain.losses import RateDistortionLoss
+
+    loss_fn = RateDistortionLoss(lmbda)
+    opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.endswith("quantiles")], lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        terms = loss_fn(model(x), x)
+        terms.loss.backward()
+        opt.step()
+        losses.append(terms.loss.item())
+    return losses

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from lictrain import bitstream
 from lictrain.evaluation import Codec
-from lictrain.losses import RateDistortionLoss
 from lictrain.models import build_model
 from lictrain.models.lalic import BiRWKVBlock, OmniShift
+from tests.conftest import adam_losses
 from tests.test_wkv import reference_bi_wkv
 
 
@@ -69,15 +69,7 @@ def test_tiny_preset_shapes_and_a_few_adam_steps_lower_the_loss():
     x = F.interpolate(torch.rand(4, 3, 6, 8, generator=g), size=(64, 64), mode="bicubic").clamp(0, 1)
     out = model(x)
     assert out["x_hat"].shape == x.shape and out["likelihoods"]["y"].shape == (4, 40, 4, 4)
-    loss_fn = RateDistortionLoss(0.01)
-    opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.endswith("quantiles")], lr=1e-3)
-    losses = []
-    for _ in range(12):
-        opt.zero_grad()
-        terms = loss_fn(model(x), x)
-        terms.loss.backward()
-        opt.step()
-        losses.append(terms.loss.item())
+    losses = adam_losses(model, x, steps=12)
     assert losses[-1] < 0.7 * losses[0], losses
 
 

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from lictrain import bitstream
 from lictrain.evaluation import Codec
-from lictrain.losses import RateDistortionLoss
 from lictrain.models import build_model, downsampling
 from lictrain.models.tcm import WindowAttention
+from tests.conftest import adam_losses
 
 
 def _reference_window_attention(attn: WindowAttention, x: torch.Tensor) -> torch.Tensor:
@@ -135,15 +135,7 @@ def test_a_few_adam_steps_lower_the_loss():
     torch.manual_seed(0)
     model = build_model("tcm", "tiny")
     x = torch.stack([_smooth_image(64, 64, seed) for seed in range(4)])
-    loss_fn = RateDistortionLoss(0.01)
-    opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.endswith("quantiles")], lr=1e-3)
-    losses = []
-    for _ in range(12):
-        opt.zero_grad()
-        terms = loss_fn(model(x), x)
-        terms.loss.backward()
-        opt.step()
-        losses.append(terms.loss.item())
+    losses = adam_losses(model, x, steps=12)
     assert losses[-1] < 0.7 * losses[0], losses
 
 
