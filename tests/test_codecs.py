@@ -44,7 +44,7 @@ def _autoregressive_latents(model, y: torch.Tensor, params: torch.Tensor) -> tor
 @torch.no_grad()
 def encoder_side_reconstruction(name: str, model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_hat, y_hat) as the encoder intends them, for a padded batch x."""
-    if name in ("elic", "lalic", "tcm", "tcm-auxt"):  # eval forward(): latents rounded around their means as encoded
+    if name in ("elic", "dcae", "lalic", "tcm", "tcm-auxt"):  # eval forward(): latents rounded around their means
         return model(x)["x_hat"], None
     y = model.g_a(x)
     if name == "bmshj2018-factorized":

@@ -3,7 +3,7 @@
 `paper` is the published width (the high-rate configuration where a paper gives two), `small` and `bench` CPU
 benchmark widths, `tiny` a CPU test width; all presets keep the architecture's structure (layers, context models,
 groups).
-Everything is built from CompressAI's classes, except TCM, TCM + AuxT and LALIC (tcm.py, auxt.py, lalic.py:
+Everything is built from CompressAI's classes, except TCM, TCM + AuxT, LALIC and DCAE (tcm.py, auxt.py, lalic.py, dcae.py:
 lictrain's own implementations on CompressAI's layers, entropy models and latent codecs).
 
 A model may also be named by import path, `package.module:ClassName` (config `model.name`, with its constructor's
@@ -41,6 +41,7 @@ from compressai.models import (
 from ..errors import LictrainError
 from ..registry import MODELS, ModelSpec, register_model
 from .auxt import TCMAuxT
+from .dcae import DCAE
 from .lalic import LALIC
 from .tcm import TCM
 
@@ -85,6 +86,11 @@ register_model("lalic", {"paper": {}, "tiny": dict(dims=(16, 16, 32, 40, 32, 16)
                                                   groups=tuple(_elic_groups(40)), min_params=16)}, 64,
                "Feng et al. 2025, LALIC (Bi-RWKV linear attention transforms, ELIC entropy model with an RWKV "
                "channel context)")(LALIC)
+
+register_model("dcae", {"paper": {}, "tiny": dict(N=16, M=40, Z=16, dims=(16, 16, 32), blocks=(1, 1, 1),
+                                                 head_dims=(8,) * 6, hyper_head_dim=8, dict_entries=8, dict_heads=2,
+                                                 dict_head_dim=8, param_hidden=(32, 16))}, 64,
+               "Lu et al. 2025, DCAE (Swin transforms, dictionary cross-attention entropy model)")(DCAE)
 
 ALIASES = {"elic2022-official": "elic", "elic2022": "elic", "tcm-s": "tcm", "tcm+auxt": "tcm-auxt"}
 
