@@ -38,7 +38,7 @@ from compressai.layers import conv3x3
 from compressai.models import CompressionModel
 from compressai.models.sensetime import ResidualBottleneckBlock  # ELIC's: 1x1, 3x3, 1x1 at half width, ReLUs, skip
 
-from .tcm import TCM, WindowAttention, _param_net
+from .tcm import TCM, WindowAttention, param_net
 
 
 def _conv(c_in: int, c_out: int, k: int, stride: int = 2) -> nn.Conv2d:
@@ -195,9 +195,9 @@ class DCAE(TCM):
         query = [2 * M + s * i for i in range(slices)]  # hyper scales, hyper means, the slices decoded before
         self.dictionary = nn.Parameter(torch.randn(dict_entries, dict_heads * dict_head_dim))
         self.dca = nn.ModuleList(DictionaryCrossAttention(c, M, dict_heads, dict_head_dim) for c in query)
-        self.cc_mean = nn.ModuleList(_param_net(c + M, s, param_hidden) for c in query)
-        self.cc_scale = nn.ModuleList(_param_net(c + M, s, param_hidden) for c in query)
-        self.lrp = nn.ModuleList(_param_net(c + M + s, s, param_hidden) for c in query)
+        self.cc_mean = nn.ModuleList(param_net(c + M, s, param_hidden) for c in query)
+        self.cc_scale = nn.ModuleList(param_net(c + M, s, param_hidden) for c in query)
+        self.lrp = nn.ModuleList(param_net(c + M + s, s, param_hidden) for c in query)
         self.entropy_bottleneck = EntropyBottleneck(Z)
         self.gaussian_conditional = GaussianConditional(None)
 

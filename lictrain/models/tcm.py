@@ -149,7 +149,8 @@ class SwinAttention(nn.Module):
         return self.out(self.trunk(x) * torch.sigmoid(self.mask(z)) + x)
 
 
-def _param_net(c_in: int, c_out: int, hidden: tuple[int, int]) -> nn.Sequential:
+def param_net(c_in: int, c_out: int, hidden: tuple[int, int]) -> nn.Sequential:
+    """The channel-wise entropy models' parameter network (TCM's, DCAE's): three 3x3 convolutions, GELUs between."""
     a, b = hidden
     return nn.Sequential(nn.Conv2d(c_in, a, 3, padding=1), nn.GELU(), nn.Conv2d(a, b, 3, padding=1), nn.GELU(),
                          nn.Conv2d(b, c_out, 3, padding=1))
@@ -190,9 +191,9 @@ class TCM(CompressionModel):
         support = [M + s * i for i in range(slices)]  # hyper output + the slices decoded before
         self.atten_mean = nn.ModuleList(SwinAttention(c, c, atten_inner, atten_head_dim, window) for c in support)
         self.atten_scale = nn.ModuleList(SwinAttention(c, c, atten_inner, atten_head_dim, window) for c in support)
-        self.cc_mean = nn.ModuleList(_param_net(c, s, param_hidden) for c in support)
-        self.cc_scale = nn.ModuleList(_param_net(c, s, param_hidden) for c in support)
-        self.lrp = nn.ModuleList(_param_net(c + s, s, param_hidden) for c in support)
+        self.cc_mean = nn.ModuleList(param_net(c, s, param_hidden) for c in support)
+        self.cc_scale = nn.ModuleList(param_net(c, s, param_hidden) for c in support)
+        self.lrp = nn.ModuleList(param_net(c + s, s, param_hidden) for c in support)
         self.entropy_bottleneck = EntropyBottleneck(Z)
         self.gaussian_conditional = GaussianConditional(None)
 
