@@ -81,3 +81,29 @@ def adam_losses(model, x: torch.Tensor, steps: int, lmbda: float = 0.01, lr: flo
         opt.step()
         losses.append(terms.loss.item())
     return losses
+
+
+def decoded_and_encoder_side(model, name: str, size: tuple[int, int], seed: int | None = None):
+    """(decoded image, encoder-side reconstruction) of a smooth test image of `size` through lictrain's codec and
+    file format, for a model whose eval forward rounds the latents as its encoder does (the channel-wise and
+    checkerboard models). The analysis transform's last layer is scaled first so the latents spread over several
+    integers (checked), else the comparison would be vacuous."""
+    import torch.nn.functional as F
+
+    from lictrain import bitstream
+    from lictrain.evaluation import Codec
+
+    g = torch.Generator().manual_seed(size[1] if seed is None else seed)
+    x = F.interpolate(torch.rand(1, 3, 6, 8, generator=g), size=size, mode="bicubic").clamp(0, 1)[0]
+    h, w = size
+    padded = F.pad(x[None], (0, (-w) % 64, 0, (-h) % 64), mode="replicate")
+    with torch.no_grad():
+        last = model.g_a[-1]
+        gain = 4 / model.g_a(padded).std()
+        last.weight.mul_(gain)
+        last.bias.mul_(gain)
+    codec = Codec(model, name, "tiny")
+    with torch.no_grad():
+        assert len(torch.unique(torch.round(codec.model.g_a(padded)))) >= 5, "latents too concentrated"
+        ref = codec.model(padded)["x_hat"][0, :, :h, :w].clamp(0, 1)
+    return codec.decompress(bitstream.decode(bitstream.encode(codec.compress(x)))), ref
