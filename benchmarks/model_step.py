@@ -46,19 +46,19 @@ def measure(name: str, preset: str, optimizer: str, batch: int, crop: int, passe
         t0 = time.perf_counter()
         opt.step()
         steps.append(_ms(t0))
-    refresh = []
-    if optimizer == "soap":  # on to the first basis refresh (every 10 steps) with the last gradient
-        n = len(steps)
-        for _ in range(n, 10):
+    refresh, every = [], 1
+    if optimizer == "soap":  # on to the first basis refresh with the last gradient
+        every = opt.defaults["precondition_frequency"]
+        for _ in range(len(steps), every):
             t0 = time.perf_counter()
             opt.step()
             steps.append(_ms(t0))
-        refresh = [steps[9]]  # the 10th step refreshes (the 1st built the bases by an eigendecomposition)
-        steps = steps[1:9]
+        refresh = [steps[every - 1]]  # that step refreshes (the 1st built the bases by an eigendecomposition)
+        steps = steps[1:every - 1]
     else:
         steps = steps[1:]
     return {"params": sum(p.numel() for p in model.parameters()), "fb": statistics.median(fb[1:]),
-            "step": statistics.median(steps), "refresh": refresh[0] if refresh else None}
+            "step": statistics.median(steps), "refresh": refresh[0] if refresh else None, "every": every}
 
 
 def main() -> None:
@@ -79,7 +79,8 @@ def main() -> None:
             adam = measure(name, preset, "adam", args.batch, args.crop, args.passes)
             soap = measure(name, preset, "soap", args.batch, args.crop, args.passes)
             fb = (adam["fb"] + soap["fb"]) / 2
-            ratio = (fb + (9 * soap["step"] + soap["refresh"]) / 10) / (fb + adam["step"])
+            every = soap["every"]
+            ratio = (fb + ((every - 1) * soap["step"] + soap["refresh"]) / every) / (fb + adam["step"])
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
             print(f"| {name} | {preset} | {adam['params'] / 1e6:.2f}M | {fb / 1000:.2f} | {adam['step']:.0f} | "
                   f"{soap['step']:.0f} | {soap['refresh']:.0f} | {ratio:.3f} | {rss:.1f} |", flush=True)

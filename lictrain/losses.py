@@ -34,9 +34,14 @@ class RDTerms:
     regularizer: torch.Tensor | None = None
 
     @property
+    def rd(self) -> torch.Tensor:
+        """R + lmbda D alone (what validation reports: the model's regularizer is training-only)."""
+        return self.rate + self.lmbda * self.distortion
+
+    @property
     def loss(self) -> torch.Tensor:
-        rd = self.rate + self.lmbda * self.distortion
-        return rd if self.regularizer is None else rd + self.regularizer
+        """The training objective: R + lmbda D, plus the model's regularizer where it returns one."""
+        return self.rd if self.regularizer is None else self.rd + self.regularizer
 
     @property
     def weighted_distortion(self) -> torch.Tensor:

@@ -36,7 +36,7 @@ from .ema import EMA
 from .errors import LictrainError
 from .losses import MS_SSIM_MIN_SIDE, RateDistortionLoss, ms_ssim_db, ms_ssim_value, psnr_from_mse
 from .methods import StepContext, StepHook, build_method
-from .models import build_model, downsampling
+from .models import build_model, check_compression_model, downsampling, downsampling_of
 from .optim import build_optimizer, kernel_parameters, split_parameters
 from .precision import autocast, compile_model, configure_tf32, grad_scaler, keep_entropy_models_fp32
 from .schedule import lr_factor
@@ -292,14 +292,6 @@ def _zero_unless(ok: torch.Tensor, params) -> None:
     torch._foreach_mul_(grads, ok.to(grads[0].dtype))
 
 
-def _check_user_model(model):
-    """A model given to train(model=...) must be a CompressAI-style compression model."""
-    if not isinstance(model, torch.nn.Module) or not callable(getattr(model, "aux_loss", None)):
-        raise LictrainError(f"train(model=...) needs a CompressAI compression model (forward returning x_hat and "
-                            f"likelihoods, and aux_loss()), got {type(model).__name__}")
-    return model
-
-
 def _disable_optimizer_finite_checks(optimizer) -> None:
     """The loop guarantees finite gradients before every step: optimizers that check on their own (SOAP, reading a
     flag from the device each step) need not."""
@@ -332,7 +324,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, resume: bool, hooks: tuple[StepHook, ...], device: torch.device,
                  dist: distributed.Dist, model: torch.nn.Module | None = None):
         self.cfg, self.resume, self.device, self.dist = cfg, resume, device, dist
-        self.user_model = _check_user_model(model) if model is not None else None
+        self.user_model = (check_compression_model(model, f"train(model=...): {type(model).__name__}")
+                           if model is not None else None)
         if model is not None:  # the checkpoint's config says it was not a registered model (eval cannot rebuild it)
             cfg.model.name, cfg.model.preset = "custom", type(model).__name__
         self.run_dir = Path(cfg.run_dir)
@@ -380,7 +373,7 @@ class Trainer:
         source = _load_initial_weights(model, cfg, device) if cfg.train.init_from and not self.resume else None
         # a user's model: its own `downsampling_factor` if it has one, else 64 (the largest total stride of
         # CompressAI's models; padding to a multiple of it is safe for all of them)
-        self.multiple = (getattr(model, "downsampling_factor", 64) if self.user_model is not None
+        self.multiple = (downsampling_of(model) if self.user_model is not None
                          else downsampling(cfg.model.name))
         if cfg.data.crop % self.multiple:
             raise LictrainError(f"data.crop must be a multiple of {self.multiple} for {cfg.model.name}, "

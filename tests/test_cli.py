@@ -79,7 +79,7 @@ def test_list_shows_registries(capsys):
     from lictrain.models import MODELS
     from lictrain.optim import OPTIMIZERS
 
-    code, out, _ = run(["list"], capsys)
+    code, out, _ = run(["list", "--params"], capsys)
     assert code == 0
     lines = out.splitlines()
     for name, spec in MODELS.items():  # every model on its own line, followed by a line per preset with its widths

@@ -137,3 +137,10 @@ def test_analyses_find_the_transforms_a_model_declares():
     with pytest.raises(LictrainError, match="has no module g_a, g_s: name its analysis and synthesis") as info:
         transforms(Undeclared())
     assert "\n" not in str(info.value)
+
+
+def test_values_that_do_not_fit_and_custom_checkpoints_get_one_line_errors():
+    with pytest.raises(LictrainError, match=r"cannot build model tcm \(tiny\) .*M = 42 is not divisible into 5"):
+        build_model("tcm", "tiny", {"M": 42})
+    with pytest.raises(LictrainError, match=r"lictrain.train\(model=...\): build that model yourself"):
+        build_model("custom", "FactorizedPrior")

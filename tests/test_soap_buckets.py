@@ -120,4 +120,5 @@ def test_parameter_state_is_views_of_the_stacks_and_a_replaced_entry_is_honoured
     before = ps[1].detach().clone()
     opt.step()
     assert torch.equal(ps[1], before)  # zero gradient and zero first moment: no step
-    assert opt.state[ps[1]]["exp_avg"].data_ptr() != 0 and opt._buckets[id(opt.param_groups[0])][1][0] is not bucket
+    (rebuilt,) = opt._buckets[id(opt.param_groups[0])][1]
+    assert rebuilt is not bucket and opt.state[ps[1]]["exp_avg"].data_ptr() == rebuilt.m[1].data_ptr()

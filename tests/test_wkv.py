@@ -83,3 +83,29 @@ def test_two_tokens_by_hand():
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match="bi_wkv needs"):
         bi_wkv(torch.zeros(3), torch.zeros(3), torch.zeros(1, 4, 2), torch.zeros(1, 4, 2))
+
+
+@pytest.mark.parametrize("spread", [-1.0, 1e9])  # every call down the pair-by-pair path, or every call by products
+def test_both_paths_give_the_formula_and_its_gradients(monkeypatch, spread):
+    import lictrain.models.wkv as wkv
+
+    monkeypatch.setattr(wkv, "_FAST_SPREAD", spread)
+    w, u, k, v = _inputs(19, 3, 1.5, seed=5)
+    leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
+    ref_leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
+    weights = torch.randn(2, 19, 3, dtype=torch.float64)
+    got = bi_wkv(*leaves, chunk=4)
+    (got * weights).sum().backward()
+    want = reference_bi_wkv(*ref_leaves)
+    (want * weights).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_autocast_does_not_lower_the_precision():
+    w, u, k, v = _inputs(40, 4, 1.0, seed=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = bi_wkv(w.float(), u.float(), k.float(), v.float())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), reference_bi_wkv(w, u, k, v), rtol=1e-5, atol=1e-6)

@@ -177,12 +177,15 @@ class BalancedRD(Method):
         # (will_log is the same on every process: the collective is safe).
         g_r = ctx.reduce_mean(_grads(rate, ctx.params, True)) if ctx.will_log else None
         e_r, e_d = float(eff[0]), float(eff[1])
-        reg = ctx.terms.regularizer  # a model's own training penalty (AuxT): added as is, outside the balancing
+        # a model's own training penalty (AuxT): added as is, outside the balancing; it depends on the weights alone,
+        # so its gradient is the same on every process and needs no averaging
+        reg = ctx.terms.regularizer
         g_reg = _grads(reg, ctx.params, True) if g_r is not None and reg is not None else None
         (e_r * rate + e_d * dist + (0 if reg is None else reg)).backward()
         if g_r is not None and e_d > 0:
-            g_d = [((p.grad if p.grad is not None else torch.zeros_like(p)) - e_r * a - (0 if g_reg is None else c))
-                   / e_d for p, a, c in zip(ctx.params, g_r, g_reg or g_r)]
+            g_reg = g_reg or [0.0] * len(g_r)
+            g_d = [((p.grad if p.grad is not None else torch.zeros_like(p)) - e_r * a - c) / e_d
+                   for p, a, c in zip(ctx.params, g_r, g_reg)]
             logs.update(_gradient_logs(_dot(g_r, g_r), _dot(g_d, g_d), _dot(g_r, g_d)))
         self._before = losses
         return logs

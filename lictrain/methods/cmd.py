@@ -62,12 +62,11 @@ import numpy as np
 import torch
 
 from ..errors import LictrainError
-from ..models import transforms
 from ..optim.cautious import CautiousAdam
 from ..registry import register_method
 from .base import Method, StepContext
-from .cmd_modes import (decompose, gram, layer_sensitivity, parameter_saliency, rls_update, sample_loss,
-                        sensitive_layers, tensors_by_layer)
+from .cmd_modes import (decompose, gram, layer_sensitivity, main_prefixes, parameter_saliency, rls_update,
+                        sample_loss, sensitive_layers, tensors_by_layer)
 
 
 # ---- the schedule: when each step of the algorithm happens ----------------------------------------------------
@@ -291,7 +290,7 @@ class CMDLIC(Method):
             return {**logs, "cmd_embedding_off": 1.0}
         # Step 2 on the final weights
         scores = layer_sensitivity(self.model, self.named, images, ctx.criterion, self.perturb_std, self.seed)
-        sensitive = set(sensitive_layers(scores, tuple(n + "." for n in transforms(self.model))))
+        sensitive = set(sensitive_layers(scores, main_prefixes(self.model)))
         saliency = parameter_saliency(self.model, self.named, images, ctx.criterion, self.seed)
         layers = tensors_by_layer(self.named)
         blocked = torch.zeros(self.n, dtype=torch.bool)

@@ -14,7 +14,7 @@ import torch.nn as nn
 from ..models import transforms
 
 
-def _main_prefixes(model) -> tuple[str, ...]:
+def main_prefixes(model) -> tuple[str, ...]:
     """Parameter-name prefixes of the main transforms (CompressAI's g_a. and g_s. unless the model names others)."""
     return tuple(n + "." for n in transforms(model))
 
@@ -160,7 +160,7 @@ def sample_loss(model, images: list[torch.Tensor], criterion, seed: int) -> tupl
         torch.manual_seed(seed)
         for x in images:
             t = criterion(model(x), x)
-            loss, rate = loss + float(t.loss), rate + float(t.rate)
+            loss, rate = loss + float(t.rd), rate + float(t.rate)  # R-D only: not a model's regularizer
     return loss / len(images), rate / len(images)
 
 
@@ -168,7 +168,7 @@ def layer_sensitivity(model, named_params, images, criterion, perturb_std: float
     """Loss increase when a layer's parameters get Gaussian noise of std perturb_std * max|w| (R-D loss for
     g_a / g_s layers, rate for the others)."""
     base_loss, base_rate = sample_loss(model, images, criterion, seed)
-    main = _main_prefixes(model)
+    main = main_prefixes(model)
     g = torch.Generator().manual_seed(seed)
     out = {}
     for layer, idx in tensors_by_layer(named_params).items():
@@ -186,10 +186,11 @@ def layer_sensitivity(model, named_params, images, criterion, perturb_std: float
     return out
 
 
-def sensitive_layers(scores: dict[str, float], main_prefixes: tuple[str, ...] = ("g_a.", "g_s.")) -> list[str]:
-    """The top half of the main-transform layers (g_a/g_s) and the top half of the other layers, by loss increase."""
-    main = sorted((v, k) for k, v in scores.items() if k.startswith(main_prefixes))
-    rest = sorted((v, k) for k, v in scores.items() if not k.startswith(main_prefixes))
+def sensitive_layers(scores: dict[str, float], prefixes: tuple[str, ...] = ("g_a.", "g_s.")) -> list[str]:
+    """The top half of the main-transform layers (names starting with `prefixes`: main_prefixes(model)) and the top
+    half of the other layers, by loss increase."""
+    main = sorted((v, k) for k, v in scores.items() if k.startswith(prefixes))
+    rest = sorted((v, k) for k, v in scores.items() if not k.startswith(prefixes))
     pick = [k for _, k in main[::-1][: math.ceil(len(main) / 2)]] + [k for _, k in rest[::-1][: math.ceil(len(rest) / 2)]]
     return pick
 

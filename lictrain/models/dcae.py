@@ -36,25 +36,18 @@ import torch.nn.functional as F
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.layers import conv3x3
 from compressai.models import CompressionModel
-from compressai.models.sensetime import ResidualBottleneckBlock  # ELIC's: 1x1, 3x3, 1x1 at half width, ReLUs, skip
+from compressai.models.sensetime import ResidualBottleneckBlock  # ELIC's: 1x1, 3x3, 1x1 at half width, ReLUs
+from compressai.models.utils import conv, deconv
 
 from .tcm import TCM, WindowAttention, param_net
 
 
-def _conv(c_in: int, c_out: int, k: int, stride: int = 2) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2)
-
-
-def _deconv(c_in: int, c_out: int, k: int) -> nn.ConvTranspose2d:
-    return nn.ConvTranspose2d(c_in, c_out, k, stride=2, padding=k // 2, output_padding=1)
-
-
 def _down(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(_conv(c_in, c_out, 5), *(ResidualBottleneckBlock(c_out, c_out) for _ in range(3)))
+    return nn.Sequential(conv(c_in, c_out, 5), *(ResidualBottleneckBlock(c_out, c_out) for _ in range(3)))
 
 
 def _up(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(*(ResidualBottleneckBlock(c_in, c_in) for _ in range(3)), _deconv(c_in, c_out, 5))
+    return nn.Sequential(*(ResidualBottleneckBlock(c_in, c_in) for _ in range(3)), deconv(c_in, c_out, 5))
 
 
 class ConvGLU(nn.Module):
@@ -180,15 +173,15 @@ class DCAE(TCM):
         self.g_a = nn.Sequential(
             _down(3, d[0]), SwinStage(d[0], hd[0], window, n[0]), _down(d[0], d[1]),
             SwinStage(d[1], hd[1], window, n[1]), _down(d[1], d[2]), SwinStage(d[2], hd[2], window, n[2]),
-            _conv(d[2], M, 5))
+            conv(d[2], M, 5))
         self.g_s = nn.Sequential(
-            _deconv(M, d[2], 5), SwinStage(d[2], hd[3], window, n[2]), _up(d[2], d[1]),
+            deconv(M, d[2], 5), SwinStage(d[2], hd[3], window, n[2]), _up(d[2], d[1]),
             SwinStage(d[1], hd[4], window, n[1]), _up(d[1], d[0]), SwinStage(d[0], hd[5], window, n[0]),
             _up(d[0], 3))
-        self.h_a = nn.Sequential(_down(M, N), SwinStage(N, hyper_head_dim, hyper_window, 1), _conv(N, Z, 3))
+        self.h_a = nn.Sequential(_down(M, N), SwinStage(N, hyper_head_dim, hyper_window, 1), conv(N, Z, 3))
 
         def hyper_synthesis() -> nn.Sequential:
-            return nn.Sequential(_deconv(Z, N, 3), SwinStage(N, hyper_head_dim, hyper_window, 1), _up(N, M))
+            return nn.Sequential(deconv(Z, N, 3), SwinStage(N, hyper_head_dim, hyper_window, 1), _up(N, M))
 
         self.h_scale_s, self.h_mean_s = hyper_synthesis(), hyper_synthesis()
         s = M // slices

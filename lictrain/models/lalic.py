@@ -38,6 +38,7 @@ from compressai.latent_codecs import (ChannelGroupsLatentCodec, CheckerboardLate
                                       GaussianConditionalLatentCodec, HyperLatentCodec, HyperpriorLatentCodec)
 from compressai.layers import CheckerboardMaskedConv2d, sequential_channel_ramp
 from compressai.models.base import SimpleVAECompressionModel
+from compressai.models.utils import conv, deconv
 
 from .wkv import bi_wkv
 
@@ -76,8 +77,7 @@ class SpatialMix(nn.Module):
         b, t, d = x.shape
         x = self.shift(x.transpose(1, 2).reshape(b, d, *hw)).flatten(2).transpose(1, 2)
         k, v, r = self.key(x), self.value(x), self.receptance(x)
-        dtype = torch.promote_types(x.dtype, torch.float32)  # at least fp32 under autocast, as the authors' kernel
-        wkv = bi_wkv((self.decay / t).to(dtype), (self.boost / t).to(dtype), k.to(dtype), v.to(dtype)).to(x.dtype)
+        wkv = bi_wkv(self.decay / t, self.boost / t, k, v).to(r.dtype)  # computed in (at least) fp32
         return self.output(torch.sigmoid(r) * wkv)
 
 
@@ -115,7 +115,7 @@ class BiRWKVBlock(nn.Module):
 class EntropyParametersBlock(nn.Module):
     """Pointwise: m = conv1x1(x); m + sigmoid(W_r LN(m)) * W_v relu(W_k LN(m))^2 (hidden 2x)."""
 
-    def __init__(self, c_in: int, c_out: int, **_):
+    def __init__(self, c_in: int, c_out: int):
         super().__init__()
         self.mix = nn.Conv2d(c_in, c_out, 1)
         self.norm = nn.LayerNorm(c_out)
@@ -128,14 +128,6 @@ class EntropyParametersBlock(nn.Module):
         h = self.norm(m.permute(0, 2, 3, 1))
         h = torch.sigmoid(self.receptance(h)) * self.value(torch.relu(self.key(h)) ** 2)
         return m + h.permute(0, 3, 1, 2)
-
-
-def _conv(c_in: int, c_out: int, k: int) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, k, stride=2, padding=k // 2)
-
-
-def _deconv(c_in: int, c_out: int, k: int) -> nn.ConvTranspose2d:
-    return nn.ConvTranspose2d(c_in, c_out, k, stride=2, padding=k // 2, output_padding=1)
 
 
 def _blocks(dim: int, depth: int) -> list[nn.Module]:
@@ -156,13 +148,13 @@ class LALIC(SimpleVAECompressionModel):
         m, self.groups = d[3], list(groups)
         if sum(groups) != m:
             raise ValueError(f"channel groups {list(groups)} do not sum to M = {m}")
-        self.g_a = nn.Sequential(_conv(3, d[0], 5), *_blocks(d[0], n[0]), _conv(d[0], d[1], 3), *_blocks(d[1], n[1]),
-                                 _conv(d[1], d[2], 3), *_blocks(d[2], n[2]), _conv(d[2], m, 3))
-        self.g_s = nn.Sequential(_deconv(m, d[2], 3), *_blocks(d[2], n[2]), _deconv(d[2], d[1], 3),
-                                 *_blocks(d[1], n[1]), _deconv(d[1], d[0], 3), *_blocks(d[0], n[0]),
-                                 _deconv(d[0], 3, 5))
-        h_a = nn.Sequential(_conv(m, d[4], 5), *_blocks(d[4], n[3]), _conv(d[4], d[5], 5))
-        h_s = nn.Sequential(_deconv(d[5], d[4], 5), *_blocks(d[4], n[3]), _deconv(d[4], m, 5))
+        self.g_a = nn.Sequential(conv(3, d[0], 5), *_blocks(d[0], n[0]), conv(d[0], d[1], 3), *_blocks(d[1], n[1]),
+                                 conv(d[1], d[2], 3), *_blocks(d[2], n[2]), conv(d[2], m, 3))
+        self.g_s = nn.Sequential(deconv(m, d[2], 3), *_blocks(d[2], n[2]), deconv(d[2], d[1], 3),
+                                 *_blocks(d[1], n[1]), deconv(d[1], d[0], 3), *_blocks(d[0], n[0]),
+                                 deconv(d[0], 3, 5))
+        h_a = nn.Sequential(conv(m, d[4], 5), *_blocks(d[4], n[3]), conv(d[4], d[5], 5))
+        h_s = nn.Sequential(deconv(d[5], d[4], 5), *_blocks(d[4], n[3]), deconv(d[4], m, 5))
         g = self.groups
         channel_context = {
             f"y{k}": nn.Sequential(nn.Conv2d(sum(g[:k]), m, 3, padding=1),

@@ -40,10 +40,7 @@ from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.layers import (AttentionBlock, ResidualBlock, ResidualBlockUpsample, ResidualBlockWithStride,
                                conv3x3, subpel_conv3x3)
 from compressai.models import CompressionModel
-
-
-def _ste_round(x: torch.Tensor) -> torch.Tensor:
-    return (torch.round(x) - x).detach() + x
+from compressai.ops import quantize_ste
 
 
 class WindowAttention(nn.Module):
@@ -216,13 +213,13 @@ class TCM(CompressionModel):
         z = self.h_a(y)
         _, z_likelihoods = self.entropy_bottleneck(z)
         medians = self.entropy_bottleneck._get_medians()
-        means, scales = self._hyper(_ste_round(z - medians) + medians)
+        means, scales = self._hyper(quantize_ste(z - medians) + medians)
         done, likelihoods = [], []
         for i, y_slice in enumerate(y.chunk(self.slices, 1)):
             mu, scale, mean_support = self._slice_params(i, means, scales, done)
             _, lik = self.gaussian_conditional(y_slice, scale, mu)
             likelihoods.append(lik)
-            done.append(self._refine(i, mean_support, _ste_round(y_slice - mu) + mu))
+            done.append(self._refine(i, mean_support, quantize_ste(y_slice - mu) + mu))
         x_hat = self.g_s(torch.cat(done, dim=1))
         return {"x_hat": x_hat, "likelihoods": {"y": torch.cat(likelihoods, dim=1), "z": z_likelihoods}}
 
@@ -246,10 +243,10 @@ class TCM(CompressionModel):
             indexes.append(gc.build_indexes(scale).flatten(1))
             done.append(self._refine(i, mean_support, q + mu))
         symbols, indexes = torch.cat(symbols, 1).tolist(), torch.cat(indexes, 1).tolist()
-        strings = []
+        strings, tables = [], self._coding_tables()
         for image_symbols, image_indexes in zip(symbols, indexes):
             encoder = BufferedRansEncoder()
-            encoder.encode_with_indexes(image_symbols, image_indexes, *self._coding_tables())
+            encoder.encode_with_indexes(image_symbols, image_indexes, *tables)
             strings.append(encoder.flush())
         return {"strings": [strings, z_strings], "shape": z.size()[-2:]}
 

@@ -14,9 +14,9 @@ difference lictrain does not reproduce). Computed as two decayed scans
 inside a chunk the decayed sums are a masked (chunk x chunk) product per channel, from chunk to chunk a carried
 state (again one product over the chunks). Every partial sum is kept as (numerator, denominator, log-scale) and
 exponents have their maximum subtracted before exponentiation (as a softmax is stabilised). When the log-weights
-inside a chunk, or across the chunks, span more than _FAST_SPREAD nats (keys far apart, or steep decays), the
-products could lose terms below fp32's range, and that part is computed pair by pair with each row's own maximum
-(in-chunk) or chunk by chunk (the carried state) instead: the result is exact up to floating-point rounding for any
+may span more than _FAST_SPREAD nats (keys far apart, or steep decays), the products could lose terms below fp32's
+range, and the sums are computed pair by pair with each row's own maximum (in-chunk) and chunk by chunk (the
+carried state) instead: the result is exact up to floating-point rounding for any
 range of k, w and u, tested against a token-by-token reference in float64. LALIC's decays are its learned values
 divided by T (tiny) and its keys are projections of layer-normed tokens, so it takes the products.
 
@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import torch
 
-# Above this spread of log-weights inside a chunk (keys' range plus the decay over a chunk, in nats) the in-chunk sums
-# are taken pair by pair with per-row maxima; below it as two products (fp32 keeps exp(-60) * 1e-7 well above its
-# smallest normal number, so nothing underflows).
+# Above this spread of log-weights (keys' range plus the decays, in nats) the sums are taken pair by pair with
+# per-row maxima and chunk by chunk; below it as products (fp32 keeps exp(-60) * 1e-7 well above its smallest normal
+# number, so nothing underflows). The decision is per call: one outlying channel sends the whole call down the
+# slow path, whose in-chunk weights take B x T x chunk x C memory.
 _FAST_SPREAD = 60.0
 
 
@@ -51,9 +52,9 @@ def _per_channel_matmul(mat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.view(c, -1, b, n, s).permute(2, 3, 1, 0, 4)
 
 
-def _scan_before(w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int):
+def _scan_before(w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, fast: bool):
     """For every t, the sums over i < t of exp(-(t - 1 - i) w + k_i) * (v_i, 1), as (num, den, log-scale);
-    k, v: (B, T, C) with T a multiple of chunk; w: (C,)."""
+    k, v: (B, T, C) with T a multiple of chunk; w: (C,); fast: the log-weights' spread allows products."""
     b, t_len, c = k.shape
     n = t_len // chunk
     kc, vc = k.view(b, n, chunk, c), v.view(b, n, chunk, c)
@@ -61,13 +62,10 @@ def _scan_before(w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int):
     dist = pos[:, None] - 1 - pos[None, :]  # t - 1 - i inside a chunk, (L, L)
     mask = pos[:, None] > pos[None, :]
     # in-chunk part: sum over i < t of exp(-(t - 1 - i) w) exp(k_i) (v_i, 1)
-    k_top = kc.amax(2, keepdim=True)  # (b, n, 1, c)
-    finite = torch.where(torch.isfinite(kc), kc, k_top)
-    spread = (k_top - finite.amin(2, keepdim=True)).amax() + chunk * w.abs().max()
-    if bool(spread <= _FAST_SPREAD):
-        # every term within exp(-60) of its chunk's largest: no term underflows, so the sums as products
+    if fast:  # every term within exp(-60) of its chunk's largest: nothing underflows, so the sums as products
+        k_top = kc.amax(2, keepdim=True)  # (b, n, 1, c): finite, every chunk holds a real token
         decay = torch.exp(-dist[..., None] * w).masked_fill(~mask[..., None], 0.0)  # (L, L, c)
-        ek = torch.exp(kc - torch.where(torch.isfinite(k_top), k_top, torch.zeros_like(k_top)))
+        ek = torch.exp(kc - k_top)
         in_num, in_den = _per_channel_matmul(decay, torch.stack((ek * vc, ek), -1)).unbind(-1)
         top = k_top.expand_as(kc)
     else:  # the log-weights of every pair, each token's row stabilised by its own maximum (exact for any range)
@@ -85,7 +83,7 @@ def _scan_before(w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int):
     ec = torch.exp(chunk_logw - chunk_top[:, :, None])
     chunk_num, chunk_den = (ec * vc).sum(2), ec.sum(2)
     all_top = chunk_top.amax(1, keepdim=True)  # (b, 1, c): every chunk holds a real token, so finite
-    if bool((all_top - chunk_top).amax() + t_len * w.abs().max() <= _FAST_SPREAD):
+    if fast:
         # the chunk-level scan as one product: chunk j' reaches chunk j's start decayed by (j - 1 - j') chunks
         idx = torch.arange(n, device=k.device)
         gap = (idx[:, None] - 1 - idx[None, :]).to(k.dtype)
@@ -114,14 +112,20 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     if k.shape != v.shape or k.dim() != 3 or w.shape != (k.shape[-1],) or u.shape != w.shape:
         raise ValueError(f"bi_wkv needs k, v of shape (B, T, C) and w, u of shape (C,); got {tuple(k.shape)}, "
                          f"{tuple(v.shape)}, {tuple(w.shape)}, {tuple(u.shape)}")
+    dtype = torch.promote_types(k.dtype, torch.float32)  # the exponentials need at least fp32's range
+    w, u, k, v = (x.to(dtype) for x in (w, u, k, v))
     t_len = k.shape[1]
     chunk = max(1, min(chunk, t_len))
     pad = (-t_len) % chunk
-    # padded tokens sit after the sequence (forward) or before it (reversed): k = -inf gives them zero weight
-    kp = torch.nn.functional.pad(k, (0, 0, 0, pad), value=float("-inf"))
-    vp = torch.nn.functional.pad(v, (0, 0, 0, pad))
-    fwd = [x[:, :t_len] for x in _scan_before(w, kp, vp, chunk)]
-    bwd = [x[:, :t_len] for x in _scan_before(w, kp.flip(1).roll(-pad, 1), vp.flip(1).roll(-pad, 1), chunk)]
-    bwd = [x.flip(1) for x in bwd]
-    num, den, _ = _logsum([tuple(fwd), tuple(bwd), (v, torch.ones_like(v), u + k)])
+    # One decision, one host read per call: the log-weights inside any chunk span at most the keys' range plus
+    # chunk |w|, the chunks' sums at most that range plus 2 chunk |w| and the carry T |w|.
+    fast = bool((k.amax(1) - k.amin(1)).amax() + (t_len + 2 * chunk) * w.abs().max() <= _FAST_SPREAD)
+    with torch.autocast(k.device.type, enabled=False):  # autocast would run the products in bf16/fp16
+        # padded tokens sit after the sequence (forward) or before it (reversed): k = -inf gives them zero weight
+        kp = torch.nn.functional.pad(k, (0, 0, 0, pad), value=float("-inf"))
+        vp = torch.nn.functional.pad(v, (0, 0, 0, pad))
+        fwd = [x[:, :t_len] for x in _scan_before(w, kp, vp, chunk, fast)]
+        rev_k, rev_v = kp.flip(1).roll(-pad, 1), vp.flip(1).roll(-pad, 1)
+        bwd = [x[:, :t_len].flip(1) for x in _scan_before(w, rev_k, rev_v, chunk, fast)]
+        num, den, _ = _logsum([tuple(fwd), tuple(bwd), (v, torch.ones_like(v), u + k)])
     return num / den

@@ -45,7 +45,7 @@ import torch
 from torch.optim import Optimizer
 
 from .common import closure_loss, eigh_descending, full_fp32_matmul
-from .soap_buckets import KRON_MAX, Bucket
+from .soap_buckets import Bucket, rotation_units
 
 
 def merged_shape(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
@@ -59,8 +59,6 @@ def merged_shape(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
     return tuple(out) or (1,)
 
 
-
-
 def _rotation_plan(shape: tuple[int, ...], qs: list) -> list[tuple[int, int, int, torch.Tensor]]:
     """How to rotate a tensor of `shape` by the Q_i: a list of (pre, d, post, Q) acting on x.reshape(pre, d, post).
 
@@ -68,12 +66,9 @@ def _rotation_plan(shape: tuple[int, ...], qs: list) -> list[tuple[int, int, int
     bases, Q_kh (x) Q_kw, which equals rotating them one by one; dimensions without a basis are skipped.
     """
     sizes, mats = list(shape), list(qs)
-    j, tail = len(sizes), 1
-    while j > 0 and tail * sizes[j - 1] <= KRON_MAX:
-        tail *= sizes[j - 1]
-        j -= 1
-    if len(sizes) - j >= 2 and any(q is not None for q in mats[j:]):
-        k = None
+    merged = rotation_units(shape, [q is not None for q in qs])[-1]
+    if len(merged) >= 2:
+        j, k = merged[0], None
         for d, q in zip(sizes[j:], mats[j:]):
             if q is None:
                 ref = next(m for m in mats[j:] if m is not None)
@@ -81,7 +76,7 @@ def _rotation_plan(shape: tuple[int, ...], qs: list) -> list[tuple[int, int, int
             # (contiguous: torch.kron raises a view error when one operand is a QR output, column-major, and the
             # other is not; found by tests/test_soap_buckets.py)
             k = q if k is None else torch.kron(k.contiguous(), q.contiguous())
-        sizes, mats = sizes[:j] + [tail], mats[:j] + [k]
+        sizes, mats = sizes[:j] + [math.prod(sizes[j:])], mats[:j] + [k]
     return [(math.prod(sizes[:i]), sizes[i], math.prod(sizes[i + 1 :]), q) for i, q in enumerate(mats) if q is not None]
 
 

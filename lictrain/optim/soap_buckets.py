@@ -35,8 +35,9 @@ from .common import eigh_descending
 KRON_MAX = 64  # trailing dimensions with at most this many elements together are rotated by one Kronecker matrix
 
 
-def _units(shape: tuple[int, ...], has_factor: list[bool]) -> list[list[int]]:
-    """The dimensions rotated together, in memory order: single dimensions, and the trailing small ones merged."""
+def rotation_units(shape: tuple[int, ...], has_factor: list[bool]) -> list[list[int]]:
+    """The dimensions rotated together, in memory order: single dimensions, and the trailing small ones merged (at
+    most KRON_MAX elements together, at least two dimensions, one of them with a basis). Shared by both paths."""
     j, tail = len(shape), 1
     while j > 0 and tail * shape[j - 1] <= KRON_MAX:
         tail *= shape[j - 1]
@@ -93,7 +94,7 @@ class Bucket:
             st["GG"] = [None if f is None else f[j] for f in self.gg]
             st["Q"] = [None if q is None else q[j] for q in self.q]
         self.views = [(st["exp_avg"], st["exp_avg_sq"], *st["GG"], *st["Q"]) for st in states]
-        self.units = _units(self.shape, [f is not None for f in self.gg])
+        self.units = rotation_units(self.shape, [f is not None for f in self.gg])
         self.preconditioned = any(f is not None for f in self.gg)
         self.n = n
         self._unit_mats()

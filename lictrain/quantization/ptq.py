@@ -92,10 +92,10 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, weights: str = "adarou
         scale = weight_scales(layer.weight, channel_axis(layer))
         rounding[name] = "nearest"
         if weights == "adaround":
-            inputs = _capture(model, layer, calib, output=False)
             targets = _capture(reference, ref_modules[name], calib, output=True)
-            if targets.numel() >= min_targets_per_weight * layer.weight.numel():
+            if targets.numel() >= min_targets_per_weight * layer.weight.numel():  # else: not worth the inputs
                 rounding[name] = "adaround"
+                inputs = _capture(model, layer, calib, output=False)
                 q = adaround(layer, inputs, targets, iters=iters, batch=batch, progress=progress,
                              desc=f"adaround {i + 1}/{len(names)} {name}")
         if rounding[name] == "nearest":

@@ -68,7 +68,7 @@ def ptq_report(checkpoints: list[str], calib: str, eval_data: str, out_dir: str 
                 quantize_checkpoint(path, batches[multiple], qpath, mode, iters, batch, keep_float, calib, progress,
                                     min_targets_per_weight)
             if mode == "adaround":
-                rounding = load_checkpoint(qpath)["ptq"]["rounding"]
+                rounding = load_checkpoint(qpath)["ptq"].get("rounding", {})  # absent in files of earlier versions
                 adarounded[label] = sorted(n for n, r in rounding.items() if r == "adaround")
             variants[mode] = _evaluate_once(qpath, eval_data, out_dir / "eval" / f"{stem}-{mode}", max_images,
                                             progress)
