@@ -92,11 +92,13 @@ def decoded_and_encoder_side(model, name: str, size: tuple[int, int], seed: int 
 
     from lictrain import bitstream
     from lictrain.evaluation import Codec
+    from lictrain.models import downsampling
 
     g = torch.Generator().manual_seed(size[1] if seed is None else seed)
     x = F.interpolate(torch.rand(1, 3, 6, 8, generator=g), size=size, mode="bicubic").clamp(0, 1)[0]
     h, w = size
-    padded = F.pad(x[None], (0, (-w) % 64, 0, (-h) % 64), mode="replicate")
+    m = downsampling(name)
+    padded = F.pad(x[None], (0, (-w) % m, 0, (-h) % m), mode="replicate")
     with torch.no_grad():
         last = model.g_a[-1]
         gain = 4 / model.g_a(padded).std()

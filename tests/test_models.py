@@ -10,19 +10,22 @@ from lictrain.models import MODELS, build_model, downsampling
 def test_tiny_presets_train_one_step(name):
     torch.manual_seed(0)
     model = build_model(name, "tiny")
-    x = torch.rand(2, 3, 64, 64)
+    side = max(64, downsampling(name))  # FLIC's windows need 128
+    x = torch.rand(2, 3, side, side)
     out = model(x)
     assert out["x_hat"].shape == x.shape
     terms = RateDistortionLoss(0.01)(out, x)
     terms.loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if not n.endswith("quantiles")]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)  # every weight takes part in R + lambda D
-    # downsampling() is the side of the coarsest latent's cell: 128 / it = that latent's side
+    # downsampling() is the side of the coarsest latent's cell, except for FLIC, whose 4x4 windows on that latent
+    # need twice it
     with torch.no_grad():
-        y = model.g_a(torch.rand(1, 3, 128, 128))
+        y = model.g_a(torch.rand(1, 3, 2 * side, 2 * side))
         h_a = model.latent_codec["hyper"].h_a if hasattr(model, "latent_codec") else getattr(model, "h_a", None)
         coarsest = h_a(y) if h_a is not None else y
-    assert coarsest.shape[-2:] == (128 // downsampling(name),) * 2
+    cell = downsampling(name) // (2 if name == "flic" else 1)
+    assert coarsest.shape[-2:] == (2 * side // cell,) * 2
 
 
 def test_paper_presets_have_published_widths():

@@ -3,8 +3,8 @@
 `paper` is the published width (the high-rate configuration where a paper gives two), `small` and `bench` CPU
 benchmark widths, `tiny` a CPU test width; all presets keep the architecture's structure (layers, context models,
 groups).
-Everything is built from CompressAI's classes, except TCM, TCM + AuxT, LALIC and DCAE (tcm.py, auxt.py, lalic.py, dcae.py:
-lictrain's own implementations on CompressAI's layers, entropy models and latent codecs).
+Everything is built from CompressAI's classes, except TCM, TCM + AuxT, LALIC, DCAE and FLIC (tcm.py, auxt.py, lalic.py,
+dcae.py, flic.py: lictrain's own implementations on CompressAI's layers, entropy models and latent codecs).
 
 A model may also be named by import path, `package.module:ClassName` (config `model.name`, with its constructor's
 arguments in `model.kwargs`): the class must be a CompressAI-style compression model (CompressionModel-like: forward
@@ -42,6 +42,7 @@ from ..errors import LictrainError
 from ..registry import MODELS, ModelSpec, register_model
 from .auxt import TCMAuxT
 from .dcae import DCAE
+from .flic import FLIC
 from .lalic import LALIC
 from .tcm import TCM
 
@@ -92,7 +93,12 @@ register_model("dcae", {"paper": {}, "tiny": dict(N=16, M=40, Z=16, dims=(16, 16
                                                  dict_head_dim=8, param_hidden=(32, 16))}, 64,
                "Lu et al. 2025, DCAE (Swin transforms, dictionary cross-attention entropy model)")(DCAE)
 
-ALIASES = {"elic2022-official": "elic", "elic2022": "elic", "tcm-s": "tcm", "tcm+auxt": "tcm-auxt"}
+register_model("flic", {"paper": {}, "tiny": dict(dims=(16, 16, 32), M=40, Z=16, hyper_dim=32, heads=(4,) * 6,
+                                                 hyper_heads=4, tca_depth=2, tca_heads=4)}, 128,
+               "Li et al. 2024, FLIC/FTIC (frequency-decomposition window attention, frequency modulation, "
+               "transformer channel-wise entropy model T-CA); images padded to multiples of 128")(FLIC)
+
+ALIASES = {"elic2022-official": "elic", "elic2022": "elic", "tcm-s": "tcm", "tcm+auxt": "tcm-auxt", "ftic": "flic"}
 
 
 REQUIRED = ("forward", "compress", "decompress", "update", "aux_loss")
@@ -118,11 +124,24 @@ def _import_class(path: str) -> type:
             raise LictrainError(f"model '{path}': {module_name} has no attribute {attr}")
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
         raise LictrainError(f"model '{path}': {attr} is not an nn.Module class")
-    missing = [m for m in REQUIRED if not callable(getattr(cls, m, None))]
-    if missing:
-        raise LictrainError(f"model '{path}': {attr} is not a CompressAI-style compression model "
-                            f"(missing {', '.join(missing)}; see compressai.models.CompressionModel)")
-    return cls
+    return check_compression_model(cls, f"model '{path}': {attr}")
+
+
+def check_compression_model(model, what: str):
+    """`model` (a class or an instance) if it has CompressAI's CompressionModel interface, else a one-line error
+    that starts with `what`."""
+    cls = model if isinstance(model, type) else type(model)
+    missing = [m for m in REQUIRED if not callable(getattr(model, m, None))]
+    if not issubclass(cls, nn.Module) or missing:
+        lacks = f"missing {', '.join(missing)}" if missing else "not an nn.Module"
+        raise LictrainError(f"{what} is not a CompressAI-style compression model ({lacks}; see "
+                            "compressai.models.CompressionModel)")
+    return model
+
+
+def downsampling_of(model) -> int:
+    """The multiple a model (class or instance) pads images to: its `downsampling_factor`, else 64."""
+    return int(getattr(model, "downsampling_factor", 64))
 
 
 def transforms(model: nn.Module) -> tuple[str, str]:
@@ -153,6 +172,10 @@ def build_model(name: str, preset: str = "tiny", kwargs: dict | None = None) -> 
     """A registered model at a preset (kwargs override the preset's values), or the class at an import path built
     with kwargs (the preset is then only a label)."""
     kwargs = dict(kwargs or {})
+    if name == "custom":  # what train(model=...) records: the class is not known here
+        raise LictrainError("this checkpoint holds a model passed to lictrain.train(model=...): build that model "
+                            "yourself and load the checkpoint's 'model' state dict, or name it by import path "
+                            "(model.name=package.module:ClassName) when training")
     if is_import_path(name):
         cls = _import_class(name)
         build, what = cls, name
@@ -165,7 +188,7 @@ def build_model(name: str, preset: str = "tiny", kwargs: dict | None = None) -> 
         build, what = spec.build, f"{name} ({preset})"
     try:
         return build(**kwargs)
-    except TypeError as e:  # a wrong keyword or a missing argument
+    except (TypeError, ValueError) as e:  # a wrong keyword, a missing argument, or values that do not fit together
         raise LictrainError(f"cannot build model {what} with {kwargs or 'no arguments'}: {e}") from None
 
 
@@ -177,5 +200,5 @@ def parameter_count(name: str, preset: str) -> int:
 
 def downsampling(name: str) -> int:
     if is_import_path(name):
-        return int(getattr(_import_class(name), "downsampling_factor", 64))
+        return downsampling_of(_import_class(name))
     return get_spec(name).downsampling
