@@ -34,7 +34,8 @@ def test_paper_preset_has_cmd_lics_parameter_count():
     # (heads/4)(5s-2)^2 together, FM filter 2 f (f/2+1) d
     for d, h, s in [(96, 8, 8), (256, 32, 2)]:
         f = 2 * s
-        assert _count(FATBlock(d, h, s, False)) == 14 * d * d + 12 * d + h // 4 * (5 * s - 2) ** 2 + 2 * f * (f // 2 + 1) * d
+        hand = 14 * d * d + 12 * d + h // 4 * (5 * s - 2) ** 2 + 2 * f * (f // 2 + 1) * d
+        assert _count(FATBlock(d, h, s, False)) == hand
 
 
 def test_shapes_and_the_size_rule():

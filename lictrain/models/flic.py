@@ -208,8 +208,9 @@ class FLIC(CompressionModel):
         h, w = x.shape[-2:]
         for stride, tile in zip((8, 8, 16, 32), self.windows):
             if h % (stride * tile) or w % (stride * tile):
-                raise ValueError(f"FLIC's windows need image sides that are multiples of {stride * tile} (got {h}x{w}); "
-                                 f"pad the image or set data.crop to a multiple of {stride * tile}")
+                side = stride * tile
+                raise ValueError(f"FLIC's windows need image sides that are multiples of {side} (got {h}x{w}); "
+                                 f"pad the image or set data.crop to a multiple of {side}")
 
     def _hyper(self, z_hat: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.h_mean_s(z_hat), self.h_scale_s(z_hat)], dim=1)  # means first, as T-CA expects
