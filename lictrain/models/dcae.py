@@ -1,7 +1,7 @@
 """DCAE: learned image compression with a dictionary-based entropy model (Lu et al., CVPR 2025), lictrain's own
 implementation after the authors' public code (GitHub LabShuHangGU/DCAE, models/dcae.py at bd00306), on
 CompressAI's layers and entropy models; the slice loop, latent residual prediction and the range coding are TCM's
-(DCAE subclasses lictrain's TCM and replaces its modules and its slice parameters).
+(both subclass ChannelSliceModel in lictrain/models/tcm.py; DCAE brings its modules and slice parameters).
 
 Structure:
 - Transforms: stride-2 stages of a 5x5 convolution and 3 residual bottleneck blocks (widths dims = 96, 144, 256),
@@ -35,11 +35,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.layers import conv3x3
-from compressai.models import CompressionModel
 from compressai.models.sensetime import ResidualBottleneckBlock  # ELIC's: 1x1, 3x3, 1x1 at half width, ReLUs
 from compressai.models.utils import conv, deconv
 
-from .tcm import TCM, WindowAttention, param_net
+from .tcm import ChannelSliceModel, WindowAttention, param_net
 
 
 def _down(c_in: int, c_out: int) -> nn.Sequential:
@@ -155,7 +154,7 @@ class DictionaryCrossAttention(nn.Module):
         return self.out(x4).permute(0, 3, 1, 2)
 
 
-class DCAE(TCM):
+class DCAE(ChannelSliceModel):
     """See the module docstring. N: hyper width; M: latent channels; Z: hyper-latent channels; dims: the transforms'
     stage widths; blocks: Swin layers per stage; dict_entries x (dict_heads * dict_head_dim): the dictionary."""
 
@@ -165,7 +164,7 @@ class DCAE(TCM):
                  blocks=(1, 2, 12), head_dims=(8, 16, 32, 32, 16, 8), window: int = 8, hyper_window: int = 4,
                  hyper_head_dim: int = 32, dict_entries: int = 128, dict_heads: int = 20, dict_head_dim: int = 32,
                  param_hidden=(224, 128)):
-        CompressionModel.__init__(self)  # TCM's modules are all replaced: only its slice loop and coding are used
+        super().__init__()
         if M % slices:
             raise ValueError(f"M = {M} is not divisible into {slices} slices")
         self.M, self.slices = M, slices

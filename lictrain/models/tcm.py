@@ -153,53 +153,15 @@ def param_net(c_in: int, c_out: int, hidden: tuple[int, int]) -> nn.Sequential:
                          nn.Conv2d(b, c_out, 3, padding=1))
 
 
-class TCM(CompressionModel):
-    """See the module docstring. N: half the transforms' width; M: latent channels; Z: hyper-latent channels."""
+class ChannelSliceModel(CompressionModel):
+    """A compression model whose latent is coded in channel slices, each slice's mean and scale predicted from the
+    hyper output and the slices before it, with latent residual prediction (TCM's and DCAE's entropy coding). The
+    subclass builds g_a, g_s, h_a, h_mean_s, h_scale_s, lrp, entropy_bottleneck, gaussian_conditional, sets M and
+    slices, and defines `_slice_params`; this class gives training, compress and decompress."""
 
-    downsampling_factor = 64
-
-    def __init__(self, N: int = 64, M: int = 320, Z: int = 192, slices: int = 5, depths=(2, 2, 2, 2, 2, 2),
-                 head_dims=(8, 16, 32, 32, 16, 8), window: int = 8, hyper_window: int = 4, hyper_head_dim: int = 32,
-                 atten_inner: int = 128, atten_head_dim: int = 16, param_hidden=(224, 128)):
-        super().__init__()
-        if M % slices:
-            raise ValueError(f"M = {M} is not divisible into {slices} slices")
-        self.M, self.slices, self.depths = M, slices, tuple(depths)
-        d, hd = depths, head_dims
-        self.g_a = nn.Sequential(
-            ResidualBlockWithStride(3, 2 * N, 2),
-            *_stage(N, d[0], hd[0], window), ResidualBlockWithStride(2 * N, 2 * N, 2),
-            *_stage(N, d[1], hd[1], window), ResidualBlockWithStride(2 * N, 2 * N, 2),
-            *_stage(N, d[2], hd[2], window), conv3x3(2 * N, M, stride=2))
-        self.g_s = nn.Sequential(
-            ResidualBlockUpsample(M, 2 * N, 2),
-            *_stage(N, d[3], hd[3], window), ResidualBlockUpsample(2 * N, 2 * N, 2),
-            *_stage(N, d[4], hd[4], window), ResidualBlockUpsample(2 * N, 2 * N, 2),
-            *_stage(N, d[5], hd[5], window), subpel_conv3x3(2 * N, 3, 2))
-        self.h_a = nn.Sequential(ResidualBlockWithStride(M, 2 * N, 2),
-                                 *_stage(N, d[0], hyper_head_dim, hyper_window), conv3x3(2 * N, Z, stride=2))
-
-        def hyper_synthesis() -> nn.Sequential:
-            return nn.Sequential(ResidualBlockUpsample(Z, 2 * N, 2),
-                                 *_stage(N, d[3], hyper_head_dim, hyper_window), subpel_conv3x3(2 * N, M, 2))
-
-        self.h_mean_s, self.h_scale_s = hyper_synthesis(), hyper_synthesis()
-        s = M // slices
-        support = [M + s * i for i in range(slices)]  # hyper output + the slices decoded before
-        self.atten_mean = nn.ModuleList(SwinAttention(c, c, atten_inner, atten_head_dim, window) for c in support)
-        self.atten_scale = nn.ModuleList(SwinAttention(c, c, atten_inner, atten_head_dim, window) for c in support)
-        self.cc_mean = nn.ModuleList(param_net(c, s, param_hidden) for c in support)
-        self.cc_scale = nn.ModuleList(param_net(c, s, param_hidden) for c in support)
-        self.lrp = nn.ModuleList(param_net(c + s, s, param_hidden) for c in support)
-        self.entropy_bottleneck = EntropyBottleneck(Z)
-        self.gaussian_conditional = GaussianConditional(None)
-
-    # ---- the slice loop, shared by training, encoding and decoding ------------------------------------------------
     def _slice_params(self, i: int, means: torch.Tensor, scales: torch.Tensor, done: list[torch.Tensor]):
-        mean_support = self.atten_mean[i](torch.cat([means, *done], dim=1))
-        mu = self.cc_mean[i](mean_support)
-        scale = self.cc_scale[i](self.atten_scale[i](torch.cat([scales, *done], dim=1)))
-        return mu, scale, mean_support
+        """(mean, scale, support) of slice i; `support` is what the LRP sees beside the rounded slice."""
+        raise NotImplementedError
 
     def _refine(self, i: int, mean_support: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
         """Latent residual prediction: y_hat + 0.5 tanh(lrp([mean support, y_hat]))."""
@@ -267,3 +229,51 @@ class TCM(CompressionModel):
             q = torch.tensor(q, dtype=mu.dtype, device=mu.device).reshape(mu.shape)
             done.append(self._refine(i, mean_support, gc.dequantize(q, mu)))
         return {"x_hat": self.g_s(torch.cat(done, dim=1)).clamp_(0, 1)}
+
+
+class TCM(ChannelSliceModel):
+    """See the module docstring. N: half the transforms' width; M: latent channels; Z: hyper-latent channels."""
+
+    downsampling_factor = 64
+
+    def __init__(self, N: int = 64, M: int = 320, Z: int = 192, slices: int = 5, depths=(2, 2, 2, 2, 2, 2),
+                 head_dims=(8, 16, 32, 32, 16, 8), window: int = 8, hyper_window: int = 4, hyper_head_dim: int = 32,
+                 atten_inner: int = 128, atten_head_dim: int = 16, param_hidden=(224, 128)):
+        super().__init__()
+        if M % slices:
+            raise ValueError(f"M = {M} is not divisible into {slices} slices")
+        self.M, self.slices, self.depths = M, slices, tuple(depths)
+        d, hd = depths, head_dims
+        self.g_a = nn.Sequential(
+            ResidualBlockWithStride(3, 2 * N, 2),
+            *_stage(N, d[0], hd[0], window), ResidualBlockWithStride(2 * N, 2 * N, 2),
+            *_stage(N, d[1], hd[1], window), ResidualBlockWithStride(2 * N, 2 * N, 2),
+            *_stage(N, d[2], hd[2], window), conv3x3(2 * N, M, stride=2))
+        self.g_s = nn.Sequential(
+            ResidualBlockUpsample(M, 2 * N, 2),
+            *_stage(N, d[3], hd[3], window), ResidualBlockUpsample(2 * N, 2 * N, 2),
+            *_stage(N, d[4], hd[4], window), ResidualBlockUpsample(2 * N, 2 * N, 2),
+            *_stage(N, d[5], hd[5], window), subpel_conv3x3(2 * N, 3, 2))
+        self.h_a = nn.Sequential(ResidualBlockWithStride(M, 2 * N, 2),
+                                 *_stage(N, d[0], hyper_head_dim, hyper_window), conv3x3(2 * N, Z, stride=2))
+
+        def hyper_synthesis() -> nn.Sequential:
+            return nn.Sequential(ResidualBlockUpsample(Z, 2 * N, 2),
+                                 *_stage(N, d[3], hyper_head_dim, hyper_window), subpel_conv3x3(2 * N, M, 2))
+
+        self.h_mean_s, self.h_scale_s = hyper_synthesis(), hyper_synthesis()
+        s = M // slices
+        support = [M + s * i for i in range(slices)]  # hyper output + the slices decoded before
+        self.atten_mean = nn.ModuleList(SwinAttention(c, c, atten_inner, atten_head_dim, window) for c in support)
+        self.atten_scale = nn.ModuleList(SwinAttention(c, c, atten_inner, atten_head_dim, window) for c in support)
+        self.cc_mean = nn.ModuleList(param_net(c, s, param_hidden) for c in support)
+        self.cc_scale = nn.ModuleList(param_net(c, s, param_hidden) for c in support)
+        self.lrp = nn.ModuleList(param_net(c + s, s, param_hidden) for c in support)
+        self.entropy_bottleneck = EntropyBottleneck(Z)
+        self.gaussian_conditional = GaussianConditional(None)
+
+    def _slice_params(self, i: int, means: torch.Tensor, scales: torch.Tensor, done: list[torch.Tensor]):
+        mean_support = self.atten_mean[i](torch.cat([means, *done], dim=1))
+        mu = self.cc_mean[i](mean_support)
+        scale = self.cc_scale[i](self.atten_scale[i](torch.cat([scales, *done], dim=1)))
+        return mu, scale, mean_support
