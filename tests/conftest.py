@@ -83,7 +83,7 @@ def adam_losses(model, x: torch.Tensor, steps: int, lmbda: float = 0.01, lr: flo
     return losses
 
 
-def decoded_and_encoder_side(model, name: str, size: tuple[int, int], seed: int | None = None):
+def decoded_and_encoder_side(model, name: str, size: tuple[int, int], seed: int | None = None, device: str = "cpu"):
     """(decoded image, encoder-side reconstruction) of a smooth test image of `size` through lictrain's codec and
     file format, for a model whose eval forward rounds the latents as its encoder does (the channel-wise and
     checkerboard models). The analysis transform's last layer is scaled first so the latents spread over several
@@ -104,8 +104,8 @@ def decoded_and_encoder_side(model, name: str, size: tuple[int, int], seed: int 
         gain = 4 / model.g_a(padded).std()
         last.weight.mul_(gain)
         last.bias.mul_(gain)
-    codec = Codec(model, name, "tiny")
+    codec = Codec(model, name, "tiny", device=device)
     with torch.no_grad():
-        assert len(torch.unique(torch.round(codec.model.g_a(padded)))) >= 5, "latents too concentrated"
-        ref = codec.model(padded)["x_hat"][0, :, :h, :w].clamp(0, 1)
-    return codec.decompress(bitstream.decode(bitstream.encode(codec.compress(x)))), ref
+        assert len(torch.unique(torch.round(codec.model.g_a(padded.to(device))))) >= 5, "latents too concentrated"
+        ref = codec.model(padded.to(device))["x_hat"][0, :, :h, :w].clamp(0, 1).cpu()
+    return codec.decompress(bitstream.decode(bitstream.encode(codec.compress(x)))).cpu(), ref

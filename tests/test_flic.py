@@ -1,20 +1,21 @@
 """FLIC (lictrain/models/flic.py, tca.py): parameter counts (CMD-LIC's 70.96M and per-module counts of the public
-code's classes), FDWA and the T-CA's channel attention against token-by-token references, FM against numpy's FFT,
-the T-CA's causality over slices, the coding tables' rate against the exact Gaussian pmf, bit-exact coding at
-several sizes, training."""
+code's classes), FAT blocks and the T-CA against the public code's outputs, FDWA and the T-CA's channel attention
+against token-by-token references, FM against numpy's FFT, the T-CA's causality over slices, the coding tables'
+rate against the exact Gaussian pmf and their symbol round trip, decoding at several sizes, training."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from compressai.ans import BufferedRansEncoder
+from compressai.ans import BufferedRansEncoder, RansDecoder
 
 from lictrain.errors import LictrainError
 from lictrain.models import build_model, downsampling
 from lictrain.models.flic import FATBlock, FDWALayer, FrequencyModulation, branch_rolls, branch_windows
-from lictrain.models.tca import TCA, IntegerGaussianConditional, TCABlock, scale_table
+from lictrain.models.tca import TCA, IntegerGaussianConditional, TCABlock, integer_scale_table
 from tests.conftest import adam_losses, decoded_and_encoder_side
 
 
@@ -102,6 +103,29 @@ def test_fdwa_equals_a_token_by_token_reference(window, shifted, public):
     torch.testing.assert_close(layer.attention(x)[0], want, rtol=1e-10, atol=1e-12)
 
 
+REFERENCE = Path(__file__).parent / "data" / "flic_public_reference.pt"
+
+
+@pytest.mark.parametrize("case", ["fat_w2_shifted", "fat_w4_shifted", "fat_w4_plain"])
+def test_fat_block_equals_the_public_codes(case):
+    """Outputs of the public code's FAT_Block (qingshi9974/ICLR2024-FTIC at e0d4886) on random weights, saved once
+    in tests/data: lictrain's block with those weights gives them."""
+    ref = torch.load(REFERENCE)[case]
+    block = FATBlock(16, 8, ref["window"], ref["shifted"]).eval()
+    block.load_state_dict(ref["state"])
+    with torch.no_grad():
+        torch.testing.assert_close(block(ref["x"]), ref["out"], rtol=1e-5, atol=1e-5)
+
+
+def test_tca_equals_the_public_codes():
+    ref = torch.load(REFERENCE)["tca"]
+    tca = TCA(M=40, slices=5, ratio=4, depth=2, heads=16, window=8).eval()
+    tca.load_state_dict(ref["state"])
+    with torch.no_grad():
+        for got, want in zip(tca(ref["hyper"], ref["y"]), (ref["means"], ref["scales"], ref["lrp"])):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_the_public_codes_hyper_shift_translates_three_quarters():
     """With window 2 the 1x1-window quarter's attention is v itself; the public code's rolls (-1, then 0) leave it
     translated by one pixel, exact rolls do not."""
@@ -173,9 +197,32 @@ def _coded_bits(gc, y, scales, means) -> int:
     symbols = (torch.round(y) - torch.round(means)).int().flatten().tolist()
     indexes = gc.coding_indexes(scales, means).flatten().tolist()
     enc = BufferedRansEncoder()
-    enc.encode_with_indexes(symbols, indexes, gc.quantized_cdf.tolist(), gc.cdf_length.tolist(),
-                            gc.offset.tolist())
+    enc.encode_with_indexes(symbols, indexes, *gc.coding_tables())
     return 8 * len(enc.flush())
+
+
+def test_symbols_decode_to_what_was_coded_outliers_included():
+    """round(y) - round(mean) back from the bytes, with values far in the tails (the coder's escape path), scales
+    at and below the 0.01 bound, large means and fractions at +-0.5."""
+    g = torch.Generator().manual_seed(0)
+    n = 3000
+    scales = torch.exp(torch.empty(n).uniform_(math.log(0.001), math.log(300), generator=g))
+    means = torch.empty(n).uniform_(-500, 500, generator=g)
+    means[:20] = torch.arange(20) + 0.5  # ties
+    y = means + scales * torch.randn(n, generator=g)
+    y[::50] += torch.empty(60).uniform_(-3000, 3000, generator=g)  # far outside every table
+    gc = IntegerGaussianConditional().eval()
+    gc.update_scale_table(integer_scale_table())
+    symbols = (torch.round(y) - torch.round(means)).int().tolist()
+    indexes = gc.coding_indexes(scales, means).tolist()
+    enc = BufferedRansEncoder()
+    enc.encode_with_indexes(symbols, indexes, *gc.coding_tables())
+    dec = RansDecoder()
+    dec.set_stream(enc.flush())
+    assert dec.decode_stream(indexes, *gc.coding_tables()) == symbols
+    gc.offsets = 8  # tables built for 16 fraction bins, e.g. loaded into a model built with other settings
+    with pytest.raises(ValueError, match="run update\\(force=True\\)"):
+        gc.coding_indexes(scales, means)
 
 
 def test_coding_tables_cost_what_the_likelihood_says():
@@ -189,7 +236,7 @@ def test_coding_tables_cost_what_the_likelihood_says():
     costs = {}
     for offsets in (16, 1):
         gc = IntegerGaussianConditional(offsets=offsets).eval()
-        gc.update_scale_table(scale_table())
+        gc.update_scale_table(integer_scale_table())
         _, lik = gc(y, scales, means)
         costs[offsets] = (_coded_bits(gc, y, scales, means), -lik.log2().sum().item())
     bits, ideal = costs[16]
@@ -239,3 +286,27 @@ def test_trains_with_soap_and_evaluates_with_real_bitstreams(tmp_path):
     summary = lictrain.evaluate([result.run_dir], "samples:val", tmp_path / "eval")
     row = summary["results"]
     assert row["bpp"][0] > 0 and row["psnr-rgb"][0] > 5
+
+
+def test_bf16_autocast_forward_is_finite_and_frequency_modulation_keeps_the_dtype():
+    torch.manual_seed(0)
+    m = build_model("flic", "tiny")
+    fm = m.g_a[1].layer.fm
+    x = torch.randn(1, 32, 32, 16, dtype=torch.bfloat16)
+    assert fm(x).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(torch.rand(1, 3, 128, 128))
+    assert torch.isfinite(out["x_hat"].float()).all() and torch.isfinite(out["likelihoods"]["y"]).all()
+
+
+def test_window_sizes_that_need_more_padding_are_refused_at_build():
+    with pytest.raises(LictrainError, match="need images padded to multiples of 256"):
+        build_model("flic", "tiny", {"window": 16})
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: CUDA tests not run")
+def test_coding_on_cuda():
+    torch.manual_seed(0)
+    x_hat, ref = decoded_and_encoder_side(build_model("flic", "tiny"), "flic", (128, 128), device="cuda")
+    assert (x_hat - ref).abs().max().item() < 1e-4

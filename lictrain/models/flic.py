@@ -30,13 +30,17 @@ Where lictrain differs from the public code (documented on purpose):
 - Coding. The public code codes round(y) with a Python range coder, symbol by symbol, with the Gaussian pmf at the
   exact mean; lictrain uses CompressAI's rANS with tables per (scale, fraction of the mean) (tca.py), one stream per
   image. Its encoder computes each slice's parameters from a T-CA pass that sees only the slices decoded before (the
-  decoder's five passes), so both sides use bit-identical tables.
+  decoder's five passes), so both sides compute the same tables, given the same device and kernels: a table index
+  depends on round(mean) and the mean's fraction, so a mean that differs in its last bit between encoder and
+  decoder (another device, TF32, another convolution algorithm) can break decoding, more easily than with TCM.
 - The public code's rolls for the shifted blocks are written -s//4 and s//4, which for the hyper transforms' s = 2
   are -1 and 0: three quarters come back translated by one pixel (cyclically). lictrain does the same by default
   (`public_shifts=True`); `public_shifts=False` rolls every quarter back exactly.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -47,7 +51,7 @@ from compressai.layers import ResidualBlockUpsample, ResidualBlockWithStride, co
 from compressai.models import CompressionModel
 from compressai.ops import quantize_ste
 
-from .tca import TCA, IntegerGaussianConditional, scale_table
+from .tca import TCA, IntegerGaussianConditional, integer_scale_table
 
 
 def branch_windows(s: int) -> list[tuple[int, int]]:
@@ -176,7 +180,13 @@ class FLIC(CompressionModel):
                  public_shifts: bool = True, offsets: int = 16):
         super().__init__()
         self.M, self.slices = M, slices
-        self.windows = (2 * window, 2 * window, tca_window, 2 * hyper_window)  # tiles at 1/2..1/8, 1/16, 1/32
+        # the largest window side in image pixels: FDWA's and FM's 2 * window at 1/8, the T-CA's at 1/16, the hyper
+        # transforms' 2 * hyper_window at 1/32
+        self.windows = (16 * window, 16 * tca_window, 64 * hyper_window)
+        need = math.lcm(*self.windows)
+        if self.downsampling_factor % need:
+            raise ValueError(f"windows {window}, tca_window {tca_window}, hyper_window {hyper_window} need images "
+                             f"padded to multiples of {need}; lictrain pads FLIC to {self.downsampling_factor}")
 
         def stage(dim: int, depth: int, n_heads: int, win: int) -> list[nn.Module]:
             return [FATBlock(dim, n_heads, win, bool(i % 2), public_shifts) for i in range(depth)]
@@ -206,11 +216,10 @@ class FLIC(CompressionModel):
 
     def _check_size(self, x: torch.Tensor) -> None:
         h, w = x.shape[-2:]
-        for stride, tile in zip((8, 8, 16, 32), self.windows):
-            if h % (stride * tile) or w % (stride * tile):
-                side = stride * tile
-                raise ValueError(f"FLIC's windows need image sides that are multiples of {side} (got {h}x{w}); "
-                                 f"pad the image or set data.crop to a multiple of {side}")
+        side = math.lcm(*self.windows)
+        if h % side or w % side:
+            raise ValueError(f"FLIC's windows need image sides that are multiples of {side} (got {h}x{w}); "
+                             f"pad the image or set data.crop to a multiple of {side}")
 
     def _hyper(self, z_hat: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.h_mean_s(z_hat), self.h_scale_s(z_hat)], dim=1)  # means first, as T-CA expects
@@ -228,19 +237,17 @@ class FLIC(CompressionModel):
         x_hat = self.g_s(y_hat + 0.5 * torch.tanh(lrp))
         return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
 
-    def update(self, scale_table_=None, force: bool = False, update_quantiles: bool = False) -> bool:
+    def update(self, scale_table=None, force: bool = False, update_quantiles: bool = False) -> bool:
         """CompressAI's update, with FLIC's scale table (from its scale bound 0.01) unless one is given."""
-        return super().update(scale_table_ or scale_table(), force=force, update_quantiles=update_quantiles)
+        if scale_table is None:
+            scale_table = integer_scale_table()
+        return super().update(scale_table, force=force, update_quantiles=update_quantiles)
 
     def _slice_pass(self, hyper: torch.Tensor, known: torch.Tensor, i: int):
         """The T-CA pass for slice i, on y_hat with the slices from i on still zero (what the decoder has)."""
         c = self.M // self.slices
         means, scales, lrp = self.tca(hyper, known)
         return means[:, i * c:(i + 1) * c], scales[:, i * c:(i + 1) * c], lrp[:, i * c:(i + 1) * c]
-
-    def _coding_tables(self) -> tuple[list, list, list]:
-        gc = self.gaussian_conditional
-        return gc.quantized_cdf.tolist(), gc.cdf_length.reshape(-1).tolist(), gc.offset.reshape(-1).tolist()
 
     def compress(self, x: torch.Tensor) -> dict:
         """One range-coded stream per image holding round(y) - round(mean), slice by slice, and z's strings."""
@@ -258,7 +265,7 @@ class FLIC(CompressionModel):
             indexes.append(self.gaussian_conditional.coding_indexes(scales, means).flatten(1))
             known[:, i * c:(i + 1) * c] = part
         symbols, indexes = torch.cat(symbols, 1).tolist(), torch.cat(indexes, 1).tolist()
-        strings, tables = [], self._coding_tables()
+        strings, tables = [], self.gaussian_conditional.coding_tables()
         for image_symbols, image_indexes in zip(symbols, indexes):
             encoder = BufferedRansEncoder()
             encoder.encode_with_indexes(image_symbols, image_indexes, *tables)
@@ -268,7 +275,7 @@ class FLIC(CompressionModel):
     def decompress(self, strings: list, shape) -> dict:
         hyper = self._hyper(self.entropy_bottleneck.decompress(strings[1], shape))
         b, _, h, w = hyper.shape
-        tables = self._coding_tables()
+        tables = self.gaussian_conditional.coding_tables()
         decoders = []
         for s in strings[0]:
             decoders.append(RansDecoder())

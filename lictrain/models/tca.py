@@ -17,12 +17,13 @@ One difference from the public code: its T-CA holds a `start_token` parameter th
 parameters at the paper's size); lictrain leaves it out (an unused parameter has no gradient, which DDP rejects).
 
 FLIC rounds y to integers (y_hat = round(y), not round(y - mean) + mean), which is what lets the T-CA run in one
-pass. The public code codes round(y) symbol by symbol with a Python range coder and a Gaussian pmf at the exact
-mean. `IntegerGaussianConditional` codes it with CompressAI's rANS instead: the symbol is round(y) - round(mean),
-and its table is chosen by the scale and by the mean's fraction mean - round(mean) binned into `offsets` bins (a
-table per pair), the scheme of the public code's own GsnConditionalLocScaleShift (100 fraction bins), which its
-FLIC does not call. Measured on synthetic Gaussian latents, 16 offset bins and 96 scales from 0.01 cost
-about 0.2% more bits than the exact pmf (CompressAI's table ignores the fraction: about 10% more).
+pass. The public code's FLIC codes round(y) symbol by symbol with a Python range coder and a Gaussian pmf at the
+exact mean. `IntegerGaussianConditional` codes it with CompressAI's rANS instead: the symbol is
+round(y) - round(mean), and its table is chosen by the scale and by the mean's fraction mean - round(mean) binned
+into `offsets` bins (a table per pair); the public code's GsnConditionalLocScaleShift has such a coding path (100
+fraction bins) that its FLIC builds but does not use for coding. Measured on 20,000 synthetic Gaussian symbols
+(benchmarks/RESULTS.md): 16 bins and 96 scales from 0.01 cost 0.42% more bits than -log2 of the likelihood; one
+zero-centred table per scale (no fraction bins) 15.6% more.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class TCA(nn.Module):
         return out[:, :, 0], out[:, :, 1], out[:, :, 2]
 
 
-def scale_table(low: float = 0.01, high: float = 256.0, levels: int = 96) -> list[float]:
+def integer_scale_table(low: float = 0.01, high: float = 256.0, levels: int = 96) -> list[float]:
     """Log-spaced scales from FLIC's scale bound 0.01 (CompressAI's default table starts at 0.11)."""
     return [math.exp(v) for v in torch.linspace(math.log(low), math.log(high), levels).tolist()]
 
@@ -118,13 +119,16 @@ class IntegerGaussianConditional(GaussianConditional):
     def __init__(self, scale_bound: float = 0.01, offsets: int = 16, **kwargs):
         super().__init__(None, scale_bound=scale_bound, **kwargs)
         self.offsets = offsets
+        self._lists = None  # the tables as the range coder takes them, built once per update()
 
     def forward(self, inputs, scales, means=None, training=None):
         if training is None:
             training = self.training
         outputs = self.quantize(inputs, "noise") if training else torch.round(inputs)
         likelihood = self._likelihood(outputs, scales, means)
-        return outputs, self.likelihood_lower_bound(likelihood)
+        if self.use_likelihood_bound:
+            likelihood = self.likelihood_lower_bound(likelihood)
+        return outputs, likelihood
 
     def _fraction_bin(self, means: torch.Tensor) -> torch.Tensor:
         fraction = means - torch.round(means)  # in [-0.5, 0.5]
@@ -132,12 +136,24 @@ class IntegerGaussianConditional(GaussianConditional):
 
     def coding_indexes(self, scales: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
         """The table of each symbol round(y) - round(mean)."""
+        if self._quantized_cdf.shape[0] != len(self.scale_table) * self.offsets:
+            raise ValueError(f"the coding tables hold {self._quantized_cdf.shape[0]} rows, not {len(self.scale_table)} "
+                             f"scales x {self.offsets} fraction bins: run update(force=True) after changing either")
         return self.build_indexes(scales) * self.offsets + self._fraction_bin(means)
+
+    def coding_tables(self) -> tuple[list, list, list]:
+        """(cdfs, lengths, offsets) for the rANS coder, each cdf cut to its length (the stored rows are padded to
+        the longest, ten times the entries that are used)."""
+        if self._lists is None or self._lists[0] is not self._quantized_cdf:
+            lengths = self._cdf_length.reshape(-1).tolist()
+            cdfs = [row[:n] for row, n in zip(self._quantized_cdf.tolist(), lengths)]
+            self._lists = (self._quantized_cdf, (cdfs, lengths, self._offset.reshape(-1).tolist()))
+        return self._lists[1]
 
     def update(self):
         """One quantised CDF per (scale, fraction bin): the pmf of round(y) - round(mean) for y ~ N(mean, scale),
-        mean's fraction at the bin's centre."""
-        table = self.scale_table.double()
+        mean's fraction at the bin's centre. Computed in float64 on the CPU, then moved to the model's device."""
+        table = self.scale_table.detach().cpu().double()
         fraction = (torch.arange(self.offsets, dtype=torch.float64) + 0.5) / self.offsets - 0.5
         centre = torch.ceil(table * -self._standardized_quantile(self.tail_mass / 2)).long() + 1
         centre = centre.repeat_interleave(self.offsets)
