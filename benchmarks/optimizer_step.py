@@ -156,6 +156,13 @@ def state_bytes(opt) -> int:
     return total
 
 
+def table(title: str, columns: list[str], align: str) -> None:
+    """A section title and a Markdown table header; `align` has an l or r per column."""
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "".join("---:|" if a == "r" else "---|" for a in align))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
@@ -164,6 +171,7 @@ def main() -> None:
     ap.add_argument("--sections", default="1,2,3,4", help="which of the four tables to print")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
+    workloads = list(itertools.product(args.models.split(","), args.presets.split(",")))
     torch.set_num_threads(2)
     rounds = 2 if args.quick else 3
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
@@ -177,83 +185,76 @@ def main() -> None:
             print(f"# {peer} not installed: pip install -e '.[bench]'")
 
     if "1" in sections:
-        print("\n## 1. optimizer.step() alone (ms per step, refresh every 10 included; ratio = peer / lictrain SOAP)\n")
-        print("| model | preset | params | Adam | lictrain SOAP | per-tensor (before) | " + " | ".join(available) + " |")
-        print("|---|---|---:|---:|---:|---:|" + "---:|" * len(available))
-        for name in args.models.split(","):
-            for preset in args.presets.split(","):
-                kinds = ["adam", "soap", "soap-per-tensor"] + available
-                models = {}
-                for k in kinds:
-                    torch.manual_seed(0)
-                    models[k] = build_model(name, preset)
-                    models[k]._grads = fixed_gradients(models[k])
-                n = sum(p.numel() for p in trainable(models["soap"]))
-                if preset != "paper":
-                    t = step_only(models, kinds, rounds, periods=2)
-                else:  # one refresh period after the first step: a paper-size model takes seconds per step here
-                    t = step_only(models, kinds, 1, periods=1, warm=1)
-                cells = " | ".join(f"{t[k] * 1e3:.1f} ({t[k] / t['soap']:.2f}x)" for k in ["soap-per-tensor"] + available)
-                print(f"| {name} | {preset} | {n:,} | {t['adam'] * 1e3:.1f} | {t['soap'] * 1e3:.1f} | {cells} |",
-                      flush=True)
+        table("1. optimizer.step() alone (ms per step, refresh every 10 included; ratio = peer / lictrain SOAP)",
+              ["model", "preset", "params", "Adam", "lictrain SOAP", "per-tensor (before)", *available],
+              "llrrrr" + "r" * len(available))
+        for name, preset in workloads:
+            kinds = ["adam", "soap", "soap-per-tensor"] + available
+            models = {}
+            for k in kinds:
+                torch.manual_seed(0)
+                models[k] = build_model(name, preset)
+                models[k]._grads = fixed_gradients(models[k])
+            n = sum(p.numel() for p in trainable(models["soap"]))
+            if preset != "paper":
+                t = step_only(models, kinds, rounds, periods=2)
+            else:  # one refresh period after the first step: a paper-size model takes seconds per step here
+                t = step_only(models, kinds, 1, periods=1, warm=1)
+            cells = " | ".join(f"{t[k] * 1e3:.1f} ({t[k] / t['soap']:.2f}x)" for k in ["soap-per-tensor"] + available)
+            print(f"| {name} | {preset} | {n:,} | {t['adam'] * 1e3:.1f} | {t['soap'] * 1e3:.1f} | {cells} |",
+                  flush=True)
 
     if "2" in sections:
-        print("\n## 2. Full training step (batch 8, 64x64): SOAP / Adam\n")
-        print("| model | preset | Adam (ms) | SOAP f=1 | SOAP f=10 | SOAP f=100 | per-tensor f=10 (before) | how |")
-        print("|---|---|---:|---:|---:|---:|---:|---|")
-        for name in args.models.split(","):
-            for preset in args.presets.split(","):
-                def fresh():
-                    torch.manual_seed(0)
-                    return build_model(name, preset)
+        table("2. Full training step (batch 8, 64x64): SOAP / Adam",
+              ["model", "preset", "Adam (ms)", "SOAP f=1", "SOAP f=10", "SOAP f=100", "per-tensor f=10 (before)",
+               "how"], "llrrrrrl")
+        for name, preset in workloads:
+            def fresh():
+                torch.manual_seed(0)
+                return build_model(name, preset)
 
-                if preset != "paper":
-                    n = 40 if args.quick else 100
-                    adam = statistics.median(full_step_time(fresh(), "adam", 1, n // 2) for _ in range(2))
-                    soap = {f: full_step_time(fresh(), "soap", f, 100 if f == 100 else n // 2) for f in (1, 10, 100)}
-                    before = full_step_time(fresh(), "soap-per-tensor", 10, n // 2) / adam
-                    how = "measured"
-                else:
-                    n = 3 if args.quick else 5
-                    adam = full_step_time(fresh(), "adam", 1, n, warm=1)
-                    t1 = full_step_time(fresh(), "soap", 1, n, warm=1)
-                    t0 = full_step_time(fresh(), "soap", 10**9, n, warm=1)
-                    soap = {f: ((f - 1) * t0 + t1) / f for f in (1, 10, 100)}
-                    before = float("nan")
-                    how = f"amortised from t0={t0 * 1e3:.0f} ms, t1={t1 * 1e3:.0f} ms"
-                print(f"| {name} | {preset} | {adam * 1e3:.0f} | " +
-                      " | ".join(f"{soap[f] / adam:.2f}" for f in (1, 10, 100)) + f" | {before:.2f} | {how} |", flush=True)
+            if preset != "paper":
+                n = 40 if args.quick else 100
+                adam = statistics.median(full_step_time(fresh(), "adam", 1, n // 2) for _ in range(2))
+                soap = {f: full_step_time(fresh(), "soap", f, 100 if f == 100 else n // 2) for f in (1, 10, 100)}
+                before = full_step_time(fresh(), "soap-per-tensor", 10, n // 2) / adam
+                how = "measured"
+            else:
+                n = 3 if args.quick else 5
+                adam = full_step_time(fresh(), "adam", 1, n, warm=1)
+                t1 = full_step_time(fresh(), "soap", 1, n, warm=1)
+                t0 = full_step_time(fresh(), "soap", 10**9, n, warm=1)
+                soap = {f: ((f - 1) * t0 + t1) / f for f in (1, 10, 100)}
+                before = float("nan")
+                how = f"amortised from t0={t0 * 1e3:.0f} ms, t1={t1 * 1e3:.0f} ms"
+            print(f"| {name} | {preset} | {adam * 1e3:.0f} | " +
+                  " | ".join(f"{soap[f] / adam:.2f}" for f in (1, 10, 100)) + f" | {before:.2f} | {how} |", flush=True)
 
     if "3" in sections:
-        print("\n## 3. Optimizer state / parameter bytes\n")
-        print("| model | preset | Adam | SOAP |")
-        print("|---|---|---:|---:|")
-        for name in args.models.split(","):
-            for preset in args.presets.split(","):
-                row = []
-                for k in ("adam", "soap"):
-                    torch.manual_seed(0)
-                    m = build_model(name, preset)
-                    grads = fixed_gradients(m, crop=64, batch=1)
-                    params = trainable(m)
-                    opt = make_optimizer(k, params)
-                    for p in params:
-                        p.grad = grads[p]
-                    opt.step()
-                    row.append(state_bytes(opt) / sum(p.numel() * p.element_size() for p in params))
-                print(f"| {name} | {preset} | {row[0]:.2f} | {row[1]:.2f} |", flush=True)
+        table("3. Optimizer state / parameter bytes", ["model", "preset", "Adam", "SOAP"], "llrr")
+        for name, preset in workloads:
+            row = []
+            for k in ("adam", "soap"):
+                torch.manual_seed(0)
+                m = build_model(name, preset)
+                grads = fixed_gradients(m, crop=64, batch=1)
+                params = trainable(m)
+                opt = make_optimizer(k, params)
+                for p in params:
+                    p.grad = grads[p]
+                opt.step()
+                row.append(state_bytes(opt) / sum(p.numel() * p.element_size() for p in params))
+            print(f"| {name} | {preset} | {row[0]:.2f} | {row[1]:.2f} |", flush=True)
 
     if "4" in sections:
-        print("\n## 4. Inside lictrain's training loop (Trainer.train_step, batch 8 of 64x64 crops; median of rounds)\n")
-        print("| model | preset | Adam (ms) | SOAP (ms) | SOAP / Adam | per-tensor (before) / Adam |")
-        print("|---|---|---:|---:|---:|---:|")
-        for name in args.models.split(","):
-            for preset in args.presets.split(","):
-                if preset == "paper":
-                    continue  # seconds per step here: the amortised figures of section 2 stand in
-                t = in_loop(name, preset, 3 if args.quick else 7)
-                print(f"| {name} | {preset} | {t['adam'] * 1e3:.1f} | {t['soap'] * 1e3:.1f} | "
-                      f"{t['soap'] / t['adam']:.2f} | {t['soap-per-tensor'] / t['adam']:.2f} |", flush=True)
+        table("4. Inside lictrain's training loop (Trainer.train_step, batch 8 of 64x64 crops; median of rounds)",
+              ["model", "preset", "Adam (ms)", "SOAP (ms)", "SOAP / Adam", "per-tensor (before) / Adam"], "llrrrr")
+        for name, preset in workloads:
+            if preset == "paper":
+                continue  # seconds per step here: the amortised figures of section 2 stand in
+            t = in_loop(name, preset, 3 if args.quick else 7)
+            print(f"| {name} | {preset} | {t['adam'] * 1e3:.1f} | {t['soap'] * 1e3:.1f} | "
+                  f"{t['soap'] / t['adam']:.2f} | {t['soap-per-tensor'] / t['adam']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,25 @@ def adam_losses(model, x: torch.Tensor, steps: int, lmbda: float = 0.01, lr: flo
     return losses
 
 
+def smooth_batch(n: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """n smooth random colour images (bicubic upsampling of 6 x 8 noise), (n, 3, *size) in [0, 1]."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.rand(n, 3, 6, 8, generator=g), size=size, mode="bicubic").clamp(0, 1)
+
+
+def trained_and_evaluated(tmp_path, config: dict) -> dict:
+    """Train a run from `config` (a few steps) and evaluate it with real bitstreams on the bundled samples: the
+    results row (bpp, psnr-rgb, ... per checkpoint)."""
+    import lictrain
+
+    torch.manual_seed(0)
+    config = {**config, "train": {"progress": False, **config.get("train", {})}}
+    result = lictrain.train(config, ["run_dir=" + str(tmp_path / "run")])
+    return lictrain.evaluate([result.run_dir], "samples:val", tmp_path / "eval")["results"]
+
+
 def decoded_and_encoder_side(model, name: str, size: tuple[int, int], seed: int | None = None, device: str = "cpu"):
     """(decoded image, encoder-side reconstruction) of a smooth test image of `size` through lictrain's codec and
     file format, for a model whose eval forward rounds the latents as its encoder does (the channel-wise and
@@ -94,8 +113,7 @@ def decoded_and_encoder_side(model, name: str, size: tuple[int, int], seed: int 
     from lictrain.evaluation import Codec
     from lictrain.models import downsampling
 
-    g = torch.Generator().manual_seed(size[1] if seed is None else seed)
-    x = F.interpolate(torch.rand(1, 3, 6, 8, generator=g), size=size, mode="bicubic").clamp(0, 1)[0]
+    x = smooth_batch(1, size, size[1] if seed is None else seed)[0]
     h, w = size
     m = downsampling(name)
     padded = F.pad(x[None], (0, (-w) % m, 0, (-h) % m), mode="replicate")

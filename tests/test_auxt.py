@@ -11,6 +11,7 @@ from lictrain.evaluation import Codec
 from lictrain.losses import RateDistortionLoss
 from lictrain.models import build_model
 from lictrain.models.auxt import haar, inverse_haar, orthogonality_penalty
+from tests.conftest import smooth_batch, trained_and_evaluated
 
 
 def test_haar_of_one_block_by_hand():
@@ -119,8 +120,7 @@ def test_decoder_rebuilds_the_encoder_side_reconstruction(size):
 def test_a_few_adam_steps_lower_the_loss_and_the_regulariser():
     torch.manual_seed(0)
     model = build_model("tcm+auxt", "tiny")
-    g = torch.Generator().manual_seed(0)
-    x = F.interpolate(torch.rand(4, 3, 6, 8, generator=g), size=(64, 64), mode="bicubic").clamp(0, 1)
+    x = smooth_batch(4, (64, 64))
     loss_fn = RateDistortionLoss(0.01)
     opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.endswith("quantiles")], lr=1e-3)
     losses, regs = [], []
@@ -143,12 +143,6 @@ def test_odd_sides_are_zero_padded_like_the_stride_two_layers():
 
 
 def test_tcm_auxt_trains_with_balanced_rd_and_evaluates(tmp_path):
-    import lictrain
-
-    torch.manual_seed(0)
-    result = lictrain.train({"model": {"name": "tcm+auxt", "preset": "tiny"}, "data": {"crop": 64, "batch_size": 2},
-                             "method": {"name": "balanced-rd"}, "train": {"steps": 2, "progress": False}},
-                            ["run_dir=" + str(tmp_path / "run")])
-    summary = lictrain.evaluate([result.run_dir], "samples:val", tmp_path / "eval")
-    row = summary["results"]
+    row = trained_and_evaluated(tmp_path, {"model": {"name": "tcm+auxt", "preset": "tiny"}, "train": {"steps": 2},
+                                           "data": {"crop": 64, "batch_size": 2}, "method": {"name": "balanced-rd"}})
     assert row["bpp"][0] > 0 and row["psnr-rgb"][0] > 5  # real bitstreams decoded to an image, not noise

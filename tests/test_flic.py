@@ -16,7 +16,7 @@ from lictrain.errors import LictrainError
 from lictrain.models import build_model, downsampling
 from lictrain.models.flic import FATBlock, FDWALayer, FrequencyModulation, branch_rolls, branch_windows
 from lictrain.models.tca import TCA, IntegerGaussianConditional, TCABlock, integer_scale_table
-from tests.conftest import adam_losses, decoded_and_encoder_side
+from tests.conftest import adam_losses, decoded_and_encoder_side, smooth_batch, trained_and_evaluated
 
 
 def _count(module) -> int:
@@ -257,8 +257,7 @@ def test_batch_coding_equals_image_by_image():
     with torch.no_grad():
         m.g_a[-1].weight.mul_(20)
         m.update(force=True)
-        g = torch.Generator().manual_seed(0)
-        x = F.interpolate(torch.rand(2, 3, 6, 8, generator=g), size=(128, 128), mode="bicubic").clamp(0, 1)
+        x = smooth_batch(2, (128, 128))
         both = m.compress(x)
         single = [m.compress(x[i:i + 1]) for i in range(2)]
         decoded = m.decompress(both["strings"], both["shape"])["x_hat"]
@@ -270,21 +269,15 @@ def test_batch_coding_equals_image_by_image():
 def test_a_few_adam_steps_lower_the_loss():
     torch.manual_seed(0)
     model = build_model("flic", "tiny")
-    g = torch.Generator().manual_seed(0)
-    x = F.interpolate(torch.rand(2, 3, 6, 8, generator=g), size=(128, 128), mode="bicubic").clamp(0, 1)
+    x = smooth_batch(2, (128, 128))
     losses = adam_losses(model, x, steps=10)
     assert losses[-1] < 0.7 * losses[0], losses
 
 
 def test_trains_with_soap_and_evaluates_with_real_bitstreams(tmp_path):
-    import lictrain
-
-    torch.manual_seed(0)
-    result = lictrain.train({"model": {"name": "ftic", "preset": "tiny"}, "data": {"crop": 128, "batch_size": 2},
-                             "train": {"steps": 2, "progress": False}, "optim": {"name": "soap", "lr": 1e-3}},
-                            ["run_dir=" + str(tmp_path / "run")])
-    summary = lictrain.evaluate([result.run_dir], "samples:val", tmp_path / "eval")
-    row = summary["results"]
+    row = trained_and_evaluated(tmp_path, {"model": {"name": "ftic", "preset": "tiny"}, "train": {"steps": 2},
+                                           "data": {"crop": 128, "batch_size": 2},
+                                           "optim": {"name": "soap", "lr": 1e-3}})
     assert row["bpp"][0] > 0 and row["psnr-rgb"][0] > 5
 
 

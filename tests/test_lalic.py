@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from lictrain.models import build_model
 from lictrain.models.lalic import BiRWKVBlock, OmniShift
-from tests.conftest import adam_losses, decoded_and_encoder_side
+from tests.conftest import adam_losses, decoded_and_encoder_side, smooth_batch
 from tests.test_wkv import reference_bi_wkv
 
 
@@ -63,8 +63,7 @@ def test_bi_rwkv_block_equals_a_direct_evaluation():
 def test_tiny_preset_shapes_and_a_few_adam_steps_lower_the_loss():
     torch.manual_seed(0)
     model = build_model("lalic", "tiny")
-    g = torch.Generator().manual_seed(0)
-    x = F.interpolate(torch.rand(4, 3, 6, 8, generator=g), size=(64, 64), mode="bicubic").clamp(0, 1)
+    x = smooth_batch(4, (64, 64))
     out = model(x)
     assert out["x_hat"].shape == x.shape and out["likelihoods"]["y"].shape == (4, 40, 4, 4)
     losses = adam_losses(model, x, steps=12)

@@ -11,7 +11,7 @@ from lictrain import bitstream
 from lictrain.evaluation import Codec
 from lictrain.models import build_model, downsampling
 from lictrain.models.tcm import WindowAttention
-from tests.conftest import adam_losses
+from tests.conftest import adam_losses, trained_and_evaluated
 
 
 def _reference_window_attention(attn: WindowAttention, x: torch.Tensor) -> torch.Tensor:
@@ -140,12 +140,7 @@ def test_a_few_adam_steps_lower_the_loss():
 
 
 def test_tcm_s_alias_trains_with_soap_and_evaluates_with_real_bitstreams(tmp_path):
-    import lictrain
-
-    torch.manual_seed(0)
-    result = lictrain.train({"model": {"name": "tcm-s", "preset": "tiny"}, "data": {"crop": 64, "batch_size": 2},
-                             "train": {"steps": 3, "progress": False}, "optim": {"name": "soap", "lr": 1e-3}},
-                            ["run_dir=" + str(tmp_path / "run")])
-    summary = lictrain.evaluate([result.run_dir], "samples:val", tmp_path / "eval")
-    row = summary["results"]
+    row = trained_and_evaluated(tmp_path, {"model": {"name": "tcm-s", "preset": "tiny"}, "train": {"steps": 3},
+                                           "data": {"crop": 64, "batch_size": 2},
+                                           "optim": {"name": "soap", "lr": 1e-3}})
     assert row["bpp"][0] > 0 and row["psnr-rgb"][0] > 5

@@ -45,12 +45,12 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from compressai.ans import BufferedRansEncoder, RansDecoder
 from compressai.entropy_models import EntropyBottleneck
 from compressai.layers import ResidualBlockUpsample, ResidualBlockWithStride, conv3x3, subpel_conv3x3
 from compressai.models import CompressionModel
 from compressai.ops import quantize_ste
 
+from .rans import ImageDecoders, encode_images
 from .tca import TCA, IntegerGaussianConditional, integer_scale_table
 
 
@@ -261,33 +261,23 @@ class FLIC(CompressionModel):
         for i in range(self.slices):
             means, scales, _ = self._slice_pass(hyper, known, i)
             part = q[:, i * c:(i + 1) * c]
-            symbols.append((part - torch.round(means)).flatten(1).int())
+            symbols.append((part - torch.round(means)).flatten(1))
             indexes.append(self.gaussian_conditional.coding_indexes(scales, means).flatten(1))
             known[:, i * c:(i + 1) * c] = part
-        symbols, indexes = torch.cat(symbols, 1).tolist(), torch.cat(indexes, 1).tolist()
-        strings, tables = [], self.gaussian_conditional.coding_tables()
-        for image_symbols, image_indexes in zip(symbols, indexes):
-            encoder = BufferedRansEncoder()
-            encoder.encode_with_indexes(image_symbols, image_indexes, *tables)
-            strings.append(encoder.flush())
+        strings = encode_images(torch.cat(symbols, 1), torch.cat(indexes, 1),
+                                self.gaussian_conditional.coding_tables())
         return {"strings": [strings, z_strings], "shape": z.size()[-2:]}
 
     def decompress(self, strings: list, shape) -> dict:
         hyper = self._hyper(self.entropy_bottleneck.decompress(strings[1], shape))
         b, _, h, w = hyper.shape
-        tables = self.gaussian_conditional.coding_tables()
-        decoders = []
-        for s in strings[0]:
-            decoders.append(RansDecoder())
-            decoders[-1].set_stream(s)
+        decoders = ImageDecoders(strings[0], self.gaussian_conditional.coding_tables())
         c = self.M // self.slices
         y_hat = hyper.new_zeros(b, self.M, h, w)
         lrps = []
         for i in range(self.slices):
             means, scales, lrp = self._slice_pass(hyper, y_hat, i)
-            index = self.gaussian_conditional.coding_indexes(scales, means).flatten(1).tolist()
-            q = [d.decode_stream(idx, *tables) for d, idx in zip(decoders, index)]
-            q = torch.tensor(q, dtype=means.dtype, device=means.device).reshape(means.shape)
+            q = decoders.decode(self.gaussian_conditional.coding_indexes(scales, means), like=means)
             y_hat[:, i * c:(i + 1) * c] = q + torch.round(means)
             lrps.append(lrp)
         return {"x_hat": self.g_s(y_hat + 0.5 * torch.tanh(torch.cat(lrps, dim=1))).clamp_(0, 1)}

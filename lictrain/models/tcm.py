@@ -35,12 +35,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from compressai.ans import BufferedRansEncoder, RansDecoder
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.layers import (AttentionBlock, ResidualBlock, ResidualBlockUpsample, ResidualBlockWithStride,
                                conv3x3, subpel_conv3x3)
 from compressai.models import CompressionModel
 from compressai.ops import quantize_ste
+
+from .rans import ImageDecoders, encode_images
 
 
 class WindowAttention(nn.Module):
@@ -204,29 +205,18 @@ class ChannelSliceModel(CompressionModel):
             symbols.append(q.flatten(1).int())
             indexes.append(gc.build_indexes(scale).flatten(1))
             done.append(self._refine(i, mean_support, q + mu))
-        symbols, indexes = torch.cat(symbols, 1).tolist(), torch.cat(indexes, 1).tolist()
-        strings, tables = [], self._coding_tables()
-        for image_symbols, image_indexes in zip(symbols, indexes):
-            encoder = BufferedRansEncoder()
-            encoder.encode_with_indexes(image_symbols, image_indexes, *tables)
-            strings.append(encoder.flush())
+        strings = encode_images(torch.cat(symbols, 1), torch.cat(indexes, 1), self._coding_tables())
         return {"strings": [strings, z_strings], "shape": z.size()[-2:]}
 
     def decompress(self, strings: list, shape) -> dict:
         z_hat = self.entropy_bottleneck.decompress(strings[1], shape)
         means, scales = self._hyper(z_hat)
         gc = self.gaussian_conditional
-        tables = self._coding_tables()
-        decoders = []
-        for s in strings[0]:
-            decoders.append(RansDecoder())
-            decoders[-1].set_stream(s)
+        decoders = ImageDecoders(strings[0], self._coding_tables())
         done = []
         for i in range(self.slices):
             mu, scale, mean_support = self._slice_params(i, means, scales, done)
-            index = gc.build_indexes(scale).flatten(1).tolist()
-            q = [d.decode_stream(idx, *tables) for d, idx in zip(decoders, index)]
-            q = torch.tensor(q, dtype=mu.dtype, device=mu.device).reshape(mu.shape)
+            q = decoders.decode(gc.build_indexes(scale), like=mu)
             done.append(self._refine(i, mean_support, gc.dequantize(q, mu)))
         return {"x_hat": self.g_s(torch.cat(done, dim=1)).clamp_(0, 1)}
 
