@@ -72,3 +72,19 @@ def test_dotted_keys_into_mappings_change_one_entry():
                              "compare.lambdas=[1e-3, 2.5e-3]"])
     assert cfg.optim.options == {"betas": [0.9, 0.99], "weight_decay": 0.01}
     assert cfg.compare.lambdas == [0.001, 0.0025]
+
+
+def test_the_soap_lic_config_is_the_papers_protocol():
+    """configs/soap-lic.yaml against the SOAP-for-LIC paper's Section 4: batch 64 of 256 x 256 crops, lr 2e-4,
+    ReduceLROnPlateau (patience 10, factor 0.5) per epoch, EMA 0.999, no weight decay, 300 epochs of COCO 2017
+    train (118,287 images), CompressAI's six lambdas, Adam against SOAP, a paper-width model."""
+    from lictrain.config import LAMBDAS_MSE
+
+    cfg = load_config("soap-lic")
+    epoch = 118_287 // 64  # full batches: the loader drops the last partial one
+    assert (cfg.data.batch_size, cfg.data.crop, cfg.optim.lr) == (64, 256, 2e-4)
+    assert (cfg.train.schedule, cfg.train.plateau_patience, cfg.train.plateau_factor) == ("plateau", 10, 0.5)
+    assert cfg.train.ema_decay == 0.999 and cfg.optim.options.get("weight_decay", 0) == 0
+    assert cfg.train.steps == 300 * epoch and cfg.train.val_every == epoch
+    assert tuple(cfg.compare.lambdas) == LAMBDAS_MSE and cfg.compare.recipes == ["adam", "soap"]
+    assert cfg.model.preset == "paper"
