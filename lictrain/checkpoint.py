@@ -100,3 +100,33 @@ def weights_fingerprint(model: nn.Module) -> bytes:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.digest()[:8]
+
+
+def import_weights(weights: str | Path, model: str, preset: str, out: str | Path, lmbda: float, metric: str = "mse",
+                   kwargs: dict | None = None) -> Path:
+    """A lictrain checkpoint (for eval, compress, analyze, ptq, or train.init_from) made from weights trained
+    elsewhere: a plain state dict of the model, in lictrain's names or, for the models with a key map, in the
+    public code's (lictrain/models/public_weights.py). `lmbda` and `metric` record what the weights were trained
+    for (evaluation reports them)."""
+    from .config import load_config
+    from .io import save_atomic
+    from .models import canonical_name
+    from .models.public_weights import from_public
+
+    loaded = load_weights(weights)
+    if not isinstance(loaded, tuple):
+        raise LictrainError(f"{weights} is already a lictrain checkpoint")
+    name = canonical_name(model)
+    built = build_model(name, preset, kwargs)
+    state = from_public(name, loaded[1])
+    # the coder's tables and bounds that update() derives or the constructor sets, where the weights lack them
+    derived = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table", "scale_bound", ".bound")
+    state = {**{k: v for k, v in built.state_dict().items() if k.endswith(derived) and k not in state}, **state}
+    load_state_dict_checked(built, state, str(weights))
+    cfg = load_config(None, base={"model": {"name": name, "preset": preset, "kwargs": dict(kwargs or {})},
+                                  "loss": {"lmbda": float(lmbda), "metric": metric}, "run_dir": str(Path(out).parent)})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_atomic({"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "model": built.state_dict(), "ema": None,
+                 "state": {"step": 0}, "imported_from": str(weights)}, out)
+    return out

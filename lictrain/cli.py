@@ -1,4 +1,4 @@
-"""Command line: `lictrain train|eval|compare|compress|decompress|demo|list`.
+"""Command line: `lictrain train|eval|compare|compress|decompress|demo|analyze|ptq|import|list`.
 
 User errors (bad path, unknown config key, corrupt file, ...) end as one line `error: ...` on stderr, exit code 2.
 """
@@ -162,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outliers", action="store_true",
                    help="add the float models' latent and activation Kurt / MaxMed (the rest of the paper's Table 2)")
 
+    p = sub.add_parser("import", help="make a lictrain checkpoint of weights trained elsewhere (a state dict; "
+                       "the public code's names for models with a key map)")
+    p.add_argument("weights", help="a torch.save'd state dict (or a dict holding one under 'state_dict' / 'model')")
+    p.add_argument("--model", required=True, help="a registered model (lictrain list)")
+    p.add_argument("--preset", default="paper")
+    p.add_argument("--lmbda", type=float, required=True, help="the lambda the weights were trained for")
+    p.add_argument("--metric", default="mse", choices=["mse", "ms-ssim"])
+    p.add_argument("--out", required=True, help="the checkpoint file to write")
+
     p = sub.add_parser("list", help="list models, presets, optimizers and methods")
     p.add_argument("--params", action="store_true",
                    help="also count each preset's parameters (builds every model: ~20 s, ~1.5 GB)")
@@ -322,6 +331,14 @@ def cmd_ptq(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from .checkpoint import import_weights
+
+    out = import_weights(args.weights, args.model, args.preset, args.out, args.lmbda, args.metric)
+    print(f"wrote {out}: evaluate it with `lictrain eval {out}`, fine-tune with --set train.init_from={out}")
+    return 0
+
+
 def cmd_list(args) -> int:
     from .methods import METHODS
     from .models import ALIASES, MODELS, parameter_count
@@ -345,7 +362,7 @@ def cmd_list(args) -> int:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "compress": cmd_compress,
             "decompress": cmd_decompress, "demo": cmd_demo, "list": cmd_list, "analyze": cmd_analyze,
-            "ptq": cmd_ptq}
+            "ptq": cmd_ptq, "import": cmd_import}
 
 
 def main(argv: list[str] | None = None) -> int:

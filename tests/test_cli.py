@@ -113,3 +113,22 @@ def test_bad_optimizer_values_and_paths_are_one_line_errors(capsys, tmp_path):
     code, _, err = run(["train", "--run-dir", str(tmp_path / "file" / "sub"), "--set", "train.steps=1",
                         "--set", "data.crop=64"], capsys)
     assert code == 2 and err.startswith("error: ") and "Traceback" not in err
+
+
+def test_import_wraps_a_compressai_state_dict_into_a_checkpoint_that_evaluates(tmp_path):
+    import torch
+
+    from lictrain.checkpoint import load_checkpoint, model_from_checkpoint
+    from lictrain.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mbt2018-mean", "tiny")
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    out = tmp_path / "ckpt.pt"
+    assert main(["import", str(tmp_path / "weights.pth"), "--model", "mbt2018-mean", "--preset", "tiny",
+                 "--lmbda", "0.0067", "--out", str(out)]) == 0
+    loaded = model_from_checkpoint(load_checkpoint(out))
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    assert main(["eval", str(out), "--data", "samples:val", "--out", str(tmp_path / "eval")]) == 0
+    assert main(["import", str(out), "--model", "mbt2018-mean", "--preset", "tiny", "--lmbda", "0.0067",
+                 "--out", str(tmp_path / "again.pt")]) == 2  # already a lictrain checkpoint

@@ -4,6 +4,7 @@ against token-by-token references, FM against numpy's FFT, the T-CA's causality 
 rate against the exact Gaussian pmf and their symbol round trip, decoding at several sizes, training."""
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from compressai.ans import BufferedRansEncoder, RansDecoder
 from lictrain.errors import LictrainError
 from lictrain.models import build_model, downsampling
 from lictrain.models.flic import FATBlock, FDWALayer, FrequencyModulation, branch_rolls, branch_windows
+from lictrain.models.public_weights import from_public
 from lictrain.models.tca import TCA, IntegerGaussianConditional, TCABlock, integer_scale_table
 from tests.conftest import adam_losses, decoded_and_encoder_side, smooth_batch, trained_and_evaluated
 
@@ -106,13 +108,19 @@ def test_fdwa_equals_a_token_by_token_reference(window, shifted, public):
 REFERENCE = Path(__file__).parent / "data" / "flic_public_reference.pt"
 
 
+def _public_to_lictrain(state: dict, prefix: str) -> dict:
+    """A public block's state dict through lictrain's key map for the whole model (under the block's place in it)."""
+    mapped = from_public("flic", {"tca.TCA.lift.weight": None, **{prefix + k: v for k, v in state.items()}})
+    return {k.removeprefix(prefix): v for k, v in mapped.items() if v is not None}
+
+
 @pytest.mark.parametrize("case", ["fat_w2_shifted", "fat_w4_shifted", "fat_w4_plain"])
 def test_fat_block_equals_the_public_codes(case):
     """Outputs of the public code's FAT_Block (qingshi9974/ICLR2024-FTIC at e0d4886) on random weights, saved once
-    in tests/data: lictrain's block with those weights gives them."""
+    with its state dict in tests/data: lictrain's block loaded through the key map gives them."""
     ref = torch.load(REFERENCE)[case]
     block = FATBlock(16, 8, ref["window"], ref["shifted"]).eval()
-    block.load_state_dict(ref["state"])
+    block.load_state_dict(_public_to_lictrain(ref["state"], "g_a.1."))
     with torch.no_grad():
         torch.testing.assert_close(block(ref["x"]), ref["out"], rtol=1e-5, atol=1e-5)
 
@@ -120,7 +128,7 @@ def test_fat_block_equals_the_public_codes(case):
 def test_tca_equals_the_public_codes():
     ref = torch.load(REFERENCE)["tca"]
     tca = TCA(M=40, slices=5, ratio=4, depth=2, heads=16, window=8).eval()
-    tca.load_state_dict(ref["state"])
+    tca.load_state_dict(_public_to_lictrain(ref["state"], "tca."))
     with torch.no_grad():
         for got, want in zip(tca(ref["hyper"], ref["y"]), (ref["means"], ref["scales"], ref["lrp"])):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -303,3 +311,45 @@ def test_coding_on_cuda():
     torch.manual_seed(0)
     x_hat, ref = decoded_and_encoder_side(build_model("flic", "tiny"), "flic", (128, 128), device="cuda")
     assert (x_hat - ref).abs().max().item() < 1e-4
+
+
+def test_weights_saved_by_the_public_code_import_into_a_checkpoint_that_evaluates(tmp_path, capsys):
+    """A FLIC state dict in the public code's names (lictrain's renamed back, plus the entries the public model
+    has and lictrain does not) -> `lictrain import` -> a checkpoint whose model holds the same weights."""
+    from lictrain.checkpoint import load_checkpoint, model_from_checkpoint
+    from lictrain.cli import main
+
+    torch.manual_seed(0)
+    model = build_model("flic", "tiny")
+    state = {}  # lictrain's names written back as the public code's (FrequencyAwareTransFormer's state_dict keys)
+    for k, v in model.state_dict().items():
+        if k.startswith("gaussian_conditional."):
+            continue
+        p = k
+        for new, old in [("layer.fm.weight", "trans_block.fm.complex_weight"), ("layer.mlp.", "trans_block.ffn."),
+                         ("layer.branches.", "trans_block.attns."), ("bias_table", "relative_position_bias_table"),
+                         ("layer.", "trans_block."), (".inp.", ".conv1_1."), (".out.", ".conv1_2."),
+                         ("tca.start.", "tca.TCA.start_token_from_hyperprior."), ("tca.lift.", "tca.TCA.lift."),
+                         ("tca.hyper_linear.", "tca.hyper_trans."), ("tca.params.", "tca.entropy_parameters_net."),
+                         (".pos.", ".cpe.0.proj."), (".pos_norm.", ".cpe.0.norm."), (".fc1.", ".mlp.fc1."),
+                         (".fc2.", ".mlp.fc2.")]:
+            p = p.replace(new, old)
+        if p.startswith("tca.blocks."):
+            p = re.sub(r"^tca\.blocks\.(\d+)\.(q|k|v)\.", r"tca.TCA.layers.\1.\g<2>1.", p)
+            p = re.sub(r"^tca\.blocks\.(\d+)\.proj\.", r"tca.TCA.layers.\1.attn.proj.", p)
+            p = p.replace("tca.blocks.", "tca.TCA.layers.")
+        state[p] = v
+    state["tca.TCA.start_token"] = torch.zeros(1, 8, 1, 1)
+    state["g_a.1.trans_block.attns.0.relative_position_index"] = torch.zeros(1, dtype=torch.long)
+    assert "tca.TCA.lift.weight" in state and "g_a.1.conv1_1.weight" in state
+    torch.save({"state_dict": state}, tmp_path / "public.pth")
+    out = tmp_path / "imported" / "flic-0.0483.pt"
+    assert main(["import", str(tmp_path / "public.pth"), "--model", "ftic", "--preset", "tiny",
+                 "--lmbda", "0.0483", "--out", str(out)]) == 0
+    ckpt = load_checkpoint(out)
+    assert ckpt["config"]["model"]["name"] == "flic" and ckpt["config"]["loss"]["lmbda"] == 0.0483
+    loaded = model_from_checkpoint(ckpt)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    assert main(["import", str(tmp_path / "public.pth"), "--model", "tcm", "--preset", "tiny", "--lmbda", "0.01",
+                 "--out", str(tmp_path / "x.pt")]) == 2  # not a TCM: one line naming missing/unexpected keys
+    assert "does not fit TCM: missing" in capsys.readouterr().err
