@@ -1,7 +1,9 @@
-"""TCM (lictrain/models/tcm.py): the window attention against a token-by-token reference, every preset's sizes,
-the published parameter count, coding round trips of batches and odd sizes, and training."""
+"""TCM (lictrain/models/tcm.py): the window attention against a token-by-token reference, the mixture block and
+the Swin-attention block against the public code's outputs (through the import key map), every preset's sizes, the
+published parameter count, coding round trips of batches and odd sizes, and training."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ import torch.nn.functional as F
 from lictrain import bitstream
 from lictrain.evaluation import Codec
 from lictrain.models import build_model, downsampling
-from lictrain.models.tcm import WindowAttention
+from lictrain.models.public_weights import from_public
+from lictrain.models.tcm import MixedBlock, SwinAttention, WindowAttention
 from tests.conftest import adam_losses, trained_and_evaluated
 
 
@@ -144,3 +147,32 @@ def test_tcm_s_alias_trains_with_soap_and_evaluates_with_real_bitstreams(tmp_pat
                                            "data": {"crop": 64, "batch_size": 2},
                                            "optim": {"name": "soap", "lr": 1e-3}})
     assert row["bpp"][0] > 0 and row["psnr-rgb"][0] > 5
+
+
+TCM_REFERENCE = Path(__file__).parent / "data" / "tcm_public_reference.pt"
+
+
+def _public_to_lictrain(state: dict, prefix: str) -> dict:
+    """A public block's state dict through lictrain's key map for the whole model (under the block's place in it)."""
+    mapped = from_public("tcm", {"cc_mean_transforms.0.0.weight": None, **{prefix + k: v for k, v in state.items()}})
+    return {k.removeprefix(prefix.replace(".0.0.", ".0.")): v for k, v in mapped.items() if v is not None}
+
+
+@pytest.mark.parametrize("case", ["block_plain", "block_shifted"])
+def test_mixed_block_equals_the_public_codes(case):
+    """Outputs of the public code's ConvTransBlock (jmliu206/LIC_TCM at 6c6d7a3) on random weights (relative
+    position tables included), saved once with its state dict in tests/data: lictrain's block, loaded through the
+    key map of `lictrain import`, gives them."""
+    ref = torch.load(TCM_REFERENCE)[case]
+    block = MixedBlock(8, 4, 4, ref["shifted"]).eval()
+    block.load_state_dict(_public_to_lictrain(ref["state"], "g_a.1."))
+    with torch.no_grad():
+        torch.testing.assert_close(block(ref["x"]), ref["out"], rtol=1e-5, atol=1e-5)
+
+
+def test_swin_attention_equals_the_public_codes():
+    ref = torch.load(TCM_REFERENCE)["swatten"]
+    att = SwinAttention(24, 24, 16, 8, 4).eval()
+    att.load_state_dict(_public_to_lictrain(ref["state"], "atten_mean.0.0."))
+    with torch.no_grad():
+        torch.testing.assert_close(att(ref["x"]), ref["out"], rtol=1e-5, atol=1e-5)

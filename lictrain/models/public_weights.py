@@ -4,9 +4,11 @@ A key map takes a parameter or buffer name of the public model and returns lictr
 entries lictrain does not keep (index buffers it builds itself, the coder's tables that update() derives, unused
 parameters). CompressAI's own models need no map: lictrain builds them from CompressAI's classes.
 
-Maps so far (each checked by loading the public classes' outputs in tests/test_flic.py):
-- flic: qingshi9974/ICLR2024-FTIC (class FrequencyAwareTransFormer).
-Not yet: TCM (jmliu206/LIC_TCM), DCAE, LALIC, AuxT; their module layouts differ from lictrain's more than by names.
+Maps so far, each checked by running the public classes on the same weights (benchmarks/RESULTS.md):
+- flic: qingshi9974/ICLR2024-FTIC (class FrequencyAwareTransFormer); also in tests/test_flic.py, against outputs
+  of the public blocks saved in tests/data.
+- tcm: jmliu206/LIC_TCM (class TCM; TCM-S is TCM(N=64)).
+Not yet: DCAE, LALIC, AuxT.
 """
 
 from __future__ import annotations
@@ -34,8 +36,26 @@ def _flic_key(key: str) -> str | None:
     return re.sub(r"(tca\.blocks\.\d+)\.(q|k|v)1\.", r"\1.\2.", key)
 
 
-KEY_MAPS = {"flic": _flic_key}
-SIGNATURES = {"flic": "tca.TCA.lift.weight"}  # a key only the public model's state dict has
+_TCM_RENAMES = [
+    ("_transforms.", "."),  # cc_mean_transforms, cc_scale_transforms, lrp_transforms
+    (".conv1_1.", ".split."), (".conv1_2.", ".join."), (".conv_block.", ".conv."), (".trans_block.", ".swin."),
+    (".non_local_block.block_1.", ".swin.0."), (".non_local_block.block_2.", ".swin.1."),
+    (".in_conv.", ".inp."), (".out_conv.", ".out."), (".conv_a.", ".trunk."), (".conv_b.", ".mask."),
+    (".ln1.", ".norm1."), (".ln2.", ".norm2."), (".msa.embedding_layer.", ".attn.qkv."),
+    (".msa.linear.", ".attn.proj."), (".msa.relative_position_params", ".attn.bias_table"),
+]
+
+
+def _tcm_key(key: str) -> str | None:
+    key = re.sub(r"^(atten_mean|atten_scale)\.(\d+)\.0\.", r"\1.\2.", key)  # the public code wraps them in a Sequential
+    for old, new in _TCM_RENAMES:
+        key = key.replace(old, new)
+    return key
+
+
+KEY_MAPS = {"flic": _flic_key, "tcm": _tcm_key}
+# a key only the public model's state dict has
+SIGNATURES = {"flic": "tca.TCA.lift.weight", "tcm": "cc_mean_transforms.0.0.weight"}
 
 
 def from_public(name: str, state: dict) -> dict:
