@@ -2,6 +2,8 @@
 against a step-by-step reference, the added parameters against the hand formula, the orthogonality regulariser in
 the loss, bit-exact coding and training."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,8 @@ from lictrain import bitstream
 from lictrain.evaluation import Codec
 from lictrain.losses import RateDistortionLoss
 from lictrain.models import build_model
-from lictrain.models.auxt import haar, inverse_haar, orthogonality_penalty
+from lictrain.models.auxt import InverseWaveletShortcut, WaveletShortcut, haar, inverse_haar, orthogonality_penalty
+from lictrain.models.public_weights import from_public
 from tests.conftest import smooth_batch, trained_and_evaluated
 
 
@@ -146,3 +149,20 @@ def test_tcm_auxt_trains_with_balanced_rd_and_evaluates(tmp_path):
     row = trained_and_evaluated(tmp_path, {"model": {"name": "tcm+auxt", "preset": "tiny"}, "train": {"steps": 2},
                                            "data": {"crop": 64, "batch_size": 2}, "method": {"name": "balanced-rd"}})
     assert row["bpp"][0] > 0 and row["psnr-rgb"][0] > 5  # real bitstreams decoded to an image, not noise
+
+
+@pytest.mark.parametrize("case", ["wls", "iwls"])
+def test_wavelet_shortcuts_equal_the_public_codes(case):
+    """Outputs of the public code's WLS / iWLS (qingshi9974/AuxT at 11f9c9e) on random weights, saved once with
+    their state dicts in tests/data: lictrain's shortcuts, loaded through the key map of `lictrain import` (linear
+    layers become 1x1 convolutions, per-token gains per-channel ones), give them. (The public Haar filters are
+    0.5 (1 - 6e-8), float32's rounding of 1/sqrt(2) squared: hence the tolerance.)"""
+    ref = torch.load(Path(__file__).parent / "data" / "auxt_public_reference.pt")[case]
+    side, module = ("enc", WaveletShortcut(3, 8)) if case == "wls" else ("dec", InverseWaveletShortcut(8, 3))
+    prefix = f"AuxT_{side}.0."
+    signature = {"AuxT_enc.0.OLP.linear.weight": torch.zeros(1, 1)}  # marks the state as the public code's
+    mapped = from_public("tcm-auxt", {**signature, **{prefix + k: v for k, v in ref["state"].items()}})
+    target = "g_a.shortcuts.0." if side == "enc" else "g_s.shortcuts.0."
+    module.load_state_dict({k.removeprefix(target): v for k, v in mapped.items() if k.startswith(target)})
+    with torch.no_grad():
+        torch.testing.assert_close(module(ref["x"]), ref["out"], rtol=1e-5, atol=1e-5)

@@ -1,14 +1,16 @@
 """Weights saved by the papers' public code, renamed to lictrain's modules (`lictrain import`).
 
 A key map takes a parameter or buffer name of the public model and returns lictrain's name for it, or None for
-entries lictrain does not keep (index buffers it builds itself, the coder's tables that update() derives, unused
-parameters). CompressAI's own models need no map: lictrain builds them from CompressAI's classes.
+entries lictrain does not keep (index buffers it builds itself, fixed filters, the coder's tables that update()
+derives, unused parameters), or (name, function) where the tensor changes shape (a linear layer that lictrain
+writes as a 1x1 convolution). CompressAI's own models need no map: lictrain builds them from CompressAI's classes.
 
 Maps so far, each checked by running the public classes on the same weights (benchmarks/RESULTS.md):
 - flic: qingshi9974/ICLR2024-FTIC (class FrequencyAwareTransFormer); also in tests/test_flic.py, against outputs
   of the public blocks saved in tests/data.
 - tcm: jmliu206/LIC_TCM (class TCM; TCM-S is TCM(N=64)).
-Not yet: DCAE, LALIC, AuxT.
+- tcm-auxt: qingshi9974/AuxT (class TCM_AUXT): TCM's map plus the wavelet shortcuts.
+Not yet: DCAE, LALIC.
 """
 
 from __future__ import annotations
@@ -53,9 +55,25 @@ def _tcm_key(key: str) -> str | None:
     return key
 
 
-KEY_MAPS = {"flic": _flic_key, "tcm": _tcm_key}
+def _auxt_key(key: str):
+    shortcut = re.match(r"^AuxT_(enc|dec)\.(\d+)\.(.*)$", key)
+    if shortcut is None:
+        return re.sub(r"^(g_a|g_s)\.", r"\1.layers.", _tcm_key(key))  # lictrain wraps the transforms
+    side, k, rest = shortcut.groups()
+    prefix = f"{'g_a' if side == 'enc' else 'g_s'}.shortcuts.{k}."
+    if rest == "scaling_factors":  # (1, 1, 4C) per token -> (1, 4C, 1, 1) per channel
+        return prefix + "log_gain", lambda v: v.reshape(1, -1, 1, 1)
+    if rest == "OLP.linear.weight":  # nn.Linear on tokens -> 1x1 convolution
+        return prefix + "proj.weight", lambda v: v[:, :, None, None]
+    if rest == "OLP.linear.bias":
+        return prefix + "proj.bias"
+    return None  # the fixed Haar filters (dwt.w_*, idwt.filters): lictrain computes the transform directly
+
+
+KEY_MAPS = {"flic": _flic_key, "tcm": _tcm_key, "tcm-auxt": _auxt_key}
 # a key only the public model's state dict has
-SIGNATURES = {"flic": "tca.TCA.lift.weight", "tcm": "cc_mean_transforms.0.0.weight"}
+SIGNATURES = {"flic": "tca.TCA.lift.weight", "tcm": "cc_mean_transforms.0.0.weight",
+              "tcm-auxt": "AuxT_enc.0.OLP.linear.weight"}
 
 
 def from_public(name: str, state: dict) -> dict:
@@ -66,8 +84,12 @@ def from_public(name: str, state: dict) -> dict:
     out = {}
     for key, value in state.items():
         new = KEY_MAPS[name](key)
-        if new is not None:
-            if new in out:
-                raise LictrainError(f"two public weights map to {new} ({key})")
-            out[new] = value
+        if new is None:
+            continue
+        if isinstance(new, tuple):
+            new, change = new
+            value = change(value)
+        if new in out:
+            raise LictrainError(f"two public weights map to {new} ({key})")
+        out[new] = value
     return out
