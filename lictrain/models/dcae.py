@@ -41,11 +41,13 @@ from compressai.models.utils import conv, deconv
 from .tcm import ChannelSliceModel, WindowAttention, param_net
 
 
-def _down(c_in: int, c_out: int) -> nn.Sequential:
+def down_stage(c_in: int, c_out: int) -> nn.Sequential:
+    """A 5x5 stride-2 convolution, then three residual bottleneck blocks."""
     return nn.Sequential(conv(c_in, c_out, 5), *(ResidualBottleneckBlock(c_out, c_out) for _ in range(3)))
 
 
-def _up(c_in: int, c_out: int) -> nn.Sequential:
+def up_stage(c_in: int, c_out: int) -> nn.Sequential:
+    """Three residual bottleneck blocks, then a 5x5 stride-2 transposed convolution."""
     return nn.Sequential(*(ResidualBottleneckBlock(c_in, c_in) for _ in range(3)), deconv(c_in, c_out, 5))
 
 
@@ -170,17 +172,17 @@ class DCAE(ChannelSliceModel):
         self.M, self.slices = M, slices
         d, n, hd = dims, blocks, head_dims
         self.g_a = nn.Sequential(
-            _down(3, d[0]), SwinStage(d[0], hd[0], window, n[0]), _down(d[0], d[1]),
-            SwinStage(d[1], hd[1], window, n[1]), _down(d[1], d[2]), SwinStage(d[2], hd[2], window, n[2]),
+            down_stage(3, d[0]), SwinStage(d[0], hd[0], window, n[0]), down_stage(d[0], d[1]),
+            SwinStage(d[1], hd[1], window, n[1]), down_stage(d[1], d[2]), SwinStage(d[2], hd[2], window, n[2]),
             conv(d[2], M, 5))
         self.g_s = nn.Sequential(
-            deconv(M, d[2], 5), SwinStage(d[2], hd[3], window, n[2]), _up(d[2], d[1]),
-            SwinStage(d[1], hd[4], window, n[1]), _up(d[1], d[0]), SwinStage(d[0], hd[5], window, n[0]),
-            _up(d[0], 3))
-        self.h_a = nn.Sequential(_down(M, N), SwinStage(N, hyper_head_dim, hyper_window, 1), conv(N, Z, 3))
+            deconv(M, d[2], 5), SwinStage(d[2], hd[3], window, n[2]), up_stage(d[2], d[1]),
+            SwinStage(d[1], hd[4], window, n[1]), up_stage(d[1], d[0]), SwinStage(d[0], hd[5], window, n[0]),
+            up_stage(d[0], 3))
+        self.h_a = nn.Sequential(down_stage(M, N), SwinStage(N, hyper_head_dim, hyper_window, 1), conv(N, Z, 3))
 
         def hyper_synthesis() -> nn.Sequential:
-            return nn.Sequential(deconv(Z, N, 3), SwinStage(N, hyper_head_dim, hyper_window, 1), _up(N, M))
+            return nn.Sequential(deconv(Z, N, 3), SwinStage(N, hyper_head_dim, hyper_window, 1), up_stage(N, M))
 
         self.h_scale_s, self.h_mean_s = hyper_synthesis(), hyper_synthesis()
         s = M // slices
