@@ -102,6 +102,18 @@ def trained_and_evaluated(tmp_path, config: dict) -> dict:
     return lictrain.evaluate([result.run_dir], "samples:val", tmp_path / "eval")["results"]
 
 
+def public_block_state(model: str, state: dict, prefix: str, target: str | None = None) -> dict:
+    """A block's state dict saved from the public code, through `lictrain import`'s key map for the whole model: its
+    keys placed under `prefix` (the block's place in the public model), mapped, and read back from under `target`
+    (its place in lictrain's model; default: the same)."""
+    from lictrain.models.public_weights import SIGNATURES, from_public
+
+    marker = {SIGNATURES[model]: torch.zeros(1, 1)}  # marks the state as the public code's (the block's own wins)
+    mapped = from_public(model, {**marker, **{prefix + k: v for k, v in state.items()}})
+    target = prefix if target is None else target
+    return {k.removeprefix(target): v for k, v in mapped.items() if k.startswith(target)}
+
+
 def decoded_and_encoder_side(model, name: str, size: tuple[int, int], seed: int | None = None, device: str = "cpu"):
     """(decoded image, encoder-side reconstruction) of a smooth test image of `size` through lictrain's codec and
     file format, for a model whose eval forward rounds the latents as its encoder does (the channel-wise and

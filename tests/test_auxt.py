@@ -13,8 +13,7 @@ from lictrain.evaluation import Codec
 from lictrain.losses import RateDistortionLoss
 from lictrain.models import build_model
 from lictrain.models.auxt import InverseWaveletShortcut, WaveletShortcut, haar, inverse_haar, orthogonality_penalty
-from lictrain.models.public_weights import from_public
-from tests.conftest import smooth_batch, trained_and_evaluated
+from tests.conftest import public_block_state, smooth_batch, trained_and_evaluated
 
 
 def test_haar_of_one_block_by_hand():
@@ -159,10 +158,7 @@ def test_wavelet_shortcuts_equal_the_public_codes(case):
     0.5 (1 - 6e-8), float32's rounding of 1/sqrt(2) squared: hence the tolerance.)"""
     ref = torch.load(Path(__file__).parent / "data" / "auxt_public_reference.pt")[case]
     side, module = ("enc", WaveletShortcut(3, 8)) if case == "wls" else ("dec", InverseWaveletShortcut(8, 3))
-    prefix = f"AuxT_{side}.0."
-    signature = {"AuxT_enc.0.OLP.linear.weight": torch.zeros(1, 1)}  # marks the state as the public code's
-    mapped = from_public("tcm-auxt", {**signature, **{prefix + k: v for k, v in ref["state"].items()}})
     target = "g_a.shortcuts.0." if side == "enc" else "g_s.shortcuts.0."
-    module.load_state_dict({k.removeprefix(target): v for k, v in mapped.items() if k.startswith(target)})
+    module.load_state_dict(public_block_state("tcm-auxt", ref["state"], f"AuxT_{side}.0.", target))
     with torch.no_grad():
         torch.testing.assert_close(module(ref["x"]), ref["out"], rtol=1e-5, atol=1e-5)

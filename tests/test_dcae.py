@@ -8,8 +8,7 @@ import torch
 
 from lictrain.models import build_model
 from lictrain.models.dcae import ConvGLU, DictionaryCrossAttention, SwinStage, down_stage, up_stage
-from lictrain.models.public_weights import from_public
-from tests.conftest import adam_losses, decoded_and_encoder_side, smooth_batch
+from tests.conftest import adam_losses, decoded_and_encoder_side, public_block_state, smooth_batch
 
 
 def _count(module) -> int:
@@ -76,12 +75,6 @@ def test_a_few_adam_steps_lower_the_loss():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def _public_to_lictrain(state: dict, prefix: str, target: str) -> dict:
-    """A public block's state dict through lictrain's key map for the whole model (at the block's place in it)."""
-    mapped = from_public("dcae", {"dt": torch.zeros(1), **{prefix + k: v for k, v in state.items()}})
-    return {k.removeprefix(target): v for k, v in mapped.items() if k.startswith(target)}
-
-
 @pytest.mark.parametrize("case,prefix,target,build", [
     ("stage", "g_a.1.", "g_a.1.", lambda: SwinStage(16, 8, 4, 2)),
     ("down", "g_a.0.", "g_a.0.", lambda: down_stage(8, 16)),
@@ -94,7 +87,7 @@ def test_blocks_equal_the_public_codes(case, prefix, target, build):
     dicts in tests/data: lictrain's blocks, loaded through the key map of `lictrain import`, give them."""
     ref = torch.load(Path(__file__).parent / "data" / "dcae_public_reference.pt")[case]
     block = build().eval()
-    block.load_state_dict(_public_to_lictrain(ref["state"], prefix, target))
+    block.load_state_dict(public_block_state("dcae", ref["state"], prefix, target))
     inputs = ref["inputs"] if case != "dca" else (ref["inputs"][0], ref["inputs"][1][0])  # one shared dictionary
     with torch.no_grad():
         torch.testing.assert_close(block(*inputs), ref["out"], rtol=1e-5, atol=1e-5)

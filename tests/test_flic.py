@@ -16,9 +16,9 @@ from compressai.ans import BufferedRansEncoder, RansDecoder
 from lictrain.errors import LictrainError
 from lictrain.models import build_model, downsampling
 from lictrain.models.flic import FATBlock, FDWALayer, FrequencyModulation, branch_rolls, branch_windows
-from lictrain.models.public_weights import from_public
 from lictrain.models.tca import TCA, IntegerGaussianConditional, TCABlock, integer_scale_table
-from tests.conftest import adam_losses, decoded_and_encoder_side, smooth_batch, trained_and_evaluated
+from tests.conftest import (adam_losses, decoded_and_encoder_side, public_block_state, smooth_batch,
+                            trained_and_evaluated)
 
 
 def _count(module) -> int:
@@ -108,19 +108,13 @@ def test_fdwa_equals_a_token_by_token_reference(window, shifted, public):
 REFERENCE = Path(__file__).parent / "data" / "flic_public_reference.pt"
 
 
-def _public_to_lictrain(state: dict, prefix: str) -> dict:
-    """A public block's state dict through lictrain's key map for the whole model (under the block's place in it)."""
-    mapped = from_public("flic", {"tca.TCA.lift.weight": None, **{prefix + k: v for k, v in state.items()}})
-    return {k.removeprefix(prefix): v for k, v in mapped.items() if v is not None}
-
-
 @pytest.mark.parametrize("case", ["fat_w2_shifted", "fat_w4_shifted", "fat_w4_plain"])
 def test_fat_block_equals_the_public_codes(case):
     """Outputs of the public code's FAT_Block (qingshi9974/ICLR2024-FTIC at e0d4886) on random weights, saved once
     with its state dict in tests/data: lictrain's block loaded through the key map gives them."""
     ref = torch.load(REFERENCE)[case]
     block = FATBlock(16, 8, ref["window"], ref["shifted"]).eval()
-    block.load_state_dict(_public_to_lictrain(ref["state"], "g_a.1."))
+    block.load_state_dict(public_block_state("flic", ref["state"], "g_a.1."))
     with torch.no_grad():
         torch.testing.assert_close(block(ref["x"]), ref["out"], rtol=1e-5, atol=1e-5)
 
@@ -128,7 +122,7 @@ def test_fat_block_equals_the_public_codes(case):
 def test_tca_equals_the_public_codes():
     ref = torch.load(REFERENCE)["tca"]
     tca = TCA(M=40, slices=5, ratio=4, depth=2, heads=16, window=8).eval()
-    tca.load_state_dict(_public_to_lictrain(ref["state"], "tca."))
+    tca.load_state_dict(public_block_state("flic", ref["state"], "tca."))
     with torch.no_grad():
         for got, want in zip(tca(ref["hyper"], ref["y"]), (ref["means"], ref["scales"], ref["lrp"])):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

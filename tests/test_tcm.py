@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from lictrain import bitstream
 from lictrain.evaluation import Codec
 from lictrain.models import build_model, downsampling
-from lictrain.models.public_weights import from_public
 from lictrain.models.tcm import MixedBlock, SwinAttention, WindowAttention
-from tests.conftest import adam_losses, trained_and_evaluated
+from tests.conftest import adam_losses, public_block_state, trained_and_evaluated
 
 
 def _reference_window_attention(attn: WindowAttention, x: torch.Tensor) -> torch.Tensor:
@@ -152,12 +151,6 @@ def test_tcm_s_alias_trains_with_soap_and_evaluates_with_real_bitstreams(tmp_pat
 TCM_REFERENCE = Path(__file__).parent / "data" / "tcm_public_reference.pt"
 
 
-def _public_to_lictrain(state: dict, prefix: str) -> dict:
-    """A public block's state dict through lictrain's key map for the whole model (under the block's place in it)."""
-    mapped = from_public("tcm", {"cc_mean_transforms.0.0.weight": None, **{prefix + k: v for k, v in state.items()}})
-    return {k.removeprefix(prefix.replace(".0.0.", ".0.")): v for k, v in mapped.items() if v is not None}
-
-
 @pytest.mark.parametrize("case", ["block_plain", "block_shifted"])
 def test_mixed_block_equals_the_public_codes(case):
     """Outputs of the public code's ConvTransBlock (jmliu206/LIC_TCM at 6c6d7a3) on random weights (relative
@@ -165,7 +158,7 @@ def test_mixed_block_equals_the_public_codes(case):
     key map of `lictrain import`, gives them."""
     ref = torch.load(TCM_REFERENCE)[case]
     block = MixedBlock(8, 4, 4, ref["shifted"]).eval()
-    block.load_state_dict(_public_to_lictrain(ref["state"], "g_a.1."))
+    block.load_state_dict(public_block_state("tcm", ref["state"], "g_a.1."))
     with torch.no_grad():
         torch.testing.assert_close(block(ref["x"]), ref["out"], rtol=1e-5, atol=1e-5)
 
@@ -173,6 +166,6 @@ def test_mixed_block_equals_the_public_codes(case):
 def test_swin_attention_equals_the_public_codes():
     ref = torch.load(TCM_REFERENCE)["swatten"]
     att = SwinAttention(24, 24, 16, 8, 4).eval()
-    att.load_state_dict(_public_to_lictrain(ref["state"], "atten_mean.0.0."))
+    att.load_state_dict(public_block_state("tcm", ref["state"], "atten_mean.0.0.", "atten_mean.0."))
     with torch.no_grad():
         torch.testing.assert_close(att(ref["x"]), ref["out"], rtol=1e-5, atol=1e-5)
