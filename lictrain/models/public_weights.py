@@ -1,14 +1,14 @@
 """Weights saved by the papers' public code, renamed to lictrain's modules (`lictrain import`).
 
 A key map takes a parameter or buffer name of the public model (and the set of all its names, where the meaning of
-a name depends on its siblings) and returns lictrain's name for it, or None for
-entries lictrain does not keep (index buffers it builds itself, fixed filters, the coder's tables that update()
-derives, unused parameters), or (name, function) where the tensor changes shape (a linear layer that lictrain
-writes as a 1x1 convolution). CompressAI's own models need no map: lictrain builds them from CompressAI's classes.
+a name depends on its siblings) and returns lictrain's name for it; or None for entries lictrain does not keep
+(index buffers it builds itself, fixed filters, the coder's tables that update() derives, unused parameters); or
+(name, function) where the tensor changes shape (a linear layer that lictrain writes as a 1x1 convolution).
+CompressAI's own models need no map: lictrain builds them from CompressAI's classes.
 
-Maps so far, each checked by running the public classes on the same weights (benchmarks/RESULTS.md):
-- flic: qingshi9974/ICLR2024-FTIC (class FrequencyAwareTransFormer); also in tests/test_flic.py, against outputs
-  of the public blocks saved in tests/data.
+Maps so far, each checked by running the public classes on the same weights (benchmarks/RESULTS.md) and in the
+tests against outputs of the public blocks saved in tests/data:
+- flic: qingshi9974/ICLR2024-FTIC (class FrequencyAwareTransFormer).
 - tcm: jmliu206/LIC_TCM (class TCM; TCM-S is TCM(N=64)).
 - tcm-auxt: qingshi9974/AuxT (class TCM_AUXT): TCM's map plus the wavelet shortcuts.
 - dcae: LabShuHangGU/DCAE (class DCAE).
