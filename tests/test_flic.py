@@ -347,3 +347,13 @@ def test_weights_saved_by_the_public_code_import_into_a_checkpoint_that_evaluate
     assert main(["import", str(tmp_path / "public.pth"), "--model", "tcm", "--preset", "tiny", "--lmbda", "0.01",
                  "--out", str(tmp_path / "x.pt")]) == 2  # not a TCM: one line naming missing/unexpected keys
     assert "does not fit TCM: missing" in capsys.readouterr().err
+
+
+def test_the_coders_table_lists_follow_tables_loaded_in_place():
+    """coding_tables() caches the lists it hands the coder; tables copied into the buffers in place (as
+    load_state_dict does) must not be served from a stale cache."""
+    gc = IntegerGaussianConditional(offsets=2)
+    gc.update_scale_table(integer_scale_table(levels=4))
+    before = gc.coding_tables()[2]
+    gc._offset.sub_(1)  # in place: same tensor object, new values
+    assert gc.coding_tables()[2] == [o - 1 for o in before]

@@ -180,13 +180,13 @@ class FLIC(CompressionModel):
                  public_shifts: bool = True, offsets: int = 16):
         super().__init__()
         self.M, self.slices = M, slices
-        # the largest window side in image pixels: FDWA's and FM's 2 * window at 1/8, the T-CA's at 1/16, the hyper
-        # transforms' 2 * hyper_window at 1/32
-        self.windows = (16 * window, 16 * tca_window, 64 * hyper_window)
-        need = math.lcm(*self.windows)
-        if self.downsampling_factor % need:
+        # image sides must be multiples of every window's side in image pixels: FDWA's and FM's 2 * window at 1/8,
+        # the T-CA's window at 1/16, the hyper transforms' 2 * hyper_window at 1/32
+        self.size_multiple = math.lcm(16 * window, 16 * tca_window, 64 * hyper_window)
+        if self.downsampling_factor % self.size_multiple:
             raise ValueError(f"windows {window}, tca_window {tca_window}, hyper_window {hyper_window} need images "
-                             f"padded to multiples of {need}; lictrain pads FLIC to {self.downsampling_factor}")
+                             f"padded to multiples of {self.size_multiple}; lictrain pads FLIC to "
+                             f"{self.downsampling_factor}")
 
         def stage(dim: int, depth: int, n_heads: int, win: int) -> list[nn.Module]:
             return [FATBlock(dim, n_heads, win, bool(i % 2), public_shifts) for i in range(depth)]
@@ -216,7 +216,7 @@ class FLIC(CompressionModel):
 
     def _check_size(self, x: torch.Tensor) -> None:
         h, w = x.shape[-2:]
-        side = math.lcm(*self.windows)
+        side = self.size_multiple
         if h % side or w % side:
             raise ValueError(f"FLIC's windows need image sides that are multiples of {side} (got {h}x{w}); "
                              f"pad the image or set data.crop to a multiple of {side}")

@@ -22,8 +22,8 @@ exact mean. `IntegerGaussianConditional` codes it with CompressAI's rANS instead
 round(y) - round(mean), and its table is chosen by the scale and by the mean's fraction mean - round(mean) binned
 into `offsets` bins (a table per pair); the public code's GsnConditionalLocScaleShift has such a coding path (100
 fraction bins) that its FLIC builds but does not use for coding. Measured on 20,000 synthetic Gaussian symbols
-(benchmarks/RESULTS.md): 16 bins and 96 scales from 0.01 cost 0.42% more bits than -log2 of the likelihood; one
-zero-centred table per scale (no fraction bins) 15.6% more.
+(benchmarks/integer_coding.py, RESULTS.md): 16 bins and 96 scales from 0.01 cost 0.42% more bits than -log2 of
+the likelihood; one zero-centred table per scale (no fraction bins) 15.6% more.
 """
 
 from __future__ import annotations
@@ -144,10 +144,12 @@ class IntegerGaussianConditional(GaussianConditional):
     def coding_tables(self) -> tuple[list, list, list]:
         """(cdfs, lengths, offsets) for the rANS coder, each cdf cut to its length (the stored rows are padded to
         the longest, ten times the entries that are used)."""
-        if self._lists is None or self._lists[0] is not self._quantized_cdf:
+        # rebuilt when the tables change: update() replaces the tensors, load_state_dict copies into them in place
+        key = tuple((id(t), t._version) for t in (self._quantized_cdf, self._cdf_length, self._offset))
+        if self._lists is None or self._lists[0] != key:
             lengths = self._cdf_length.reshape(-1).tolist()
             cdfs = [row[:n] for row, n in zip(self._quantized_cdf.tolist(), lengths)]
-            self._lists = (self._quantized_cdf, (cdfs, lengths, self._offset.reshape(-1).tolist()))
+            self._lists = (key, (cdfs, lengths, self._offset.reshape(-1).tolist()))
         return self._lists[1]
 
     def update(self):
