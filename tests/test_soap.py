@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lictrain.optim import build_optimizer
+from lictrain.optim.common import pack_symmetric, unpack_symmetric
 from lictrain.optim.soap import SOAP, merged_shape
 
 
@@ -188,9 +189,10 @@ def test_odd_parameters_behave():
             v.grad = None if k == "unused" else torch.randn_like(v)
         opt.step()
     st = opt.state
-    assert [None if f is None else f.shape for f in st[params["conv_t"]]["GG"]] == [(4, 4), (6, 6), (5, 5), (5, 5)]
+    # factors are stored as upper triangles: d (d + 1) / 2 numbers for a d x d factor
+    assert [None if f is None else f.shape for f in st[params["conv_t"]]["GG"]] == [(10,), (21,), (15,), (15,)]
     assert st[params["bias"]]["GG"] == [None]  # 1-D: plain Adam
-    assert st[params["big"]]["GG"][1] is None and st[params["big"]]["GG"][0].shape == (3, 3)  # 40 > max: diagonal
+    assert st[params["big"]]["GG"][1] is None and st[params["big"]]["GG"][0].shape == (6,)  # 40 > max: diagonal
     assert params["unused"] not in st and torch.equal(params["unused"], before["unused"])
     for k in ("conv_t", "bias", "scalar", "big"):
         assert not torch.equal(params[k], before[k]) and torch.isfinite(params[k]).all()
@@ -214,7 +216,7 @@ def test_merge_dims_never_builds_a_factor_larger_than_max():
     opt = SOAP([p], merge_dims=True, max_precond_dim=40)
     p.grad = torch.randn_like(p)
     opt.step()
-    assert all(f is None or f.shape[0] <= 40 for f in opt.state[p]["GG"])
+    assert all(f is None or unpack_symmetric(f).shape[0] <= 40 for f in opt.state[p]["GG"])
 
 
 def test_non_finite_gradient_never_reaches_weights_or_state():
@@ -515,6 +517,51 @@ def test_batched_resume_is_bit_exact():
     run(second, opt2, grads[4:])
     for a, b in zip(straight, second):
         assert torch.equal(a, b)
+
+
+def test_factors_are_kept_as_upper_triangles_and_full_factor_checkpoints_still_load():
+    """A factor is symmetric: only d (d + 1) / 2 numbers are stored (issue 16, state memory). A checkpoint saved
+    with full d x d factors (lictrain before the packing) resumes bit-exactly like the packed one."""
+    s = torch.randn(5, 5, dtype=torch.float64)
+    s = s + s.T  # exactly symmetric (a product a @ a.T need not be, to the last bit)
+    packed = pack_symmetric(s)
+    assert torch.equal(packed, torch.stack([s[i, j] for i in range(5) for j in range(i, 5)]))  # row by row
+    assert torch.equal(unpack_symmetric(packed), s)
+    with pytest.raises(ValueError, match="upper triangle"):
+        unpack_symmetric(torch.zeros(4))
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(6, 4, 3, 3), (6, 4, 3, 3), (5, 5), (7,)]
+    grads = [[torch.randn(sh, generator=gen) for sh in shapes] for _ in range(7)]
+    start = [torch.randn(sh, generator=gen) for sh in shapes]
+    params = [torch.nn.Parameter(v.clone()) for v in start]
+    opt = SOAP(params, lr=1e-2, precondition_frequency=2)
+    for g_step in grads[:3]:
+        for p, g in zip(params, g_step):
+            p.grad = g.clone()
+        opt.step()
+    # state bytes by hand: two moments, and per dimension a packed factor and a d x d basis (1-D: moments only)
+    floats = sum(v.numel() for st in opt.state.values() for k, v in st.items() if k.startswith("exp_avg"))
+    floats += sum(t.numel() for st in opt.state.values() for k in ("GG", "Q") for t in st[k] if t is not None)
+    assert floats == 2 * (2 * 216 + 25 + 7) + 2 * (21 + 36 + 10 + 16 + 6 + 9 + 6 + 9) + (15 + 25) * 2
+
+    saved = opt.state_dict()
+    old_format = copy.deepcopy(saved)
+    for st in old_format["state"].values():
+        st["GG"] = [None if f is None else unpack_symmetric(f) for f in st["GG"]]
+    runs = []
+    for sd in (saved, old_format):
+        ps = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        o = SOAP(ps, lr=1e-2, precondition_frequency=2)
+        o.load_state_dict(copy.deepcopy(sd))
+        assert all(f is None or f.dim() == 1 for st in o.state.values() for f in st["GG"])
+        for g_step in grads[3:]:
+            for p, g in zip(ps, g_step):
+                p.grad = g.clone()
+            o.step()
+        runs.append(ps)
+    for for_packed, for_full in zip(*runs):
+        assert torch.equal(for_packed, for_full)
 
 
 def test_a_failing_basis_inside_a_group_falls_back_alone():

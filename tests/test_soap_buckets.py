@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from lictrain.optim.common import pack_symmetric, unpack_symmetric
 from lictrain.optim.soap import SOAP
-from lictrain.optim.soap_buckets import Bucket
+from lictrain.optim.soap_buckets import Bucket, fold_grams
 
 # (shape, dimensions without a factor): conv kernels (trailing kh x kw merged into one Kronecker step), three
 # trailing small dimensions (the general partial trace), size-1 dimensions, a dimension kept diagonal (as one larger
@@ -26,7 +27,8 @@ def _bucket(shape, diagonal, n=3, seed=0, step=4):
         qs = [None if f is None else torch.linalg.qr(torch.randn(f.shape, generator=gen, dtype=torch.float64))[0]
               for f in gg]
         states.append({"step": step, "exp_avg": torch.randn(shape, generator=gen, dtype=torch.float64),
-                       "exp_avg_sq": torch.rand(shape, generator=gen, dtype=torch.float64), "GG": gg, "Q": qs})
+                       "exp_avg_sq": torch.rand(shape, generator=gen, dtype=torch.float64),
+                       "GG": [None if f is None else pack_symmetric(f) for f in gg], "Q": qs})
     reference = copy.deepcopy(states)
     return Bucket([None] * n, states), reference, gen
 
@@ -61,14 +63,17 @@ def test_factors_accumulated_on_the_way_equal_the_gram_of_the_raw_gradient(shape
     bucket, ref, gen = _bucket(shape, diagonal)
     g = torch.randn(bucket.n, *shape, generator=gen, dtype=torch.float64)
     beta = 0.9
-    bucket.rotate(g, accumulate=beta)
+    grams = []
+    bucket.rotate(g, grams=grams)
+    fold_grams(grams, beta)
     for j, st in enumerate(ref):
         for i, f0 in enumerate(st["GG"]):
             if f0 is None:
                 assert bucket.gg[i] is None
                 continue
             gi = g[j].movedim(i, 0).reshape(shape[i], -1)
-            torch.testing.assert_close(bucket.gg[i][j], beta * f0 + (1 - beta) * gi @ gi.T, rtol=1e-10, atol=1e-12)
+            expected = beta * unpack_symmetric(f0) + (1 - beta) * gi @ gi.T
+            torch.testing.assert_close(unpack_symmetric(bucket.gg[i][j]), expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("shape,diagonal", SHAPES)
@@ -94,7 +99,7 @@ def test_refresh_equals_the_per_tensor_refresh(shape, diagonal):
 
 def test_a_non_finite_factor_keeps_its_basis_and_its_moments_alone():
     bucket, ref, _ = _bucket((4, 3, 2, 3), (), n=3, seed=2)
-    bucket.gg[0][1, 0, 0] = float("nan")
+    bucket.gg[0][1, 0] = float("nan")  # (packed: the factor's first diagonal entry)
     bucket.refresh(exact=False)
     torch.testing.assert_close(bucket.q[0][1], ref[1]["Q"][0], rtol=0, atol=0)  # kept
     SOAP._refresh_basis(ref[0], exact=False)

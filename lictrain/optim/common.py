@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -54,3 +55,53 @@ def eigh_descending(m: torch.Tensor) -> torch.Tensor | None:
         if torch.isfinite(q).all():
             return q.flip(1)
     return None
+
+
+# ---- symmetric matrices stored as their upper triangles ---------------------------------------------------------
+# A Kronecker factor is symmetric: its lower triangle is derived state. SOAP keeps only the upper one (row by row,
+# torch.triu_indices order, d (d + 1) / 2 numbers), which is half of a factor's bytes; the full matrix is rebuilt
+# where a product needs it (the basis refresh) and the Gram matrix is packed as it is accumulated.
+_TRIU: dict = {}
+
+
+def triu_positions(d: int, device: torch.device) -> torch.Tensor:
+    """Where the packed numbers lie in a flattened d x d matrix: pack_symmetric(a) == a.flatten(-2)[..., these]."""
+    return _triu_flat(d, device)[0]
+
+
+def _triu_flat(d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions (in a d x d matrix) of the upper triangle and of its mirror image, cached per size and device."""
+    key = (d, device)
+    if key not in _TRIU:
+        rows, cols = torch.triu_indices(d, d, device=device)
+        _TRIU[key] = (rows * d + cols, cols * d + rows)
+    return _TRIU[key]
+
+
+def packed_size(d: int) -> int:
+    return d * (d + 1) // 2
+
+
+def side_of_packed(n: int) -> int:
+    """d from a packed length d (d + 1) / 2."""
+    d = (math.isqrt(8 * n + 1) - 1) // 2
+    if packed_size(d) != n:
+        raise ValueError(f"{n} numbers are not the upper triangle of a square matrix")
+    return d
+
+
+def pack_symmetric(full: torch.Tensor) -> torch.Tensor:
+    """(..., d, d) -> (..., d (d + 1) / 2): the upper triangle, row by row (the lower one is not read)."""
+    d = full.shape[-1]
+    upper, _ = _triu_flat(d, full.device)
+    return full.reshape(*full.shape[:-2], d * d).index_select(-1, upper)
+
+
+def unpack_symmetric(packed: torch.Tensor) -> torch.Tensor:
+    """(..., d (d + 1) / 2) -> (..., d, d): the symmetric matrix whose upper triangle this is."""
+    d = side_of_packed(packed.shape[-1])
+    upper, mirror = _triu_flat(d, packed.device)
+    full = packed.new_empty(*packed.shape[:-1], d * d)
+    full.index_copy_(-1, mirror, packed)
+    full.index_copy_(-1, upper, packed)  # the diagonal is in both: the same numbers
+    return full.reshape(*packed.shape[:-1], d, d)

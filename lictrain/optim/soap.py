@@ -32,6 +32,9 @@ Choices (all documented because they matter for LIC):
   matrices) is kept stacked, and rotations, factor updates and basis refreshes are batched products over the stack
   without transposed copies (soap_buckets.py); `batched=False` keeps one tensor at a time (the same results to
   fp32 rounding, tested).
+- Memory: a factor is symmetric, so only its upper triangle is stored (state["GG"][i] has d (d + 1) / 2 numbers;
+  common.unpack_symmetric gives the matrix): half of the factors' bytes. Checkpoints holding full d x d factors
+  (lictrain before this) still load.
 - Numerics: factors, eigh and QR run in fp32 (fp64 for fp64 parameters) whatever the parameter dtype or autocast.
   If a factor is not finite or eigh/QR fail, the step retries in fp64 with jitter and otherwise keeps the last good
   basis; a non-finite gradient leaves factors and moments untouched and skips that parameter's step.
@@ -44,8 +47,8 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from .common import closure_loss, eigh_descending, full_fp32_matmul
-from .soap_buckets import Bucket, rotation_units
+from .common import closure_loss, eigh_descending, full_fp32_matmul, pack_symmetric, packed_size, unpack_symmetric
+from .soap_buckets import Bucket, fold_grams, rotation_units
 
 
 def merged_shape(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
@@ -105,17 +108,16 @@ def project(x: torch.Tensor, qs: list, back: bool = False) -> torch.Tensor:
 
 
 def _factor_update(f: torch.Tensor, g: torch.Tensor, i: int, beta: float) -> None:
-    """f <- beta f + (1 - beta) G_(i) G_(i)^T, with G_(i) dimension i of g against all the others (one addmm)."""
+    """f <- beta f + (1 - beta) G_(i) G_(i)^T, with G_(i) dimension i of g against all the others; f is the packed
+    upper triangle (common.pack_symmetric)."""
     pre, d, post = math.prod(g.shape[:i]), g.shape[i], math.prod(g.shape[i + 1 :])
     if pre == 1:
         gi = g.reshape(d, post)
-        f.addmm_(gi, gi.T, beta=beta, alpha=1 - beta)
     elif post == 1:
-        gi = g.reshape(pre, d)
-        f.addmm_(gi.T, gi, beta=beta, alpha=1 - beta)
+        gi = g.reshape(pre, d).T
     else:
         gi = g.reshape(pre, d, post).transpose(0, 1).reshape(d, pre * post)
-        f.addmm_(gi, gi.T, beta=beta, alpha=1 - beta)
+    f.mul_(beta).add_(pack_symmetric(gi @ gi.T), alpha=1 - beta)
 
 
 class SOAP(Optimizer):
@@ -177,7 +179,8 @@ class SOAP(Optimizer):
         dtype = self._factor_dtype(p)
         precondition = len(shape) > 1 or group["precondition_1d"]
         factors = [
-            torch.zeros(d, d, dtype=dtype, device=p.device) if precondition and 1 < d <= group["max_precond_dim"] else None
+            torch.zeros(packed_size(d), dtype=dtype, device=p.device)
+            if precondition and 1 < d <= group["max_precond_dim"] else None
             for d in shape
         ]
         return {
@@ -205,6 +208,7 @@ class SOAP(Optimizer):
         for i, f in enumerate(state["GG"]):
             if f is None:
                 continue
+            f = unpack_symmetric(f)
             if exact or old[i] is None:
                 q = eigh_descending(f)
             else:
@@ -297,14 +301,15 @@ class SOAP(Optimizer):
         factor updates riding on the rotation of the gradient, the elementwise Adam arithmetic over the stacks."""
         b1, b2 = group["betas"]
         buckets = self._bucket_list(group, params, states)
-        g_rots = []
+        g_rots, grams = [], []
         for b in buckets:
             b.step = self.state[b.params[0]]["step"]
             g = torch.stack([p.grad.reshape(b.shape) for p in b.params]).to(b.m.dtype)
             # (a tensor's first gradient went into its factors when they were created, except with the authors'
             # semantics, whose first call only initialised)
-            beta = shampoo_beta if b.step > 1 or authors else None
-            g_rots.append(b.rotate(g, accumulate=beta) if b.preconditioned else g)
+            take = b.step > 1 or authors
+            g_rots.append(b.rotate(g, grams=grams if take else None) if b.preconditioned else g)
+        fold_grams(grams, shampoo_beta)
         ms, vs = [b.m for b in buckets], [b.v for b in buckets]
         torch._foreach_lerp_(ms, g_rots, 1 - b1)
         torch._foreach_mul_(vs, b2)
@@ -460,3 +465,5 @@ class SOAP(Optimizer):
             for key in ("GG", "Q"):
                 if key in saved:
                     state[key] = [None if t is None else t.to(device=p.device, dtype=dtype) for t in saved[key]]
+            if "GG" in state:  # checkpoints from before the factors were packed hold full d x d matrices
+                state["GG"] = [pack_symmetric(f) if f is not None and f.dim() == 2 else f for f in state["GG"]]

@@ -1,7 +1,8 @@
 """SOAP's state for same-shape tensors kept stacked, and the batched products that use it (issue 16).
 
 A LIC model has many tensors of one shape (N x N x k x k kernels, GDN gammas). A bucket holds the SOAP state of
-such tensors as stacked tensors: moments (n, *shape), one factor and one basis (n, d, d) per dimension. Each
+such tensors as stacked tensors: moments (n, *shape), per dimension one factor (n, d (d + 1) / 2: its upper
+triangle, the lower one being derived) and one basis (n, d, d). Each
 parameter's state entries are views into them, so the state dict, `precondition()` and the per-tensor code see
 ordinary tensors, while a step costs one batched product per dimension and no per-tensor copies.
 
@@ -13,9 +14,10 @@ Trailing small dimensions (a kernel's kh x kw) are rotated together by the Krone
 the per-tensor path: one product with K = kh*kw instead of two nearly memory-bound ones.
 
 Factors from the same products: the factor of dimension i, G_(i) G_(i)^T, does not change when the other
-dimensions are rotated by orthogonal matrices (G_(i) -> G_(i) K with K K^T = I). So it is accumulated from the
-gradient at the moment of its rotation, when dimension i is first in memory: no layout work of its own. For a
-Kronecker unit the Gram matrix of the merged dimension is formed and each member's factor is its partial trace.
+dimensions are rotated by orthogonal matrices (G_(i) -> G_(i) K with K K^T = I). So its Gram matrix is taken from
+the gradient at the moment of its rotation, when dimension i is first in memory: no layout work of its own. For a
+Kronecker unit the Gram matrix of the merged dimension is formed and each member's is its partial trace. The Grams
+are packed (upper triangles) and folded into all factors of a step by two multi-tensor kernels (fold_grams).
 
 Bases refresh batched too: eigenvalue estimates, the sort, one power-iteration product and a batched QR per
 dimension; an item whose factor is not finite or whose QR is not finite keeps its basis (and its second moment is
@@ -30,7 +32,7 @@ import string
 
 import torch
 
-from .common import eigh_descending
+from .common import eigh_descending, triu_positions, unpack_symmetric
 
 KRON_MAX = 64  # trailing dimensions with at most this many elements together are rotated by one Kronecker matrix
 
@@ -60,12 +62,23 @@ def _partial_traces(gram: torch.Tensor, sizes: list[int], members: list[int]) ->
     """Factors of the member dimensions from the Gram matrix (n, T, T) of their merged dimension T = prod(sizes)."""
     n, k = gram.shape[0], len(sizes)
     g = gram.reshape(n, *sizes, *sizes)
+    if k == 2:  # a kernel's kh x kw, every step: a diagonal and a sum each (einsum's overhead is ~5x that)
+        return [g.diagonal(dim1=2 - m, dim2=4 - m).sum(-1) for m in members]
     rows, cols = string.ascii_lowercase[:k], string.ascii_lowercase[k : 2 * k]
     out = []
     for m in members:
         c = "".join(cols[i] if i == m else rows[i] for i in range(k))
         out.append(torch.einsum(f"z{rows}{c}->z{rows[m]}{cols[m]}", g))
     return out
+
+
+def fold_grams(grams: list, beta: float) -> None:
+    """F <- beta F + (1 - beta) X_(i) X_(i)^T for the (factor, gram) pairs collected by Bucket.rotate: two
+    multi-tensor kernels for all factors of a step."""
+    if grams:
+        factors, new = [f for f, _ in grams], [g for _, g in grams]
+        torch._foreach_mul_(factors, beta)
+        torch._foreach_add_(factors, new, alpha=1 - beta)
 
 
 class Bucket:
@@ -94,6 +107,8 @@ class Bucket:
             st["GG"] = [None if f is None else f[j] for f in self.gg]
             st["Q"] = [None if q is None else q[j] for q in self.q]
         self.views = [(st["exp_avg"], st["exp_avg_sq"], *st["GG"], *st["Q"]) for st in states]
+        # where each factor's upper triangle lies in its flattened d x d Gram matrix
+        self.upper = [None if f is None else triu_positions(d, device) for f, d in zip(self.gg, self.shape)]
         self.units = rotation_units(self.shape, [f is not None for f in self.gg])
         self.preconditioned = any(f is not None for f in self.gg)
         self.n = n
@@ -132,33 +147,35 @@ class Bucket:
                 self.mats.append(_batched_kron(full))
 
     # ---- the products --------------------------------------------------------------------------------------------
-    def rotate(self, x: torch.Tensor, back: bool = False, accumulate: float | None = None) -> torch.Tensor:
-        """x (n, *shape) rotated into the eigenbases (or out of them with back=True). With `accumulate` = beta, the
-        factors also take x's Gram matrices: F <- beta F + (1 - beta) X_(i) X_(i)^T (x must be the gradient)."""
+    def rotate(self, x: torch.Tensor, back: bool = False, grams: list | None = None) -> torch.Tensor:
+        """x (n, *shape) rotated into the eigenbases (or out of them with back=True). With a list `grams`, x's Gram
+        matrices X_(i) X_(i)^T, packed, are appended to it as (factor, gram) pairs, for fold_grams (x must be the
+        gradient)."""
         n, total = self.n, math.prod(self.shape)
         y = x.reshape(n, total)
         for unit, mat in zip(self.units, self.mats):
             size = math.prod(self.shape[i] for i in unit)
             y2 = y.reshape(n, size, total // size)  # this unit first in memory
-            if accumulate is not None:
-                self._accumulate(unit, y2, accumulate)
+            if grams is not None:
+                self._grams(unit, y2, grams)
             if mat is None:
                 y = y2.transpose(1, 2).contiguous()
             else:
                 y = torch.bmm(y2.transpose(1, 2), mat.transpose(1, 2) if back else mat)
         return y.reshape(n, *self.shape)
 
-    def _accumulate(self, unit: list[int], y2: torch.Tensor, beta: float) -> None:
+    def _grams(self, unit: list[int], y2: torch.Tensor, out: list) -> None:
         members = [i for i in unit if self.gg[i] is not None]
         if not members:
             return
-        if len(unit) == 1:
-            self.gg[unit[0]].baddbmm_(y2, y2.transpose(1, 2), beta=beta, alpha=1 - beta)
-            return
         gram = torch.bmm(y2, y2.transpose(1, 2))
+        if len(unit) == 1:  # (pack_symmetric inlined: this runs for every factor at every step)
+            i = unit[0]
+            out.append((self.gg[i], gram.view(self.n, -1).index_select(1, self.upper[i])))
+            return
         sizes = [self.shape[i] for i in unit]
         for i, part in zip(members, _partial_traces(gram, sizes, [unit.index(i) for i in members])):
-            self.gg[i].mul_(beta).add_(part, alpha=1 - beta)
+            out.append((self.gg[i], part.reshape(self.n, -1).index_select(1, self.upper[i])))
 
     # ---- the basis refresh ---------------------------------------------------------------------------------------
     def refresh(self, exact: bool) -> None:
@@ -172,6 +189,7 @@ class Bucket:
         for i, f in enumerate(self.gg):
             if f is None:
                 continue
+            f = unpack_symmetric(f)
             if exact:
                 for j in range(self.n):
                     q = eigh_descending(f[j])
