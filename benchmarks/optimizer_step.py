@@ -15,6 +15,9 @@
 4. Inside lictrain's training loop: `Trainer.train_step` (forward, loss, backward, guard, clip, optimizer step, aux
    step, EMA; real crops of the bundled photos, batch 8 of 64x64) for Adam, SOAP and SOAP per tensor (before),
    interleaved in rounds of 20 steps (two refresh periods) so that machine noise hits all alike; median per step.
+5. The refresh spike: single optimizer.step() times over whole refresh periods for SOAP on the authors' schedule
+   (every basis refreshed after the same step) and with stagger_refresh=True (buckets spread over the period):
+   mean, median, and the slowest step of each period (median over periods).
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ def make_optimizer(kind: str, params, freq: int = FREQ):
         return torch.optim.Adam(params, lr=LR, betas=(0.9, 0.999), foreach=True)
     if kind == "soap":
         return SOAP(params, lr=LR, betas=BETAS, precondition_frequency=freq, max_precond_dim=10000)
+    if kind == "soap-staggered":  # refreshes spread over the period (stagger_refresh)
+        return SOAP(params, lr=LR, betas=BETAS, precondition_frequency=freq, max_precond_dim=10000,
+                    stagger_refresh=True)
     if kind == "soap-per-tensor":  # before issue 16: one tensor at a time
         return SOAP(params, lr=LR, betas=BETAS, precondition_frequency=freq, max_precond_dim=10000, batched=False)
     if kind == "pytorch_optimizer":
@@ -95,6 +101,31 @@ def step_only(models: dict, kinds: list[str], rounds: int, periods: int, warm: i
                 opts[k].step()
             times[k].append((time.perf_counter() - t0) / (periods * FREQ))
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def step_spread(model, kinds: list[str], periods: int, warm: int = FREQ) -> dict:
+    """Per kind: (mean ms, median ms, slowest step of a refresh period in ms, median over periods) of single
+    optimizer.step() calls on fixed gradients, the kinds' periods interleaved."""
+    params = {k: [torch.nn.Parameter(p.detach().clone()) for p in trainable(model)] for k in kinds}
+    grads = [model._grads[p] for p in trainable(model)]
+    opts = {k: make_optimizer(k, params[k]) for k in kinds}
+    steps: dict = {k: [] for k in kinds}
+    for r in range(warm // FREQ + periods):
+        for k in kinds:
+            period = []
+            for _ in range(FREQ):
+                for p, g in zip(params[k], grads):
+                    p.grad = g
+                t0 = time.perf_counter()
+                opts[k].step()
+                period.append(time.perf_counter() - t0)
+            if r >= warm // FREQ:
+                steps[k].append(period)
+    out = {}
+    for k, ps in steps.items():
+        flat = [t for period in ps for t in period]
+        out[k] = (statistics.mean(flat), statistics.median(flat), statistics.median(max(pd) for pd in ps))
+    return out
 
 
 def full_step_time(model, kind: str, freq: int, steps: int, crop=64, batch=8, warm=2) -> float:
@@ -168,7 +199,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     ap.add_argument("--models", default="mbt2018-mean,elic")
     ap.add_argument("--presets", default="tiny,small,paper", help="small = N=48/M=64, issue 16's workload")
-    ap.add_argument("--sections", default="1,2,3,4", help="which of the four tables to print")
+    ap.add_argument("--sections", default="1,2,3,4,5", help="which of the five tables to print")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     workloads = list(itertools.product(args.models.split(","), args.presets.split(",")))
@@ -255,6 +286,20 @@ def main() -> None:
             t = in_loop(name, preset, 3 if args.quick else 7)
             print(f"| {name} | {preset} | {t['adam'] * 1e3:.1f} | {t['soap'] * 1e3:.1f} | "
                   f"{t['soap'] / t['adam']:.2f} | {t['soap-per-tensor'] / t['adam']:.2f} |", flush=True)
+
+    if "5" in sections:
+        table("5. The refresh spike: single optimizer.step() calls over refresh periods (ms; fixed gradients)",
+              ["model", "preset", "schedule", "mean", "median", "slowest of a period"], "lllrrr")
+        for name, preset in workloads:
+            if preset == "paper":
+                continue
+            torch.manual_seed(0)
+            model = build_model(name, preset)
+            model._grads = fixed_gradients(model)
+            t = step_spread(model, ["soap", "soap-staggered"], 4 if args.quick else 12)
+            for k, label in (("soap", "authors' (all at multiples of 10)"), ("soap-staggered", "stagger_refresh")):
+                mean, median, worst = (x * 1e3 for x in t[k])
+                print(f"| {name} | {preset} | {label} | {mean:.1f} | {median:.1f} | {worst:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 
 from lictrain.optim import build_optimizer
 from lictrain.optim.common import pack_symmetric, unpack_symmetric
-from lictrain.optim.soap import SOAP, merged_shape
+from lictrain.optim.soap import SOAP, assign_refresh_phases, merged_shape
 
 
 class ReferenceSOAP:
@@ -588,3 +588,54 @@ def test_a_failing_basis_inside_a_group_falls_back_alone():
     assert all(torch.isfinite(q).all() for p in ps for q in opt.state[p]["Q"] if q is not None)
     assert all(q is not None for q, f in zip(opt.state[ps[1]]["Q"], opt.state[ps[1]]["GG"]) if f is not None)
     assert 0.3 < ps[1].norm() / alone.norm() < 3
+
+
+def test_assign_refresh_phases_balances_by_hand():
+    units = [([{}], 10), ([{}], 7), ([{}], 5), ([{}], 3), ([{}], 1)]
+    assign_refresh_phases(units, 2)  # costliest first to the least-loaded phase: 10->0, 7->1, 5->1, 3->0, 1->1
+    assert [u[0][0]["refresh_phase"] for u in units] == [0, 1, 1, 0, 1]
+    kept = [([{"refresh_phase": 1}], 20), ([{}], 4), ([{}], 4)]  # an existing phase stays and counts as load
+    assign_refresh_phases(kept, 3)
+    assert [u[0][0]["refresh_phase"] for u in kept] == [1, 0, 2]
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_staggered_refreshes_happen_once_per_period_at_each_tensors_phase_and_resume_exactly(batched):
+    shapes = [(6, 5, 3, 3), (6, 5, 3, 3), (4, 4), (4, 4), (4, 4), (7, 3), (5,)]
+    gen = torch.Generator().manual_seed(5)
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(13)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    freq = 4
+
+    def run(params, opt, steps, changes=None):
+        for g_step in steps:
+            before = [[q.clone() for q in opt.state[p]["Q"] if q is not None] if p in opt.state else [] for p in params]
+            for p, g in zip(params, g_step):
+                p.grad = g.clone()
+            opt.step()
+            if changes is not None:
+                for k, p in enumerate(params):
+                    after = [q for q in opt.state[p]["Q"] if q is not None]
+                    if before[k] and any(not torch.equal(a, b) for a, b in zip(before[k], after)):
+                        changes[k].append(opt.state[p]["step"])
+
+    params = [torch.nn.Parameter(v.clone()) for v in start]
+    opt = SOAP(params, lr=1e-2, precondition_frequency=freq, stagger_refresh=True, batched=batched)
+    changes = [[] for _ in params]
+    run(params, opt, grads, changes)
+    phases = [opt.state[p].get("refresh_phase") for p in params]
+    assert phases[-1] is None and len(set(phases[:-1])) >= 3  # the vector has no bases; the rest are spread
+    for k, phase in enumerate(phases[:-1]):
+        assert changes[k] == [t for t in range(2, 14) if t % freq == phase], (k, phase, changes[k])
+    if batched:  # a bucket's tensors share their phase
+        assert phases[0] == phases[1] and phases[2] == phases[3] == phases[4]
+
+    first = [torch.nn.Parameter(v.clone()) for v in start]
+    opt1 = SOAP(first, lr=1e-2, precondition_frequency=freq, stagger_refresh=True, batched=batched)
+    run(first, opt1, grads[:6])
+    second = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    opt2 = SOAP(second, lr=1e-2, precondition_frequency=freq, stagger_refresh=True, batched=batched)
+    opt2.load_state_dict(copy.deepcopy(opt1.state_dict()))
+    run(second, opt2, grads[6:])
+    for a, b in zip(params, second):
+        assert torch.equal(a, b)

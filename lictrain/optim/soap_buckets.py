@@ -117,7 +117,8 @@ class Bucket:
     @staticmethod
     def key(state: dict) -> tuple:
         m = state["exp_avg"]
-        return tuple(m.shape), m.dtype, m.device, tuple(f is None for f in state["GG"]), state["step"]
+        return (tuple(m.shape), m.dtype, m.device, tuple(f is None for f in state["GG"]), state["step"],
+                state.get("refresh_phase"))
 
     def still_holds(self, states: list[dict]) -> bool:
         """Whether these states still hold this bucket's views (none replaced, e.g. by load_state_dict or by hand)
