@@ -61,21 +61,27 @@ def eigh_descending(m: torch.Tensor) -> torch.Tensor | None:
 # A Kronecker factor is symmetric: its lower triangle is derived state. SOAP keeps only the upper one (row by row,
 # torch.triu_indices order, d (d + 1) / 2 numbers), which is half of a factor's bytes; the full matrix is rebuilt
 # where a product needs it (the basis refresh) and the Gram matrix is packed as it is accumulated.
-_TRIU: dict = {}
+_UPPER: dict = {}
 
 
 def triu_positions(d: int, device: torch.device) -> torch.Tensor:
-    """Where the packed numbers lie in a flattened d x d matrix: pack_symmetric(a) == a.flatten(-2)[..., these]."""
-    return _triu_flat(d, device)[0]
+    """Where the packed numbers lie in a flattened d x d matrix: pack_symmetric(a) == a.flatten(-2)[..., these].
 
-
-def _triu_flat(d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat positions (in a d x d matrix) of the upper triangle and of its mirror image, cached per size and device."""
+    int32 and cached per size and device: 4 bytes per packed number, once per distinct d (not per tensor); this
+    memory is reported by index_cache_bytes() beside the optimizer state it serves."""
     key = (d, device)
-    if key not in _TRIU:
+    if key not in _UPPER:
         rows, cols = torch.triu_indices(d, d, device=device)
-        _TRIU[key] = (rows * d + cols, cols * d + rows)
-    return _TRIU[key]
+        _UPPER[key] = (rows * d + cols).to(torch.int32)
+    return _UPPER[key]
+
+
+def index_cache_bytes() -> int:
+    return sum(t.numel() * t.element_size() for t in _UPPER.values())
+
+
+def clear_index_cache() -> None:
+    _UPPER.clear()
 
 
 def packed_size(d: int) -> int:
@@ -93,15 +99,15 @@ def side_of_packed(n: int) -> int:
 def pack_symmetric(full: torch.Tensor) -> torch.Tensor:
     """(..., d, d) -> (..., d (d + 1) / 2): the upper triangle, row by row (the lower one is not read)."""
     d = full.shape[-1]
-    upper, _ = _triu_flat(d, full.device)
-    return full.reshape(*full.shape[:-2], d * d).index_select(-1, upper)
+    return full.reshape(*full.shape[:-2], d * d).index_select(-1, triu_positions(d, full.device))
 
 
 def unpack_symmetric(packed: torch.Tensor) -> torch.Tensor:
-    """(..., d (d + 1) / 2) -> (..., d, d): the symmetric matrix whose upper triangle this is."""
+    """(..., d (d + 1) / 2) -> (..., d, d): the symmetric matrix whose upper triangle this is (exactly: each
+    number is copied, the zero lower triangle plus the transposed strict upper one adds nothing to it)."""
     d = side_of_packed(packed.shape[-1])
-    upper, mirror = _triu_flat(d, packed.device)
-    full = packed.new_empty(*packed.shape[:-1], d * d)
-    full.index_copy_(-1, mirror, packed)
-    full.index_copy_(-1, upper, packed)  # the diagonal is in both: the same numbers
-    return full.reshape(*packed.shape[:-1], d, d)
+    lead = packed.shape[:-1]
+    full = packed.new_zeros(*lead, d * d)
+    full.index_copy_(-1, triu_positions(d, packed.device).long(), packed)
+    full = full.view(*lead, d, d)
+    return full + full.triu(1).transpose(-1, -2)

@@ -115,10 +115,11 @@ class Bucket:
         self._unit_mats()
 
     @staticmethod
-    def key(state: dict) -> tuple:
+    def key(state: dict, staggered: bool = False) -> tuple:
+        """Tensors with equal keys share a bucket (and, when refreshes are staggered, a refresh phase)."""
         m = state["exp_avg"]
         return (tuple(m.shape), m.dtype, m.device, tuple(f is None for f in state["GG"]), state["step"],
-                state.get("refresh_phase"))
+                state.get("refresh_phase") if staggered else None)
 
     def still_holds(self, states: list[dict]) -> bool:
         """Whether these states still hold this bucket's views (none replaced, e.g. by load_state_dict or by hand)
