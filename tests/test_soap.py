@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lictrain.optim import build_optimizer
-from lictrain.optim.common import pack_symmetric, unpack_symmetric
+from lictrain.optim.common import clear_index_cache, index_cache_bytes, pack_symmetric, unpack_symmetric
 from lictrain.optim.soap import SOAP, assign_refresh_phases, merged_shape
 
 
@@ -529,6 +529,11 @@ def test_factors_are_kept_as_upper_triangles_and_full_factor_checkpoints_still_l
     assert torch.equal(unpack_symmetric(packed), s)
     with pytest.raises(ValueError, match="upper triangle"):
         unpack_symmetric(torch.zeros(4))
+    # the packing's index: int32, one entry per packed number, counted by index_cache_bytes (the benchmark's state)
+    clear_index_cache()
+    assert index_cache_bytes() == 0
+    pack_symmetric(torch.zeros(7, 7))
+    assert index_cache_bytes() == 4 * 28
 
     gen = torch.Generator().manual_seed(3)
     shapes = [(6, 4, 3, 3), (6, 4, 3, 3), (5, 5), (7,)]

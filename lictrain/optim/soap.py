@@ -56,7 +56,7 @@ import torch
 from torch.optim import Optimizer
 
 from .common import closure_loss, eigh_descending, full_fp32_matmul, pack_symmetric, packed_size, unpack_symmetric
-from .soap_buckets import Bucket, fold_grams, rotation_units
+from .soap_buckets import Bucket, rotation_units
 
 
 def merged_shape(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
@@ -343,12 +343,8 @@ class SOAP(Optimizer):
             g = torch.stack([p.grad.reshape(b.shape) for p in b.params]).to(b.m.dtype)
             # (a tensor's first gradient went into its factors when they were created, except with the authors'
             # semantics, whose first call only initialised)
-            if b.preconditioned and (b.step > 1 or authors):
-                grams: list = []
-                g_rots.append(b.rotate(g, grams=grams))
-                fold_grams(grams, shampoo_beta)  # per bucket: only one bucket's packed Grams alive at a time
-            else:
-                g_rots.append(b.rotate(g) if b.preconditioned else g)
+            beta = shampoo_beta if b.step > 1 or authors else None
+            g_rots.append(b.rotate(g, accumulate=beta) if b.preconditioned else g)
         ms, vs = [b.m for b in buckets], [b.v for b in buckets]
         torch._foreach_lerp_(ms, g_rots, 1 - b1)
         torch._foreach_mul_(vs, b2)
@@ -389,10 +385,11 @@ class SOAP(Optimizer):
     def _step_per_tensor(self, group: dict, params: list, states: list, shampoo_beta: float, authors: bool) -> None:
         """One tensor at a time (batched=False): the reference the bucketed path is tested against."""
         b1, b2 = group["betas"]
-        if group.get("stagger_refresh"):
-            assign_refresh_phases([([st], refresh_cost(st["exp_avg"].shape, st["GG"])) for st in states
-                                   if any(f is not None for f in st["GG"])], group["precondition_frequency"],
-                                  self._phase_load(group))
+        preconditioned = [st for st in states if any(f is not None for f in st["GG"])]
+        # (only when a tensor has no phase yet, not every step; the phased ones count towards the load)
+        if group.get("stagger_refresh") and any("refresh_phase" not in st for st in preconditioned):
+            assign_refresh_phases([([st], refresh_cost(st["exp_avg"].shape, st["GG"])) for st in preconditioned],
+                                  group["precondition_frequency"], self._phase_load(group))
         grads = [p.grad.reshape(st["exp_avg"].shape).to(st["exp_avg"].dtype) for p, st in zip(params, states)]
         g_rots = [self._rotate_one(p, st, g) for p, st, g in zip(params, states, grads)]
         ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]

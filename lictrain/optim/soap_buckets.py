@@ -17,7 +17,7 @@ Factors from the same products: the factor of dimension i, G_(i) G_(i)^T, does n
 dimensions are rotated by orthogonal matrices (G_(i) -> G_(i) K with K K^T = I). So its Gram matrix is taken from
 the gradient at the moment of its rotation, when dimension i is first in memory: no layout work of its own. For a
 Kronecker unit the Gram matrix of the merged dimension is formed and each member's is its partial trace. The Grams
-are packed (upper triangles) and folded into all factors of a step by two multi-tensor kernels (fold_grams).
+are packed (upper triangles) and folded into the bucket's factors by two multi-tensor kernels.
 
 Bases refresh batched too: eigenvalue estimates, the sort, one power-iteration product and a batched QR per
 dimension; an item whose factor is not finite or whose QR is not finite keeps its basis (and its second moment is
@@ -70,15 +70,6 @@ def _partial_traces(gram: torch.Tensor, sizes: list[int], members: list[int]) ->
         c = "".join(cols[i] if i == m else rows[i] for i in range(k))
         out.append(torch.einsum(f"z{rows}{c}->z{rows[m]}{cols[m]}", g))
     return out
-
-
-def fold_grams(grams: list, beta: float) -> None:
-    """F <- beta F + (1 - beta) X_(i) X_(i)^T for the (factor, gram) pairs collected by Bucket.rotate: two
-    multi-tensor kernels for all factors of a step."""
-    if grams:
-        factors, new = [f for f, _ in grams], [g for _, g in grams]
-        torch._foreach_mul_(factors, beta)
-        torch._foreach_add_(factors, new, alpha=1 - beta)
 
 
 class Bucket:
@@ -149,21 +140,25 @@ class Bucket:
                 self.mats.append(_batched_kron(full))
 
     # ---- the products --------------------------------------------------------------------------------------------
-    def rotate(self, x: torch.Tensor, back: bool = False, grams: list | None = None) -> torch.Tensor:
-        """x (n, *shape) rotated into the eigenbases (or out of them with back=True). With a list `grams`, x's Gram
-        matrices X_(i) X_(i)^T, packed, are appended to it as (factor, gram) pairs, for fold_grams (x must be the
-        gradient)."""
+    def rotate(self, x: torch.Tensor, back: bool = False, accumulate: float | None = None) -> torch.Tensor:
+        """x (n, *shape) rotated into the eigenbases (or out of them with back=True). With `accumulate` = beta, the
+        factors also take x's Gram matrices: F <- beta F + (1 - beta) X_(i) X_(i)^T (x must be the gradient)."""
         n, total = self.n, math.prod(self.shape)
         y = x.reshape(n, total)
+        grams: list = []  # (factor, packed Gram) pairs, folded in by two multi-tensor kernels at the end
         for unit, mat in zip(self.units, self.mats):
             size = math.prod(self.shape[i] for i in unit)
             y2 = y.reshape(n, size, total // size)  # this unit first in memory
-            if grams is not None:
+            if accumulate is not None:
                 self._grams(unit, y2, grams)
             if mat is None:
                 y = y2.transpose(1, 2).contiguous()
             else:
                 y = torch.bmm(y2.transpose(1, 2), mat.transpose(1, 2) if back else mat)
+        if grams:
+            factors = [f for f, _ in grams]
+            torch._foreach_mul_(factors, accumulate)
+            torch._foreach_add_(factors, [g for _, g in grams], alpha=1 - accumulate)
         return y.reshape(n, *self.shape)
 
     def _grams(self, unit: list[int], y2: torch.Tensor, out: list) -> None:
