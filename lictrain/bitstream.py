@@ -1,15 +1,19 @@
 """The compressed-file format of `lictrain compress` / `decompress`.
 
     magic   4 bytes  b"LICT"
-    version 1 byte   (1)
+    version 1 byte   (2; version 1, without the coding fields, is still read)
     length  varint   size of the rest before the checksum
-    header           tree: {model, preset, metric, lmbda, height, width, fingerprint}
+    header           tree: {model, preset, metric, lmbda, height, width, fingerprint,
+                            device, device_name, numeric, tables}
     payload          tree: {strings, shape}  (CompressAI's compress() output, any nesting)
     crc32   4 bytes  big-endian CRC-32 of header + payload
 
 A tree is a tagged, length-prefixed encoding of the values CompressAI returns (lists of lists of bytes, torch.Size,
 dicts of those) and a few scalars, so every model's output round-trips without per-model code. `fingerprint` is 8
-bytes of a hash of the weights: a file is never decoded with a model other than the one that wrote it.
+bytes of a hash of the weights: a file is never decoded with a model other than the one that wrote it. `device`
+(cpu | cuda), `device_name` (the GPU's model) and `numeric` (the coding's numeric mode) say where and how it was
+encoded, `tables` is the digest of the entropy coder's table choices (coding.py): a decoder on another device kind
+or mode refuses the file, and one whose choices differ refuses its own output.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import torch
 from .errors import LictrainError
 
 MAGIC = b"LICT"
-VERSION = 1
+VERSION = 2
+READABLE = (1, 2)
+CODING_KEYS = ("device", "device_name", "numeric", "tables")  # version 2 on
 
 
 def _varint(n: int) -> bytes:
@@ -113,7 +119,7 @@ class _Reader:
 
 @dataclass
 class Bitstream:
-    header: dict  # model, preset, metric, lmbda, height, width, fingerprint
+    header: dict  # model, preset, metric, lmbda, height, width, fingerprint, device, device_name, numeric, tables
     strings: list
     shape: object
 
@@ -142,8 +148,9 @@ def decode(data: bytes, source: str = "input") -> Bitstream:
         raise LictrainError(f"{source} is not a lictrain compressed file (bad magic number)")
     if len(data) < 5:
         raise LictrainError(f"{source} is truncated")
-    if data[4] != VERSION:
-        raise LictrainError(f"{source} has format version {data[4]}; this lictrain reads version {VERSION}")
+    if data[4] not in READABLE:
+        raise LictrainError(f"{source} has format version {data[4]}; this lictrain reads versions "
+                            f"{', '.join(map(str, READABLE))}")
     r = _Reader(data)
     r.pos = 5
     try:
@@ -161,7 +168,9 @@ def decode(data: bytes, source: str = "input") -> Bitstream:
         header = br.tree()
         payload = br.tree()
         strings, shape = payload["strings"], payload["shape"]
-        for key in ("model", "preset", "lmbda", "height", "width", "fingerprint"):
+        required = ("model", "preset", "lmbda", "height", "width", "fingerprint")
+        required += CODING_KEYS if data[4] >= 2 else ()
+        for key in required:
             header[key]
     except (EOFError, ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise LictrainError(f"{source} is malformed (checksum valid, structure not)") from None

@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # What may change when a run is resumed: how long and how it is watched, not what it computes per step.
 RESUME_KEYS = {"train.steps", "train.val_every", "train.ckpt_every", "train.log_every", "train.progress",
-               "train.tensorboard", "train.max_consecutive_skips", "train.compile", "device", "data.workers", "data.cache_mb",
+               "train.tensorboard", "train.max_consecutive_skips", "train.compile", "train.deterministic", "device",
+               "data.workers", "data.cache_mb",
                "probe.conflicts_every", "probe.conflicts_per_layer", "probe.outliers_every", "probe.outliers_images"}
 
 

@@ -84,6 +84,9 @@ class TrainConfig:
     # gradients, optimizer states and the entropy models stay fp32; fp16 adds a GradScaler, standard method only)
     precision: str = "fp32"
     tf32: bool = True  # TF32 for fp32 convolutions and matrix products on CUDA (SOAP's own products stay full fp32)
+    # deterministic algorithms (cuDNN, cuBLAS, attention): a resumed run repeats the uninterrupted one bit for bit on
+    # CUDA too, at some speed (see README, "Exact resume"); an op with no deterministic form raises
+    deterministic: bool = False
     compile: bool | str = False  # torch.compile the model's training forward: true (inductor) or a backend name
     # what a non-finite loss or gradient does: skip (the step is not taken; one host synchronisation per step) or
     # zero (decided on the device: the gradient is zeroed, so the optimizer takes a step on a zero gradient, and

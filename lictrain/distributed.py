@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -103,6 +104,20 @@ class Dist:
             dist.destroy_process_group()
 
 
+def collective_timeout_minutes() -> float:
+    """How long a rank waits in a collective: while rank 0 alone validates and writes a checkpoint the others wait
+    at the next one, and torch's default (10 minutes for NCCL) can be shorter than a validation on a large set or a
+    checkpoint of a large model on a slow disk. 60 minutes, or LICTRAIN_COLLECTIVE_TIMEOUT_MIN."""
+    raw = os.environ.get("LICTRAIN_COLLECTIVE_TIMEOUT_MIN", "60")
+    try:
+        minutes = float(raw)
+    except ValueError:
+        minutes = -1.0
+    if minutes <= 0:
+        raise LictrainError(f"LICTRAIN_COLLECTIVE_TIMEOUT_MIN must be a positive number of minutes, got '{raw}'")
+    return minutes
+
+
 def setup(device: torch.device) -> Dist:
     """Join the process group torchrun describes (if any). Call once per run, before building the data loader."""
     if dist.is_available() and dist.is_initialized():  # the caller set the group up itself
@@ -114,7 +129,7 @@ def setup(device: torch.device) -> Dist:
         raise LictrainError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
     backend = "nccl" if device.type == "cuda" else "gloo"
     try:
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=collective_timeout_minutes()))
     except (RuntimeError, ValueError) as e:
         raise LictrainError(f"cannot join the process group ({backend}): {str(e).splitlines()[0][:200]}") from None
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), owns_group=True)

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from . import bitstream
+from .coding import NUMERIC_MODE, TableDigest, coding_numerics, device_name
 from .checkpoint import (
     checkpoint_config, load_checkpoint, model_from_checkpoint, weights_fingerprint,
 )
@@ -61,19 +62,25 @@ def psnr_8bit(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 
 class Codec:
-    """A trained model ready for entropy coding (update() done once), plus its identity for the file header."""
+    """A trained model ready for entropy coding (update() done once), plus its identity for the file header.
+
+    The entropy coder runs on the CPU in any case; `device` is where the networks run. Coding is exact only where the
+    decoder's networks compute the encoder's numbers (coding.py): the tables are built on the CPU whatever the
+    device, coding runs under coding.coding_numerics, and a file is refused on another device kind or numeric mode
+    (before decoding) and when the decoder's table choices differ from the encoder's (after)."""
 
     def __init__(self, model, name: str, preset: str, metric: str = "mse", lmbda: float = 0.0, device: str = "cpu"):
-        # The entropy coder runs on the CPU in any case; `device` is where the transforms run. A file decodes
-        # bit-exactly only where the hyperprior computes the same scales as the encoder's: keep one device per file.
         try:
             self.device = torch.device(device)
         except RuntimeError:
             raise LictrainError(f"unknown device '{device}' (cpu, cuda, cuda:N)") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise LictrainError(f"device '{device}' asked for, but this machine has no CUDA device")
-        self.model = model.to(self.device).eval()
-        self.model.update(force=True)
+        # the tables from CPU arithmetic on every machine, then moved: a table built on a GPU may differ in a bit
+        self.model = model.cpu().eval()
+        with coding_numerics(torch.device("cpu")):
+            self.model.update(force=True)
+        self.model.to(self.device)
         self.name, self.preset, self.metric, self.lmbda = canonical_name(name), preset, metric, float(lmbda)
         self.multiple = downsampling(name)
         self.fingerprint = weights_fingerprint(self.model)
@@ -84,26 +91,48 @@ class Codec:
         model = model_from_checkpoint(ckpt, use_ema=use_ema)
         return cls(model, cfg.model.name, cfg.model.preset, cfg.loss.metric, cfg.loss.lmbda, device)
 
-    @torch.no_grad()  # required: some models (ELIC) fail in compress() with autograd on
+    def _where(self, header: dict | None = None) -> str:
+        hd = header or {"device": self.device.type, "device_name": device_name(self.device), "numeric": NUMERIC_MODE}
+        return f"{hd['device_name']} ({hd['device']}, {hd['numeric']})"
+
     def compress(self, x: torch.Tensor) -> bitstream.Bitstream:
         h, w = x.shape[-2:]
-        out = self.model.compress(pad_to_multiple(x.unsqueeze(0).to(self.device), self.multiple))
+        with coding_numerics(self.device), TableDigest("encode") as tables:
+            out = self.model.compress(pad_to_multiple(x.unsqueeze(0).to(self.device), self.multiple))
         header = dict(model=self.name, preset=self.preset, metric=self.metric, lmbda=float(self.lmbda),
-                      height=int(h), width=int(w), fingerprint=self.fingerprint)
+                      height=int(h), width=int(w), fingerprint=self.fingerprint, device=self.device.type,
+                      device_name=device_name(self.device), numeric=NUMERIC_MODE, tables=tables.digest())
         return bitstream.Bitstream(header, out["strings"], out["shape"])
 
-    @torch.no_grad()
     def decompress(self, bs: bitstream.Bitstream, source: str = "input") -> torch.Tensor:
         hd = bs.header
-        if (hd["model"], hd["preset"]) != (self.name, self.preset) or hd["fingerprint"] != self.fingerprint:
+        if (hd["model"], hd["preset"]) != (self.name, self.preset):
             raise LictrainError(
                 f"{source} was encoded with another model ({hd['model']}/{hd['preset']}, lmbda={hd['lmbda']}); "
                 f"this checkpoint is {self.name}/{self.preset}, lmbda={self.lmbda}"
             )
+        if hd["fingerprint"] != self.fingerprint:
+            raise LictrainError(
+                f"{source} was encoded with other weights of {self.name}/{self.preset} (fingerprint "
+                f"{hd['fingerprint'].hex()}, lmbda={hd['lmbda']}); this checkpoint's weights are "
+                f"{self.fingerprint.hex()} (lmbda={self.lmbda})")
+        coded = "device" in hd  # format version 2 on
+        if coded and (hd["device"], hd["numeric"]) != (self.device.type, NUMERIC_MODE):
+            remedy = (f"decode it with --device {hd['device']}" if hd["device"] != self.device.type else
+                      f"it needs a decoder that codes in {hd['numeric']}")
+            raise LictrainError(
+                f"{source} was encoded on {self._where(hd)}; decoding on {self._where()} would desynchronise the "
+                f"entropy decoder (the networks' last bits differ): {remedy}")
         try:
-            x_hat = self.model.decompress(bs.strings, bs.shape)["x_hat"]
+            with coding_numerics(self.device), TableDigest("decode") as tables:
+                x_hat = self.model.decompress(bs.strings, bs.shape)["x_hat"]
         except Exception as e:  # a structurally valid file whose payload does not fit the model
             raise LictrainError(f"{source} could not be decoded: {str(e).splitlines()[0][:200]}") from None
+        if coded and tables.digest() != hd["tables"]:
+            raise LictrainError(
+                f"{source} did not decode: the entropy decoder's table choices differ from the encoder's (encoded "
+                f"on {self._where(hd)}, decoded on {self._where()}: the networks' last bits differ between them); "
+                f"decode it on the encoder's kind of device")
         return crop_to(x_hat, hd["height"], hd["width"])[0].clamp(0, 1).cpu()
 
     @torch.no_grad()

@@ -13,6 +13,7 @@ device synchronisation at each segment boundary on GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from compressai.layers import GDN
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm import tqdm
 
@@ -37,8 +39,9 @@ from .errors import LictrainError
 from .losses import MS_SSIM_MIN_SIDE, RateDistortionLoss, ms_ssim_db, ms_ssim_value, psnr_from_mse
 from .methods import StepContext, StepHook, build_method
 from .models import build_model, check_compression_model, downsampling, downsampling_of
+from .models.numerics import keep_in_fp32, prepare_entropy_models
 from .optim import build_optimizer, kernel_parameters, split_parameters
-from .precision import autocast, compile_model, configure_tf32, grad_scaler, keep_entropy_models_fp32
+from .precision import compile_model, grad_scaler, numeric_flags, training_forward
 from .schedule import lr_factor
 
 log = logging.getLogger("lictrain")
@@ -175,13 +178,13 @@ def _graceful_interrupt():
             signal.signal(sig, h)
 
 
-def _load_initial_weights(model, cfg: RunConfig, device) -> dict | None:
+def _load_initial_weights(model, cfg: RunConfig) -> dict | None:
     """Fine-tuning (train.init_from), before anything copies the weights (EMA, SMA's average). From a plain state
     dict (CompressAI's or any `torch.save(model.state_dict())` of the same architecture and width): its weights.
     From a lictrain checkpoint: by default the weights a run is evaluated with (its EMA when it kept one), the
     optimizer, step count and schedule afresh; with train.init_state=weights+optimizer its raw weights, whose
     optimizer state _load_initial_optimizer then loads. Returns the checkpoint (None for a plain state dict)."""
-    ckpt = load_weights(cfg.train.init_from, map_location=device)
+    ckpt = load_weights(cfg.train.init_from)  # on the CPU: see Trainer._restore
     if isinstance(ckpt, tuple):
         if cfg.train.init_state != "weights":
             raise LictrainError(f"{cfg.train.init_from} is a plain state dict: it holds no optimizer state "
@@ -241,21 +244,42 @@ def _probes(cfg: RunConfig, model, main_named, val_set: EvalImages, multiple: in
     return tuple(probes)
 
 
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a container's limit, which
+    os.cpu_count() does not see: 8 workers on a 2-CPU container only queue behind each other)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    quotas = ((cgroup / "cpu.max", None), (cgroup / "cpu" / "cpu.cfs_quota_us", cgroup / "cpu" / "cpu.cfs_period_us"))
+    for quota_file, period_file in quotas:  # cgroup v2, then v1
+        try:
+            if period_file is None:
+                quota, period = quota_file.read_text().split()[:2]
+            else:
+                quota, period = quota_file.read_text().strip(), period_file.read_text().strip()
+            if quota not in ("max", "-1"):
+                return max(1, min(n, math.ceil(int(quota) / int(period))))
+        except (OSError, ValueError):
+            continue
+    return n
+
+
 def data_workers(setting: int | None, device: torch.device, world: int = 1) -> int:
     """data.workers, or its default: none on the CPU (the step itself uses every core); on CUDA enough processes
-    to crop and batch while the GPU steps, up to 8 per training process."""
+    to crop and batch while the GPU steps, up to 8 per training process, one CPU left to the training process."""
     if setting is not None:
         return setting
     if device.type != "cuda":
         return 0
-    return max(1, min(8, (os.cpu_count() or 2) // world - 1))
+    return max(1, min(8, usable_cpus() // world - 1))
 
 
 def _rng_state(device: torch.device) -> tuple:
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-def _reevaluator(model, criterion, x, rng, device, precision: str = "fp32"):
+def _reevaluator(model, criterion, x, rng, device, precision: str = "fp32", deterministic: bool = False):
     """The R-D terms of batch x under the current weights and the same noise draw as the step's forward pass.
 
     Same noise, so the difference to the step's terms is the effect of the update alone; the global RNG is restored
@@ -270,7 +294,7 @@ def _reevaluator(model, criterion, x, rng, device, precision: str = "fp32"):
             torch.set_rng_state(rng[0])
             if rng[1] is not None:
                 torch.cuda.set_rng_state(rng[1], device)
-            with autocast(device, precision):  # as the step's own forward pass
+            with training_forward(device, precision, deterministic):  # as the step's own forward pass
                 out = model(x)
             return criterion(out, x)
 
@@ -341,12 +365,17 @@ class Trainer:
             raise LictrainError(f"data.batch_size is the global batch and must be divisible by the {dist.world} "
                                 f"processes, got {cfg.data.batch_size}")
         dist.barrier()  # every rank has checked the run folder before rank 0 writes into it
-        self._build()
+        self._flags = contextlib.ExitStack()
         self.state = dict(step=0, images_seen=0, train_time=0.0, skipped_steps=0, consecutive_skips=0,
-                          best_val=math.inf)
-        if resume:
-            self._restore()
-        elif dist.is_main:
+                          best_val=math.inf, scale_backoffs=0)
+        try:
+            self._build()
+            if resume:
+                self._restore()
+        except BaseException:
+            self.close()
+            raise
+        if not resume and dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.metrics_path.unlink(missing_ok=True)
         if dist.is_main:
@@ -359,18 +388,25 @@ class Trainer:
         self.saved_any = False  # the end-of-run checkpoint decision must be the same on every rank (not a file test)
         self.report = log.info if dist.is_main else (lambda msg: None)
 
+    def close(self) -> None:
+        """Put back the process-global numeric flags this run set (TF32, cuDNN, determinism); fit() ends with it."""
+        self._flags.close()
+
     def _build(self) -> None:
         cfg, device, dist = self.cfg, self.device, self.dist
         torch.manual_seed(cfg.seed)
-        configure_tf32(device, cfg.train.tf32)
+        # TF32, cuDNN autotuning, determinism: process-global, restored by close() (fit() ends with it)
+        self._flags = numeric_flags(device, cfg.train.tf32, cfg.train.deterministic)
         if self.user_model is not None:
             self.model = model = self.user_model.to(device)
         else:
             self.model = model = build_model(cfg.model.name, cfg.model.preset, cfg.model.kwargs).to(device)
-        if cfg.train.precision != "fp32":
-            keep_entropy_models_fp32(model)  # before the EMA copies the model
+        # before the EMA copies the model: the entropy models in fp32 and their bottlenecks without host reads
+        prepare_entropy_models(model)
+        if cfg.train.precision == "fp16":  # GDN's x^2 overflows fp16 once |x| >= 256
+            keep_in_fp32(model, (GDN,))
         self.scaler = grad_scaler(device, cfg.train.precision)
-        source = _load_initial_weights(model, cfg, device) if cfg.train.init_from and not self.resume else None
+        source = _load_initial_weights(model, cfg) if cfg.train.init_from and not self.resume else None
         # a user's model: its own `downsampling_factor` if it has one, else 64 (the largest total stride of
         # CompressAI's models; padding to a multiple of it is safe for all of them)
         self.multiple = (downsampling_of(model) if self.user_model is not None
@@ -405,7 +441,8 @@ class Trainer:
             DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, _ in aux_named])
             self.forward_model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
                                      broadcast_buffers=False)
-        self.forward_model = compile_model(self.forward_model, cfg.train.compile)
+        self.forward_model = compile_model(self.forward_model, cfg.train.compile,
+                                           eager_random=self.method.needs_reevaluation)
         mode = cfg.train.nonfinite
         if mode == "auto":
             mode = "zero" if device.type == "cuda" and cfg.method.name == "standard" else "skip"
@@ -424,12 +461,18 @@ class Trainer:
 
     def _restore(self) -> None:
         dist, device = self.dist, self.device
-        ckpt = load_checkpoint(self.ckpt_path, map_location=device)
+        # Read on the CPU: load_state_dict moves each tensor to its parameter's device, except the non-fused Adam's
+        # step counters, which torch leaves where they were read; on CUDA each would cost two host reads per
+        # parameter tensor per step (its bias corrections), slowing every resumed Adam run and so biasing
+        # Time-to-Adam. A fresh run keeps them on the CPU; so does a resumed one.
+        ckpt = load_checkpoint(self.ckpt_path)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.aux_optimizer is not None:
             self.aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(ckpt["ema"])
         self.method.load_state_dict(ckpt["method"])
@@ -448,7 +491,7 @@ class Trainer:
             torch.manual_seed(self.cfg.seed + 1_000_003 * (dist.rank + 1) + self.state["step"])
             rng = None
         if rng is not None:
-            torch.set_rng_state(rng["torch"].cpu())  # map_location moved it; RNG states live on the CPU
+            torch.set_rng_state(rng["torch"].cpu())
             if device.type == "cuda" and rng.get("cuda") is not None:
                 torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
         if dist.is_main:
@@ -472,6 +515,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "aux_optimizer": self.aux_optimizer.state_dict() if self.aux_optimizer is not None else None,
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,  # fp16's loss scale
             "method": self.method.state_dict(),
             "state": dict(self.state),
             "rng": {**rng, "ranks": ranks},
@@ -519,13 +563,14 @@ class Trainer:
         self._set_lr(step)
         model.train()
         rng = _rng_state(self.device) if self.method.needs_reevaluation else None
-        with autocast(self.device, self.cfg.train.precision):
+        with training_forward(self.device, self.cfg.train.precision, self.cfg.train.deterministic):
             out = self.forward_model(x)
         terms = self.criterion(out, x)  # in fp32: the entropy models' likelihoods are fp32, x_hat is cast
         will_log = (step + 1) % self.cfg.train.log_every == 0 or step + 1 == self.cfg.train.steps
         ctx = StepContext(step=step, model=model, optimizer=self.optimizer, params=self.params, terms=terms,
                           will_log=will_log, reevaluate=_reevaluator(model, self.criterion, x, rng, self.device,
-                                                                self.cfg.train.precision),
+                                                                self.cfg.train.precision,
+                                                                self.cfg.train.deterministic),
                           reduce_mean=dist.mean_, broadcast_=dist.broadcast_, batch=x, criterion=self.criterion)
         logs: dict = {}
         probe_logs: dict = {}  # hooks' measurements: written at their own steps, not only at log steps
@@ -538,6 +583,7 @@ class Trainer:
         else:
             # A non-finite loss on any rank skips the step on every rank (DDP would hang on a partial backward).
             skipped = dist.any([not _is_finite(terms.loss.detach())], self.device)[0]
+            backoff = False
             if not skipped:
                 if self.scaler is not None:  # fp16 (standard method only: config.validate)
                     self.scaler.scale(terms.loss).backward()
@@ -547,14 +593,21 @@ class Trainer:
                 self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
                 skipped = not _is_finite(self.grad_norm)
                 if self.scaler is not None:
+                    scale = self.scaler.get_scale()
                     self.scaler.step(self.optimizer)  # steps only if the unscaled gradients are finite (as skipped)
                     self.scaler.update()  # a smaller loss scale after an overflow
+                    # A finite loss whose scaled gradients overflowed while the scale was above 1 is the scaler
+                    # finding its scale (the first steps at high lambda): not taken, but not a non-finite step.
+                    # Below a scale of 1 the gradients themselves overflow: counted, so a stuck run still stops.
+                    backoff = skipped and scale > 1
                 elif not skipped:
                     self.optimizer.step()
-            if skipped:
+            if backoff:
+                state["scale_backoffs"] += 1
+            elif skipped:
                 state["skipped_steps"] += 1
                 state["consecutive_skips"] += 1
-            else:
+            if not skipped:
                 state["consecutive_skips"] = 0
                 logs.update(self.method.after_step(ctx))
             self.optimizer.zero_grad(set_to_none=True)
@@ -626,6 +679,8 @@ class Trainer:
         record = {"kind": "train", "step": self.state["step"], "loss": mean["loss"], "bpp": mean["bpp"],
                   "psnr": psnr_from_mse(mean["mse"]), "grad_norm": float(self.grad_norm),
                   "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": self.state["skipped_steps"], **logs}
+        if self.scaler is not None:
+            record.update(loss_scale=self.scaler.get_scale(), scale_backoffs=self.state["scale_backoffs"])
         self.metrics.write(record)
         bar.set_postfix(loss=f"{mean['loss']:.3f}", bpp=f"{mean['bpp']:.3f}", psnr=f"{record['psnr']:.2f}",
                         lr=f"{record['lr']:.1e}")
@@ -697,6 +752,7 @@ class Trainer:
             bar.close()
             if not self.metrics.closed:
                 self.metrics.close()
+            self.close()
         return self._finish(last_val)
 
     def _finish(self, last_val: dict) -> RunResult:

@@ -6,7 +6,8 @@ from lictrain.errors import LictrainError
 
 
 def header(**kw):
-    h = dict(model="elic", preset="tiny", metric="mse", lmbda=0.013, height=500, width=741, fingerprint=b"\x01" * 8)
+    h = dict(model="elic", preset="tiny", metric="mse", lmbda=0.013, height=500, width=741, fingerprint=b"\x01" * 8,
+             device="cpu", device_name="cpu", numeric="fp32", tables=b"\x02" * 8)
     h.update(kw)
     return h
 
@@ -46,3 +47,23 @@ def test_missing_header_field_is_malformed():
     data = bitstream.MAGIC + bytes([1]) + bitstream._varint(len(body)) + bytes(body) + struct.pack(">I", zlib.crc32(body))
     with pytest.raises(LictrainError, match="malformed"):
         bitstream.decode(data)
+
+
+def _file(version: int, head: dict) -> bytes:
+    import struct
+    import zlib
+
+    body = bytearray()
+    bitstream._encode(head, body)
+    bitstream._encode({"strings": [[b"a"]], "shape": torch.Size([1])}, body)
+    return bitstream.MAGIC + bytes([version]) + bitstream._varint(len(body)) + bytes(body) + struct.pack(
+        ">I", zlib.crc32(body))
+
+
+def test_version_2_needs_the_coding_fields_and_version_1_files_still_read():
+    old = {k: v for k, v in header().items() if k not in bitstream.CODING_KEYS}
+    assert bitstream.decode(_file(1, old)).header == old  # written before the coding fields existed
+    with pytest.raises(LictrainError, match="malformed"):
+        bitstream.decode(_file(2, old))
+    with pytest.raises(LictrainError, match="format version 3; this lictrain reads versions 1, 2"):
+        bitstream.decode(_file(3, header()))

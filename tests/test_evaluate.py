@@ -102,7 +102,9 @@ def test_file_errors_are_one_line(trained, tmp_path):
         with pytest.raises(LictrainError) as e:
             decompress_file(str(trained / "a"), str(bad), str(tmp_path / "o.png"))
         assert "\n" not in str(e.value), why
-    with pytest.raises(LictrainError, match="another model"):
+    # the same architecture with other weights: said so, with both fingerprints
+    with pytest.raises(LictrainError, match=r"other weights of mbt2018-mean/tiny \(fingerprint [0-9a-f]{16}, "
+                                            r"lmbda=0.013\); this checkpoint's weights are [0-9a-f]{16}"):
         decompress_file(str(trained / "b"), str(lic), str(tmp_path / "o.png"))
     with pytest.raises(LictrainError, match="not found"):
         compress_file(str(trained / "a"), str(tmp_path / "missing.png"), str(tmp_path / "y.lic"))

@@ -13,7 +13,8 @@ from lictrain.comparison.compare import config_hash
 from lictrain.config import load_config
 from lictrain.errors import LictrainError
 from lictrain.models import build_model
-from lictrain.precision import autocast, compile_model, keep_entropy_models_fp32
+from lictrain.models.numerics import prepare_entropy_models
+from lictrain.precision import autocast, compile_model
 from lictrain.trainer import data_workers, train
 from tests.conftest import tiny_config
 from tests.test_train import _nan_model_factory
@@ -34,10 +35,10 @@ def test_bf16_autocast_keeps_the_likelihoods_fp32():
     torch.manual_seed(0)
     model = build_model("mbt2018-mean", "tiny").train()
     x = torch.rand(2, 3, 64, 64)
-    assert keep_entropy_models_fp32(model) == 2  # the bottleneck and the Gaussian conditional
+    assert prepare_entropy_models(model) == 2  # the bottleneck and the Gaussian conditional
     kept, x_hat_dtype = _likelihood_dtypes(model, x)
     assert set(kept.values()) == {torch.float32} and x_hat_dtype == torch.bfloat16  # the transforms stay bf16
-    assert keep_entropy_models_fp32(model) == 0  # idempotent
+    assert prepare_entropy_models(model) == 0  # idempotent
     assert isinstance(model.gaussian_conditional, GaussianConditional)
 
 
@@ -53,7 +54,7 @@ def test_wrapped_gaussian_conditional_equals_fp32_on_the_same_inputs():
     # the hazard is real: unwrapped, the likelihoods come out fp32 (a fp32 lower bound promotes them) but were
     # computed in bf16
     assert plain.dtype == torch.float32 and (plain - ref_lk).abs().max() > 1e-3
-    keep_entropy_models_fp32(gc)
+    prepare_entropy_models(gc)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_hat, lk = gc(y, scales, means=means)
     assert lk.dtype == torch.float32 and torch.equal(lk, ref_lk) and torch.equal(y_hat, ref_hat)

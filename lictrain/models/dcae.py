@@ -149,8 +149,10 @@ class DictionaryCrossAttention(nn.Module):
         d = self.norm_d(dictionary)  # (entries, dim)
         k = self.key(d).reshape(-1, self.heads, self.head_dim).transpose(0, 1)  # (heads, entries, head_dim)
         v = d.reshape(-1, self.heads, self.head_dim).transpose(0, 1)
-        attn = (self.temperature * (q @ k.transpose(-1, -2))).softmax(-1)  # (B, heads, HW, entries)
-        o = (attn @ v).transpose(1, 2).reshape(b, h, w, -1)
+        # softmax(temperature q k^T) v, by one fused kernel where the device has one (the temperature folded into q)
+        o = F.scaled_dot_product_attention(self.temperature * q, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1),
+                                           scale=1.0)  # (B, heads, HW, head_dim)
+        o = o.transpose(1, 2).reshape(b, h, w, -1)
         x3 = self.proj(o) + self.gamma2 * x2
         x4 = self.mlp(self.norm_m(x3)) + self.gamma3 * x3
         return self.out(x4).permute(0, 3, 1, 2)

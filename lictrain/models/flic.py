@@ -50,6 +50,7 @@ from compressai.layers import ResidualBlockUpsample, ResidualBlockWithStride, co
 from compressai.models import CompressionModel
 from compressai.ops import quantize_ste
 
+from .numerics import at_least_fp32
 from .rans import ImageDecoders, encode_images
 from .tca import TCA, IntegerGaussianConditional, integer_scale_table
 
@@ -231,7 +232,7 @@ class FLIC(CompressionModel):
         _, z_likelihoods = self.entropy_bottleneck(z)
         medians = self.entropy_bottleneck._get_medians()
         hyper = self._hyper(quantize_ste(z - medians) + medians)
-        y_hat = quantize_ste(y)
+        y_hat = quantize_ste(at_least_fp32(y))  # rounded in fp32: a bf16 y cannot hold every integer beyond 256
         means, scales, lrp = self.tca(hyper, y_hat)
         _, y_likelihoods = self.gaussian_conditional(y, scales, means)
         x_hat = self.g_s(y_hat + 0.5 * torch.tanh(lrp))

@@ -41,6 +41,7 @@ from compressai.layers import (AttentionBlock, ResidualBlock, ResidualBlockUpsam
 from compressai.models import CompressionModel
 from compressai.ops import quantize_ste
 
+from .numerics import at_least_fp32
 from .rans import ImageDecoders, encode_images
 
 
@@ -60,6 +61,7 @@ class WindowAttention(nn.Module):
         coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
         rel = coords[:, :, None] - coords[:, None, :] + window - 1  # (2, w*w, w*w), each in 0..2w-2
         self.register_buffer("rel_index", rel[0] * (2 * window - 1) + rel[1], persistent=False)
+        self._masks: dict = {}  # (hp, wp, device) -> the shifted windows' additive mask, made once per map size
 
     def _mask(self, hp: int, wp: int, device) -> torch.Tensor:
         """(windows, w*w, w*w) True where the shifted map joins regions that were not neighbours."""
@@ -71,6 +73,14 @@ class WindowAttention(nn.Module):
         region = region.view(hp // w, w, wp // w, w).permute(0, 2, 1, 3).reshape(-1, w * w)
         return region[:, :, None] != region[:, None, :]
 
+    def _shift_mask(self, hp: int, wp: int, device) -> torch.Tensor:
+        """_mask as an additive (windows, w*w, w*w) mask of 0 and -inf, kept per map size and device."""
+        key = (hp, wp, device)
+        if key not in self._masks:
+            mask = self._mask(hp, wp, device)
+            self._masks[key] = torch.zeros(mask.shape, device=device).masked_fill(mask, float("-inf"))
+        return self._masks[key]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w_, c = x.shape
         w = self.window
@@ -79,13 +89,15 @@ class WindowAttention(nn.Module):
         if self.shifted:
             x = torch.roll(x, (-(w // 2), -(w // 2)), dims=(1, 2))
         win = x.view(b, hp // w, w, wp // w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, w * w, c)
-        q, k, v = self.qkv(win).view(b, win.shape[1], w * w, 3, self.heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
-        sim = (q * self.head_dim**-0.5) @ k.transpose(-1, -2)  # (b, heads, windows, w*w, w*w)
-        bias = self.bias_table.flatten(1)[:, self.rel_index]  # (heads, w*w, w*w)
-        sim = sim + bias[None, :, None]
-        if self.shifted:
-            sim = sim.masked_fill(self._mask(hp, wp, x.device), float("-inf"))
-        out = (sim.softmax(-1) @ v).permute(0, 2, 3, 1, 4).reshape(b, -1, w * w, c)
+        n = win.shape[1]  # windows per image
+        q, k, v = (t.reshape(b, self.heads * n, w * w, self.head_dim) for t in
+                   self.qkv(win).view(b, n, w * w, 3, self.heads, self.head_dim).permute(3, 0, 4, 1, 2, 5))
+        bias = self.bias_table.flatten(1)[:, self.rel_index][:, None]  # (heads, 1, w*w, w*w)
+        bias = bias + self._shift_mask(hp, wp, x.device) if self.shifted else bias.expand(-1, n, -1, -1)
+        # one fused kernel where the device has one (the bias and mask as its additive mask): (b, heads x windows)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(1, -1, w * w, w * w).to(q.dtype),
+                                             scale=self.head_dim**-0.5)
+        out = out.view(b, self.heads, n, w * w, self.head_dim).permute(0, 2, 3, 1, 4).reshape(b, -1, w * w, c)
         out = self.proj(out).view(b, hp // w, wp // w, w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
         if self.shifted:
             out = torch.roll(out, (w // 2, w // 2), dims=(1, 2))
@@ -182,6 +194,9 @@ class ChannelSliceModel(CompressionModel):
             mu, scale, mean_support = self._slice_params(i, means, scales, done)
             _, lik = self.gaussian_conditional(y_slice, scale, mu)
             likelihoods.append(lik)
+            # in fp32: under bf16 autocast y - mu would be rounded to bf16 (spacing 0.25 for |y| >= 32), moving the
+            # decoder's input by up to 0.125 from what compress/decompress give it
+            y_slice, mu = at_least_fp32(y_slice), at_least_fp32(mu)
             done.append(self._refine(i, mean_support, quantize_ste(y_slice - mu) + mu))
         x_hat = self.g_s(torch.cat(done, dim=1))
         return {"x_hat": x_hat, "likelihoods": {"y": torch.cat(likelihoods, dim=1), "z": z_likelihoods}}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -14,20 +13,6 @@ def closure_loss(closure):
         return None
     with torch.enable_grad():
         return closure()
-
-
-@contextlib.contextmanager
-def full_fp32_matmul():
-    """Matrix products in full fp32 inside this block (TF32 off on CUDA), restoring the caller's setting afterwards:
-    eigenbases and Kronecker factors computed with 10-bit TF32 products drift from the exact ones."""
-    if not torch.backends.cuda.matmul.allow_tf32:
-        yield
-        return
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def eigh_descending(m: torch.Tensor) -> torch.Tensor | None:

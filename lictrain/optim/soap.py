@@ -54,8 +54,10 @@ import math
 
 import torch
 from torch.optim import Optimizer
+from torch.profiler import record_function
 
-from .common import closure_loss, eigh_descending, full_fp32_matmul, pack_symmetric, packed_size, unpack_symmetric
+from ..precision import full_fp32_matmul
+from .common import closure_loss, eigh_descending, pack_symmetric, packed_size, unpack_symmetric
 from .soap_buckets import Bucket, rotation_units
 
 
@@ -334,32 +336,37 @@ class SOAP(Optimizer):
 
     def _step_buckets(self, group: dict, params: list, states: list, shampoo_beta: float, authors: bool) -> None:
         """Same-shape tensors together (soap_buckets.py): one batched product per dimension for the rotations, the
-        factor updates riding on the rotation of the gradient, the elementwise Adam arithmetic over the stacks."""
+        factor updates riding on the rotation of the gradient, the elementwise Adam arithmetic over the stacks.
+        (The parts are named for torch.profiler: soap.rotate_in, soap.adam, soap.rotate_out, soap.refresh.)"""
         b1, b2 = group["betas"]
         buckets = self._bucket_list(group, params, states)
         g_rots = []
-        for b in buckets:
-            b.step = self.state[b.params[0]]["step"]
-            g = torch.stack([p.grad.reshape(b.shape) for p in b.params]).to(b.m.dtype)
-            # (a tensor's first gradient went into its factors when they were created, except with the authors'
-            # semantics, whose first call only initialised)
-            beta = shampoo_beta if b.step > 1 or authors else None
-            g_rots.append(b.rotate(g, accumulate=beta) if b.preconditioned else g)
-        ms, vs = [b.m for b in buckets], [b.v for b in buckets]
-        torch._foreach_lerp_(ms, g_rots, 1 - b1)
-        torch._foreach_mul_(vs, b2)
-        torch._foreach_addcmul_(vs, g_rots, g_rots, value=1 - b2)
-        directions = self._directions([{"step": b.step} for b in buckets], group, ms, vs)
-        order, updates = [], []
-        for b, d in zip(buckets, directions):
-            u = b.rotate(d, back=True) if b.preconditioned else d
-            order.extend(b.params)
-            parts = u.unbind(0)
-            updates.extend(parts if b.plain else (x.view(p.shape).to(p.dtype) for x, p in zip(parts, b.params)))
-        self._apply(group, order, updates, authors)
-        for b in buckets:
-            if b.preconditioned and self._refreshes(group, b.step, self.state[b.params[0]]):
-                b.refresh(exact=group["basis_refresh"] == "eigh")
+        with record_function("soap.rotate_in"):  # the gradients into the eigenbases, the factors updated
+            for b in buckets:
+                b.step = self.state[b.params[0]]["step"]
+                g = torch.stack([p.grad.reshape(b.shape) for p in b.params]).to(b.m.dtype)
+                # (a tensor's first gradient went into its factors when they were created, except with the authors'
+                # semantics, whose first call only initialised)
+                beta = shampoo_beta if b.step > 1 or authors else None
+                g_rots.append(b.rotate(g, accumulate=beta) if b.preconditioned else g)
+        with record_function("soap.adam"):
+            ms, vs = [b.m for b in buckets], [b.v for b in buckets]
+            torch._foreach_lerp_(ms, g_rots, 1 - b1)
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, g_rots, g_rots, value=1 - b2)
+            directions = self._directions([{"step": b.step} for b in buckets], group, ms, vs)
+        with record_function("soap.rotate_out"):  # the updates back, applied
+            order, updates = [], []
+            for b, d in zip(buckets, directions):
+                u = b.rotate(d, back=True) if b.preconditioned else d
+                order.extend(b.params)
+                parts = u.unbind(0)
+                updates.extend(parts if b.plain else (x.view(p.shape).to(p.dtype) for x, p in zip(parts, b.params)))
+            self._apply(group, order, updates, authors)
+        with record_function("soap.refresh"):
+            for b in buckets:
+                if b.preconditioned and self._refreshes(group, b.step, self.state[b.params[0]]):
+                    b.refresh(exact=group["basis_refresh"] == "eigh")
 
     def _bucket_list(self, group: dict, params: list, states: list) -> list[Bucket]:
         """The group's buckets, rebuilt (stacking the per-parameter state) when the parameters with a gradient,
@@ -467,6 +474,11 @@ class SOAP(Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         if len(grads) != len(params):
             raise ValueError(f"precondition got {len(grads)} gradients for {len(params)} parameters")
+        device_type = next((g.device.type for g in grads if g is not None), "cpu")
+        with torch.autocast(device_type=device_type, enabled=False), full_fp32_matmul():  # as step()
+            return self._precondition(params, grads, parts)
+
+    def _precondition(self, params: list, grads: list, parts: list | None):
         groups = [group for group in self.param_groups for _ in group["params"]]
         out: list[torch.Tensor | None] = []
         shares: list[list[torch.Tensor | None]] = [[] for _ in (parts or [])]
