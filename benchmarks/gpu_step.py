@@ -73,7 +73,7 @@ def batch_source(trainer: Trainer, mode: str):
     """Batches as the loop gets them (the trainer's loader, pinned, copied asynchronously) or four cached ones."""
     cfg, dev = trainer.cfg, trainer.device
     loader = train_loader(trainer.train_images, cfg.data.crop, cfg.data.batch_size, cfg.seed, 0,
-                          data_workers(cfg.data.workers, dev), pin_memory=dev.type == "cuda")
+                          data_workers(cfg.data.workers, dev), pin_memory=dev.type == "cuda", order=cfg.data.order)
     if mode == "cached":
         xs = [b.to(dev) for b in itertools.islice(iter(loader), 4)]
         return (xs[i % len(xs)] for i in itertools.count())

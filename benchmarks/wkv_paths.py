@@ -41,7 +41,8 @@ def main() -> None:
     k, v = torch.randn(b, t, c), torch.randn(b, t, c)
     exact = wkv.bi_wkv(*(x.double() for x in (w, u, k, v)))  # the products in float64 (the CPU's path)
     # the scan returned in the inputs' dtype, as bi_wkv returns it on CUDA
-    paths = {"products (CPU)": wkv.bi_wkv, "scan (CUDA, compiled)": lambda *a: wkv.bi_wkv_scan(*a).to(a[2].dtype)}
+    paths = {"products (the CPU's path)": wkv.bi_wkv,
+             "scan (the CUDA path, run here)": lambda *a: wkv.bi_wkv_scan(*a).to(a[2].dtype)}
     print(f"# torch {torch.__version__}, 2 threads; B {b}, T {t}, C {c}; forward + backward, median of {args.reps}\n")
     print("| path | ms | max abs error in float32 |")
     print("|---|---:|---:|")

@@ -4,7 +4,7 @@
     version 1 byte   (2; version 1, without the coding fields, is still read)
     length  varint   size of the rest before the checksum
     header           tree: {model, preset, metric, lmbda, height, width, fingerprint,
-                            device, device_name, numeric, tables}
+                            device, device_name, numeric, tables, choices}
     payload          tree: {strings, shape}  (CompressAI's compress() output, any nesting)
     crc32   4 bytes  big-endian CRC-32 of header + payload
 
@@ -12,8 +12,9 @@ A tree is a tagged, length-prefixed encoding of the values CompressAI returns (l
 dicts of those) and a few scalars, so every model's output round-trips without per-model code. `fingerprint` is 8
 bytes of a hash of the weights: a file is never decoded with a model other than the one that wrote it. `device`
 (cpu | cuda), `device_name` (the GPU's model) and `numeric` (the coding's numeric mode) say where and how it was
-encoded, `tables` is the digest of the entropy coder's table choices (coding.py): a decoder on another device kind
-or mode refuses the file, and one whose choices differ refuses its own output.
+encoded, `tables` is a fingerprint of the entropy coder's tables and `choices` the digest of its table choices and
+symbols (coding.py): a decoder on another device kind or mode, or with other tables, refuses the file, and one whose
+choices differ refuses its own output.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .errors import LictrainError
 MAGIC = b"LICT"
 VERSION = 2
 READABLE = (1, 2)
-CODING_KEYS = ("device", "device_name", "numeric", "tables")  # version 2 on
+CODING_KEYS = ("device", "device_name", "numeric", "tables", "choices")  # version 2 on
 
 
 def _varint(n: int) -> bytes:
@@ -119,7 +120,7 @@ class _Reader:
 
 @dataclass
 class Bitstream:
-    header: dict  # model, preset, metric, lmbda, height, width, fingerprint, device, device_name, numeric, tables
+    header: dict  # model, preset, metric, lmbda, height, width, fingerprint, then CODING_KEYS
     strings: list
     shape: object
 

@@ -36,6 +36,9 @@ class DataConfig:
     val_crop: int | None = None  # centre-crop validation images to this side (None: whole images)
     val_max_images: int | None = None  # validate on the first N images only (None: all)
     workers: int | None = None  # DataLoader worker processes; None: 0 on the CPU, up to 8 per process on CUDA
+    # which image each training sample crops: shuffle (a fresh permutation every epoch, as DataLoader(shuffle=True))
+    # or iid (drawn uniformly for every sample); see README, "Data order"
+    order: str = "shuffle"
     cache_mb: int = 2048  # decode training images once and keep them in RAM when they fit in this budget
 
 
@@ -298,6 +301,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.data.crop >= 16, "data.crop must be at least 16"),
         (cfg.data.batch_size >= 1, "data.batch_size must be at least 1"),
         (cfg.data.workers is None or cfg.data.workers >= 0, "data.workers must be >= 0"),
+        (cfg.data.order in ("shuffle", "iid"), f"data.order must be shuffle or iid, got '{cfg.data.order}'"),
         (cfg.loss.lmbda > 0, "loss.lmbda must be positive"),
         (cfg.loss.metric in ("mse", "ms-ssim"), f"loss.metric must be mse or ms-ssim, got '{cfg.loss.metric}'"),
         (cfg.loss.metric != "ms-ssim" or cfg.data.crop >= 161, "loss.metric ms-ssim needs data.crop >= 161"),

@@ -1,7 +1,8 @@
 """Image data: training crops from any folder, whole-image evaluation sets, and the bundled `samples`.
 
 Determinism: the k-th training sample of a run (k = 0, 1, 2, ... counted over the whole run) is a pure function of
-(seed, k): which image (a per-epoch permutation), where the crop sits and whether it is flipped. So a run resumed at
+(seed, k): which image (data.order: `shuffle`, a fresh permutation every epoch as `DataLoader(shuffle=True)` gives,
+or `iid`, an image drawn uniformly for every sample), where the crop sits and whether it is flipped. So a run resumed at
 step s simply starts at sample s * batch_size, DataLoader workers change nothing, and several processes can draw
 disjoint samples by offsetting k.
 """
@@ -204,11 +205,16 @@ def random_crop(img: np.ndarray, size: int, rng: np.random.Generator, flip: bool
     return out
 
 
+ORDERS = ("shuffle", "iid")
+
+
 class TrainCrops(Dataset):
     """Random crops; item k is the k-th sample of the run (see the module docstring)."""
 
-    def __init__(self, images: ImageList, crop: int, seed: int):
-        self.images, self.crop, self.seed = images, crop, seed
+    def __init__(self, images: ImageList, crop: int, seed: int, order: str = "shuffle"):
+        if order not in ORDERS:
+            raise LictrainError(f"data.order must be {' or '.join(ORDERS)}, got '{order}'")
+        self.images, self.crop, self.seed, self.order = images, crop, seed, order
         self._perm_epoch, self._perm = -1, None
 
     def __len__(self) -> int:  # nominal: the sampler is infinite
@@ -216,6 +222,8 @@ class TrainCrops(Dataset):
 
     def image_index(self, k: int) -> int:
         n = len(self.images)
+        if self.order == "iid":  # drawn with replacement: a pure function of (seed, k) too
+            return int(np.random.default_rng([self.seed, 2, k]).integers(n))
         epoch = k // n
         if epoch != self._perm_epoch:
             self._perm = np.random.default_rng([self.seed, 1, epoch]).permutation(n)
@@ -256,9 +264,9 @@ class RunSampler(Sampler):
 
 def train_loader(
     images: ImageList, crop: int, batch_size: int, seed: int, start_step: int = 0, workers: int = 0,
-    rank: int = 0, world: int = 1, pin_memory: bool = False,
+    rank: int = 0, world: int = 1, pin_memory: bool = False, order: str = "shuffle",
 ) -> DataLoader:
-    ds = TrainCrops(images, crop, seed)
+    ds = TrainCrops(images, crop, seed, order)
     return DataLoader(
         ds,
         batch_size=batch_size,

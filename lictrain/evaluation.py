@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from . import bitstream
-from .coding import NUMERIC_MODE, TableDigest, coding_numerics, device_name
+from .coding import NUMERIC_MODE, CodingDigest, coding_numerics, device_name, tables_fingerprint
 from .checkpoint import (
     checkpoint_config, load_checkpoint, model_from_checkpoint, weights_fingerprint,
 )
@@ -67,7 +67,7 @@ class Codec:
     The entropy coder runs on the CPU in any case; `device` is where the networks run. Coding is exact only where the
     decoder's networks compute the encoder's numbers (coding.py): the tables are built on the CPU whatever the
     device, coding runs under coding.coding_numerics, and a file is refused on another device kind or numeric mode
-    (before decoding) and when the decoder's table choices differ from the encoder's (after)."""
+    or with other tables (before decoding) and when the decoder's choices differ from the encoder's (after)."""
 
     def __init__(self, model, name: str, preset: str, metric: str = "mse", lmbda: float = 0.0, device: str = "cpu"):
         try:
@@ -76,7 +76,8 @@ class Codec:
             raise LictrainError(f"unknown device '{device}' (cpu, cuda, cuda:N)") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise LictrainError(f"device '{device}' asked for, but this machine has no CUDA device")
-        # the tables from CPU arithmetic on every machine, then moved: a table built on a GPU may differ in a bit
+        # the tables from CPU arithmetic in full fp32 on every machine, then moved: a table built on a GPU (or with
+        # reduced-precision products) may differ in a bit
         self.model = model.cpu().eval()
         with coding_numerics(torch.device("cpu")):
             self.model.update(force=True)
@@ -84,6 +85,7 @@ class Codec:
         self.name, self.preset, self.metric, self.lmbda = canonical_name(name), preset, metric, float(lmbda)
         self.multiple = downsampling(name)
         self.fingerprint = weights_fingerprint(self.model)
+        self.tables = tables_fingerprint(self.model)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, use_ema: bool = True, device: str = "cpu") -> "Codec":
@@ -97,11 +99,12 @@ class Codec:
 
     def compress(self, x: torch.Tensor) -> bitstream.Bitstream:
         h, w = x.shape[-2:]
-        with coding_numerics(self.device), TableDigest("encode") as tables:
+        with coding_numerics(self.device), CodingDigest("encode") as choices:
             out = self.model.compress(pad_to_multiple(x.unsqueeze(0).to(self.device), self.multiple))
         header = dict(model=self.name, preset=self.preset, metric=self.metric, lmbda=float(self.lmbda),
                       height=int(h), width=int(w), fingerprint=self.fingerprint, device=self.device.type,
-                      device_name=device_name(self.device), numeric=NUMERIC_MODE, tables=tables.digest())
+                      device_name=device_name(self.device), numeric=NUMERIC_MODE, tables=self.tables,
+                      choices=choices.digest())
         return bitstream.Bitstream(header, out["strings"], out["shape"])
 
     def decompress(self, bs: bitstream.Bitstream, source: str = "input") -> torch.Tensor:
@@ -123,16 +126,21 @@ class Codec:
             raise LictrainError(
                 f"{source} was encoded on {self._where(hd)}; decoding on {self._where()} would desynchronise the "
                 f"entropy decoder (the networks' last bits differ): {remedy}")
+        if coded and hd["tables"] != self.tables:
+            raise LictrainError(
+                f"{source} was encoded with other entropy-coder tables than this checkpoint's (fingerprint "
+                f"{hd['tables'].hex()}, here {self.tables.hex()}: another torch, CompressAI or lictrain version builds "
+                f"them differently); decode it where it was encoded")
         try:
-            with coding_numerics(self.device), TableDigest("decode") as tables:
+            with coding_numerics(self.device), CodingDigest("decode") as choices:
                 x_hat = self.model.decompress(bs.strings, bs.shape)["x_hat"]
         except Exception as e:  # a structurally valid file whose payload does not fit the model
             raise LictrainError(f"{source} could not be decoded: {str(e).splitlines()[0][:200]}") from None
-        if coded and tables.digest() != hd["tables"]:
+        if coded and choices.digest() != hd["choices"]:
             raise LictrainError(
-                f"{source} did not decode: the entropy decoder's table choices differ from the encoder's (encoded "
-                f"on {self._where(hd)}, decoded on {self._where()}: the networks' last bits differ between them); "
-                f"decode it on the encoder's kind of device")
+                f"{source} did not decode: the entropy decoder's table choices or symbols differ from the encoder's "
+                f"(encoded on {self._where(hd)}, decoded on {self._where()}: the networks' last bits differ between "
+                f"them); decode it on the encoder's kind of device")
         return crop_to(x_hat, hd["height"], hd["width"])[0].clamp(0, 1).cpu()
 
     @torch.no_grad()

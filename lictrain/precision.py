@@ -2,7 +2,7 @@
 
 Mixed precision runs the analysis/synthesis transforms and the hyperprior networks in bf16 or fp16 under
 `torch.autocast`; the parameters, their gradients and every optimizer state (SOAP's factors and eigenbases included)
-stay fp32, and so do the entropy models (lictrain/models/entropy.py). Validation and evaluation run in fp32.
+stay fp32, and so do the entropy models (lictrain/models/numerics.py). Validation and evaluation run in fp32.
 """
 
 from __future__ import annotations
@@ -97,6 +97,16 @@ def full_fp32_matmul():
     the caller set and through whichever API: eigenbases and Kronecker factors computed with 10-bit products drift
     from the exact ones."""
     return flags_set([(obj, attr, _precision_value(False)) for obj, attr in _matmul_slots()])
+
+
+def full_fp32():
+    """Matrix products and convolutions in full fp32 inside this block, on CUDA (cuBLAS, cuDNN) and on the CPU
+    (oneDNN), whatever the caller set (entropy coding: coding.py)."""
+    b = torch.backends
+    slots = _matmul_slots() + _conv_slots()
+    if _NEW_API:
+        slots += [(b.mkldnn.conv, "fp32_precision"), (b.mkldnn.rnn, "fp32_precision")]
+    return flags_set([(obj, attr, _precision_value(False)) for obj, attr in slots])
 
 
 def numeric_flags(device: torch.device, tf32: bool, deterministic: bool, warn_only: bool = False

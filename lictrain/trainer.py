@@ -46,6 +46,8 @@ from .schedule import lr_factor
 
 log = logging.getLogger("lictrain")
 
+MAX_BACKOFFS = 32  # fp16: loss-scale back-offs in a row before an overflow counts as a non-finite step
+
 
 @dataclass
 class RunResult:
@@ -367,29 +369,31 @@ class Trainer:
         dist.barrier()  # every rank has checked the run folder before rank 0 writes into it
         self._flags = contextlib.ExitStack()
         self.state = dict(step=0, images_seen=0, train_time=0.0, skipped_steps=0, consecutive_skips=0,
-                          best_val=math.inf, scale_backoffs=0)
-        try:
+                          best_val=math.inf, scale_backoffs=0, consecutive_backoffs=0)
+        try:  # from here on the process-global flags are set (_build): a failure puts them back
             self._build()
             if resume:
                 self._restore()
+            elif dist.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.metrics_path.unlink(missing_ok=True)
+            if dist.is_main:
+                dump_config(cfg, self.run_dir / "config.yaml")
+            # TensorBoard drops the events a crashed run logged after the checkpoint it resumes from (metrics.jsonl
+            # is rewound by _restore); a fresh run starts its event file afresh too
+            self.metrics = MetricsLog(self.metrics_path, self.run_dir / "tb" if cfg.train.tensorboard else None,
+                                      enabled=dist.is_main, purge_step=self.state["step"] + 1)
+            self.hooks = tuple(hooks) + _probes(cfg, self.model, self.main_named, self.val_set, self.multiple)
         except BaseException:
             self.close()
             raise
-        if not resume and dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.metrics_path.unlink(missing_ok=True)
-        if dist.is_main:
-            dump_config(cfg, self.run_dir / "config.yaml")
-        # TensorBoard drops the events a crashed run logged after the checkpoint it resumes from (metrics.jsonl is
-        # rewound by _restore); a fresh run starts its event file afresh too
-        self.metrics = MetricsLog(self.metrics_path, self.run_dir / "tb" if cfg.train.tensorboard else None,
-                                  enabled=dist.is_main, purge_step=self.state["step"] + 1)
-        self.hooks = tuple(hooks) + _probes(cfg, self.model, self.main_named, self.val_set, self.multiple)
         self.saved_any = False  # the end-of-run checkpoint decision must be the same on every rank (not a file test)
         self.report = log.info if dist.is_main else (lambda msg: None)
 
     def close(self) -> None:
-        """Put back the process-global numeric flags this run set (TF32, cuDNN, determinism); fit() ends with it."""
+        """Put back the process-global numeric flags this run set (TF32, cuDNN, determinism); fit() ends with it.
+        Trainers used side by side without fit() must be closed in the reverse order of their creation, as nested
+        contexts are. (CUBLAS_WORKSPACE_CONFIG, once set by a deterministic run, stays: cuBLAS reads it once.)"""
         self._flags.close()
 
     def _build(self) -> None:
@@ -597,11 +601,14 @@ class Trainer:
                     self.scaler.step(self.optimizer)  # steps only if the unscaled gradients are finite (as skipped)
                     self.scaler.update()  # a smaller loss scale after an overflow
                     # A finite loss whose scaled gradients overflowed while the scale was above 1 is the scaler
-                    # finding its scale (the first steps at high lambda): not taken, but not a non-finite step.
-                    # Below a scale of 1 the gradients themselves overflow: counted, so a stuck run still stops.
-                    backoff = skipped and scale > 1
+                    # finding its scale (the first steps at high lambda, or a back-off after the scale has grown):
+                    # not taken, but not a non-finite step. Below a scale of 1, or after MAX_BACKOFFS back-offs in a
+                    # row (enough to bring any scale a run reaches down to 1), the gradients themselves overflow:
+                    # counted, so a stuck run still stops.
+                    backoff = skipped and scale > 1 and state["consecutive_backoffs"] < MAX_BACKOFFS
                 elif not skipped:
                     self.optimizer.step()
+            state["consecutive_backoffs"] = state["consecutive_backoffs"] + 1 if backoff else 0
             if backoff:
                 state["scale_backoffs"] += 1
             elif skipped:
@@ -698,7 +705,7 @@ class Trainer:
         # Each rank takes its share of every global batch (data.RunSampler): the same crops one process would see.
         loader = train_loader(self.train_images, cfg.data.crop, cfg.data.batch_size // dist.world, cfg.seed,
                               state["step"], data_workers(cfg.data.workers, device, dist.world), rank=dist.rank,
-                              world=dist.world, pin_memory=device.type == "cuda")
+                              world=dist.world, pin_memory=device.type == "cuda", order=cfg.data.order)
         batches = iter(loader)
         window: dict[str, list] = {"loss": [], "bpp": [], "mse": []}
         # The method's logs since the last train line: an event between log steps (CMD-LIC's decomposition, an

@@ -122,6 +122,7 @@ def decoded_and_encoder_side(model, name: str, size: tuple[int, int], seed: int 
     import torch.nn.functional as F
 
     from lictrain import bitstream
+    from lictrain.coding import coding_numerics
     from lictrain.evaluation import Codec
     from lictrain.models import downsampling
 
@@ -135,7 +136,7 @@ def decoded_and_encoder_side(model, name: str, size: tuple[int, int], seed: int 
         last.weight.mul_(gain)
         last.bias.mul_(gain)
     codec = Codec(model, name, "tiny", device=device)
-    with torch.no_grad():
+    with coding_numerics(torch.device(device)):  # the reference in the coder's numerics too (no TF32 on CUDA)
         assert len(torch.unique(torch.round(codec.model.g_a(padded.to(device))))) >= 5, "latents too concentrated"
         ref = codec.model(padded.to(device))["x_hat"][0, :, :h, :w].clamp(0, 1).cpu()
     return codec.decompress(bitstream.decode(bitstream.encode(codec.compress(x)))).cpu(), ref

@@ -7,7 +7,7 @@ from lictrain.errors import LictrainError
 
 def header(**kw):
     h = dict(model="elic", preset="tiny", metric="mse", lmbda=0.013, height=500, width=741, fingerprint=b"\x01" * 8,
-             device="cpu", device_name="cpu", numeric="fp32", tables=b"\x02" * 8)
+             device="cpu", device_name="cpu", numeric="fp32", tables=b"\x02" * 8, choices=b"\x03" * 8)
     h.update(kw)
     return h
 

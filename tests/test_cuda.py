@@ -60,8 +60,8 @@ def test_soap_keeps_its_products_in_full_fp32_on_cuda_under_tf32(monkeypatch):
             factors[dev] = [unpack_symmetric(f).cpu() for f in opt.state[w]["GG"]]
     finally:
         flags.close()
-    for a, b in zip(factors["cpu"], factors["cuda"]):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+    for a, b in zip(factors["cpu"], factors["cuda"]):  # (TF32 products would be ~1e-3 off)
+        torch.testing.assert_close(b, a, rtol=2e-4, atol=2e-4 * a.abs().max().item())
     assert inside and set(inside) == {"ieee"}
 
 
@@ -77,7 +77,8 @@ def test_bf16_and_fp16_training_on_cuda(tmp_path):
 
 
 def test_sync_free_guard_on_cuda_equals_skipping_with_a_memoryless_optimizer(tmp_path, monkeypatch):
-    runs = skip_and_zero_runs(tmp_path, monkeypatch, {2, 5}, "device=cuda")
+    # (deterministic: two CUDA runs with cuDNN's autotuning need not agree in their last bits)
+    runs = skip_and_zero_runs(tmp_path, monkeypatch, {2, 5}, "device=cuda", "train.deterministic=true")
     assert runs["skip"].skipped_steps == runs["zero"].skipped_steps == 2
 
 
@@ -123,6 +124,18 @@ def test_a_resumed_adam_run_is_sync_free_with_its_step_counters_on_the_cpu(tmp_p
         resumed.close()
 
 
+@pytest.mark.parametrize("name", ["tcm", "elic"])  # (FLIC: tests/test_flic.py)
+def test_coding_on_cuda_decodes_the_encoders_reconstruction(name):
+    """Encoded and decoded on CUDA: the decoded image is the encoder-side reconstruction (the eval forward, which
+    rounds the latents as the encoder does) to float rounding."""
+    from lictrain.models import build_model
+    from tests.conftest import decoded_and_encoder_side
+
+    torch.manual_seed(0)
+    decoded, reference = decoded_and_encoder_side(build_model(name, "tiny"), name, (64, 96), device="cuda")
+    assert (decoded - reference).abs().max() < 1e-4
+
+
 def test_a_cuda_encoded_file_decodes_on_cuda_and_is_refused_on_the_cpu():
     from lictrain.errors import LictrainError
     from lictrain.evaluation import Codec
@@ -143,7 +156,10 @@ def test_a_cuda_encoded_file_decodes_on_cuda_and_is_refused_on_the_cpu():
 
 
 def test_compiled_forward_on_cuda_gives_the_eager_losses(tmp_path):
+    from torch._inductor import config as inductor_config
+
     eager = train(tiny_config(tmp_path, "train.steps=3", "device=cuda", "train.tf32=false", name="eager"))
-    compiled = train(tiny_config(tmp_path, "train.steps=3", "device=cuda", "train.tf32=false",
-                                 "train.compile=true", name="compiled"))
+    with inductor_config.patch(fallback_random=True):  # the eager noise draws (Inductor's generator differs)
+        compiled = train(tiny_config(tmp_path, "train.steps=3", "device=cuda", "train.tf32=false",
+                                     "train.compile=true", name="compiled"))
     assert _losses(eager.run_dir) == pytest.approx(_losses(compiled.run_dir), rel=1e-3)

@@ -64,6 +64,25 @@ def test_each_epoch_visits_every_image_once(image_folder):
     assert first != second  # reshuffled each epoch (for this seed)
 
 
+def test_iid_order_draws_images_independently_and_uniformly(image_folder):
+    """data.order=iid: every sample's image drawn with replacement, a pure function of (seed, k). Over 6000 draws
+    each of the n images comes up 6000/n times within 5 binomial standard deviations, and an epoch's worth of
+    draws repeats images (which a permutation never does)."""
+    images = ImageList.scan(str(image_folder))
+    n = len(images)
+    ds = TrainCrops(images, 32, seed=5, order="iid")
+    draws = [ds.image_index(k) for k in range(6000)]
+    counts = np.bincount(draws, minlength=n)
+    sd = (6000 * (1 / n) * (1 - 1 / n)) ** 0.5
+    assert np.abs(counts - 6000 / n).max() < 5 * sd
+    assert len(set(draws[:n])) < n or len(set(draws[n:2 * n])) < n
+    again = TrainCrops(images, 32, seed=5, order="iid")
+    assert [again.image_index(k) for k in reversed(range(6000))] == draws[::-1]  # no state: any k, any order
+    assert torch.equal(ds[17], again[17])
+    with pytest.raises(LictrainError, match="data.order must be shuffle or iid"):
+        TrainCrops(images, 32, seed=5, order="random")
+
+
 def _batches(loader, n):
     it = iter(loader)
     return [next(it) for _ in range(n)]
@@ -79,6 +98,11 @@ def test_deterministic_given_seed_workers_and_start_step(image_folder):
         assert torch.equal(x, y)
     assert torch.equal(a[2], c[0]) and torch.equal(a[3], c[1])
     assert not torch.equal(a[0], d[0])
+    iid = _batches(train_loader(images, 32, 3, seed=1, order="iid"), 4)  # the same guarantees for data.order=iid
+    iid_workers = _batches(train_loader(images, 32, 3, seed=1, workers=2, order="iid"), 4)
+    iid_resumed = _batches(train_loader(images, 32, 3, seed=1, start_step=2, order="iid"), 2)
+    assert all(torch.equal(x, y) for x, y in zip(iid, iid_workers))
+    assert torch.equal(iid[2], iid_resumed[0]) and torch.equal(iid[3], iid_resumed[1])
 
 
 def test_ranks_draw_disjoint_blocks_of_the_global_batch(image_folder):

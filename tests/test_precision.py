@@ -146,3 +146,5 @@ def test_new_train_keys_at_their_defaults_keep_the_configuration_hash():
     assert config_hash(load_config(None, base + ["train.schedule=cosine", "optim.name=soap"])) == "14c78375"
     assert config_hash(load_config(None, base + ["data.workers=4"])) == "4b71b681"  # workers change nothing
     assert config_hash(load_config(None, base + ["train.precision=bf16"])) != "4b71b681"
+    assert config_hash(load_config(None, base + ["data.order=shuffle", "train.deterministic=false"])) == "4b71b681"
+    assert config_hash(load_config(None, base + ["data.order=iid"])) != "4b71b681"

@@ -141,3 +141,21 @@ def test_bi_wkv_compiles_without_a_graph_break():
     w, u, k, v = _inputs(17, 3, 1.0, seed=8)
     explained = torch._dynamo.explain(bi_wkv)(w, u, k, v)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
+def test_the_scan_path_recomputes_in_backward_and_gives_the_formulas_gradients(monkeypatch):
+    """bi_wkv as CUDA runs it (the scan, its intermediates recomputed in the backward pass): values and gradients of
+    the formula. (The CPU takes the scan only under torch.compile, which is faked here.)"""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    w, u, k, v = _inputs(15, 3, 2.0, seed=9)
+    leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
+    ref_leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
+    weights = torch.randn(2, 15, 3, dtype=torch.float64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got = bi_wkv(*leaves)
+    assert len(saved) <= 6  # the inputs (and their casts), not the scan's intermediates (13 saved without it)
+    (got * weights).sum().backward()
+    (reference_bi_wkv(*ref_leaves) * weights).sum().backward()
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-7, atol=1e-9)

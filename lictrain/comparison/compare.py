@@ -64,6 +64,8 @@ def config_hash(cfg: RunConfig) -> str:
     # Added later (the GPU path): at their defaults they must not change hashes. data.workers never changes what a
     # run computes (each crop is drawn from its own seeded generator), so it is left out whatever its value.
     d["data"]["workers"] = 0
+    if d["data"].get("order") == "shuffle":  # added later: the order every run had before must keep its hashes
+        d["data"].pop("order")
     for key, default in (("precision", "fp32"), ("tf32", True), ("compile", False), ("nonfinite", "auto"),
                          ("deterministic", False)):
         if d["train"].get(key) == default:

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .numerics import at_least_fp32
 from .tcm import TCM
 
 
@@ -65,7 +66,7 @@ def orthogonality_penalty(weight: torch.Tensor) -> torch.Tensor:
     """mean((G - I)^2) of the smaller Gram matrix of a (out, in) projection, in fp32 even under autocast: a bf16
     Gram is spaced 2^-7 near 1, so the penalty would stop seeing |G - I| below ~4e-3."""
     with torch.autocast(weight.device.type, enabled=False):
-        w = weight.flatten(1).float()
+        w = at_least_fp32(weight.flatten(1))
         gram = w @ w.T if w.shape[0] < w.shape[1] else w.T @ w
         return (gram - torch.eye(gram.shape[0], device=w.device, dtype=w.dtype)).pow(2).mean()
 

@@ -2,7 +2,8 @@
 synchronisation.
 
 `prepare_entropy_models(model)` gives every entropy model inside a model (CompressAI's EntropyBottleneck,
-GaussianConditional and their subclasses, a user's included) a subclass of its own class whose forward
+GaussianConditional and their subclasses, a user's included), and the latent codecs that round y - means
+themselves (LATENT_CODECS_ROUNDING), a subclass of its own class whose forward
 
 - runs with autocast off on fp32 inputs. Likelihoods of order 1e-9 and the rate's log of them are outside bf16's
   useful range and below fp16's smallest normal number, and a rate computed from rounded likelihoods would bias R
@@ -27,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from compressai.entropy_models import EntropyBottleneck, EntropyModel
+from compressai.latent_codecs import CheckerboardLatentCodec, GaussianConditionalLatentCodec
 
 _PREPARED: dict[type, type] = {}  # original class -> its prepared subclass
 _HALF = (torch.float16, torch.bfloat16)
@@ -112,6 +114,13 @@ def keep_in_fp32(model: nn.Module, classes: tuple[type, ...]) -> int:
     return n
 
 
+# CompressAI's latent codecs that round y - means themselves (quantize_ste(y - means) + means, the decoder's input):
+# under bf16 autocast that difference would be rounded to bf16 first (spacing 0.25 for |y| >= 32), so they compute in
+# fp32 too, their small entropy-parameter networks included (ELIC's and LALIC's entropy models)
+LATENT_CODECS_ROUNDING = (GaussianConditionalLatentCodec, CheckerboardLatentCodec)
+
+
 def prepare_entropy_models(model: nn.Module) -> int:
-    """Every entropy model inside `model` in fp32 under autocast, its bottlenecks without host synchronisation."""
-    return keep_in_fp32(model, (EntropyModel,))
+    """Every entropy model inside `model` (and every latent codec of LATENT_CODECS_ROUNDING) in fp32 under autocast,
+    the bottlenecks without host synchronisation. Returns how many modules changed."""
+    return keep_in_fp32(model, (EntropyModel,) + LATENT_CODECS_ROUNDING)

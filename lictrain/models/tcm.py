@@ -45,6 +45,10 @@ from .numerics import at_least_fp32
 from .rans import ImageDecoders, encode_images
 
 
+MASK_CACHE_NUMBERS = 4 * 2**20  # the shifted-window mask is kept when it has at most this many numbers (16 MB)
+ATTENTION_CHUNK = 32768
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside non-overlapping windows of a (B, H, W, C) map, with a learned relative
     position bias; `shifted` rolls the map by half a window first and masks pairs that the roll brought together."""
@@ -61,7 +65,7 @@ class WindowAttention(nn.Module):
         coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
         rel = coords[:, :, None] - coords[:, None, :] + window - 1  # (2, w*w, w*w), each in 0..2w-2
         self.register_buffer("rel_index", rel[0] * (2 * window - 1) + rel[1], persistent=False)
-        self._masks: dict = {}  # (hp, wp, device) -> the shifted windows' additive mask, made once per map size
+        self._mask_cache = None  # ((hp, wp, device), the shifted windows' additive mask): the last size's
 
     def _mask(self, hp: int, wp: int, device) -> torch.Tensor:
         """(windows, w*w, w*w) True where the shifted map joins regions that were not neighbours."""
@@ -74,12 +78,16 @@ class WindowAttention(nn.Module):
         return region[:, :, None] != region[:, None, :]
 
     def _shift_mask(self, hp: int, wp: int, device) -> torch.Tensor:
-        """_mask as an additive (windows, w*w, w*w) mask of 0 and -inf, kept per map size and device."""
+        """_mask as an additive (windows, w*w, w*w) mask of 0 and -inf. The last map size's is kept when it is small
+        (training crops have one size); evaluation images of many, large sizes are not all held in memory (a 2K
+        image's first stage would need 180 MB per block)."""
         key = (hp, wp, device)
-        if key not in self._masks:
-            mask = self._mask(hp, wp, device)
-            self._masks[key] = torch.zeros(mask.shape, device=device).masked_fill(mask, float("-inf"))
-        return self._masks[key]
+        if self._mask_cache is not None and self._mask_cache[0] == key:
+            return self._mask_cache[1]
+        mask = self._mask(hp, wp, device)
+        additive = torch.zeros(mask.shape, device=device).masked_fill(mask, float("-inf"))
+        self._mask_cache = (key, additive) if additive.numel() <= MASK_CACHE_NUMBERS else None
+        return additive
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w_, c = x.shape
@@ -94,9 +102,12 @@ class WindowAttention(nn.Module):
                    self.qkv(win).view(b, n, w * w, 3, self.heads, self.head_dim).permute(3, 0, 4, 1, 2, 5))
         bias = self.bias_table.flatten(1)[:, self.rel_index][:, None]  # (heads, 1, w*w, w*w)
         bias = bias + self._shift_mask(hp, wp, x.device) if self.shifted else bias.expand(-1, n, -1, -1)
-        # one fused kernel where the device has one (the bias and mask as its additive mask): (b, heads x windows)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(1, -1, w * w, w * w).to(q.dtype),
-                                             scale=self.head_dim**-0.5)
+        # one fused kernel where the device has one (the bias and mask as its additive mask): (b, heads x windows),
+        # in chunks of at most ATTENTION_CHUNK along the second axis (fused kernels give it one grid axis, at most
+        # 65,535 blocks: a 4K image's first stage has ~140k heads x windows)
+        mask = bias.reshape(1, -1, w * w, w * w).to(q.dtype)
+        out = torch.cat([F.scaled_dot_product_attention(*qkvm[:3], attn_mask=qkvm[3], scale=self.head_dim**-0.5)
+                         for qkvm in zip(*(t.split(ATTENTION_CHUNK, 1) for t in (q, k, v, mask)))], 1)
         out = out.view(b, self.heads, n, w * w, self.head_dim).permute(0, 2, 3, 1, 4).reshape(b, -1, w * w, c)
         out = self.proj(out).view(b, hp // w, wp // w, w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
         if self.shifted:

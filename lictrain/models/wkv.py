@@ -30,6 +30,7 @@ path (the authors' is built for one GPU architecture only).
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 # Above this spread of log-weights (keys' range plus the decays, in nats) the sums are taken pair by pair with
 # per-row maxima and chunk by chunk; below it as products (fp32 keeps exp(-60) * 1e-7 well above its smallest normal
@@ -116,6 +117,10 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
                          f"{tuple(v.shape)}, {tuple(w.shape)}, {tuple(u.shape)}")
     dtype = torch.promote_types(k.dtype, torch.float32)  # the exponentials need at least fp32's range
     if k.is_cuda or torch.compiler.is_compiling():  # choosing a path below reads the device: the scans need not
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (w, u, k, v)):
+            # its ~35 float64 intermediates are recomputed in the backward pass instead of kept: only the inputs are
+            # saved (at LALIC's paper size and a GPU batch they would otherwise take tens of GB)
+            return checkpoint(bi_wkv_scan, w, u, k, v, use_reentrant=False).to(dtype)
         return bi_wkv_scan(w, u, k, v).to(dtype)
     w, u, k, v = (x.to(dtype) for x in (w, u, k, v))
     t_len = k.shape[1]
