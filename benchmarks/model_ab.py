@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,13 +21,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from optimizer_ab import ROOT, export_revision, forget_lictrain  # (benchmarks/, beside this script)
 
 
 def load(root: Path):
     """build_model, RateDistortionLoss and the entropy-model preparation (None before it existed) under `root`."""
-    for name in [n for n in sys.modules if n == "lictrain" or n.startswith("lictrain.")]:
-        del sys.modules[name]
+    forget_lictrain()
     sys.path.insert(0, str(root))
     try:
         models = importlib.import_module("lictrain.models")
@@ -59,9 +57,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.before, "lictrain"], check=True,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        export_revision(args.before, tmp)
         versions = {"before": load(Path(tmp)), "after": load(ROOT)}
         print(f"# torch {torch.__version__}, 2 threads; before = {args.before}, after = the working tree; "
               "forward + loss + backward, batch 4 x 128^2\n")

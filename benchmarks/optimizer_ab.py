@@ -26,10 +26,22 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load(root: Path):
-    """SOAP and build_model from the lictrain package under `root` (drops any lictrain already imported)."""
+def export_revision(rev: str, dest: str) -> None:
+    """The lictrain package of git revision `rev` into folder `dest` (model_ab.py uses it too)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "lictrain"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+
+
+def forget_lictrain() -> None:
+    """Drop every imported lictrain module, so that the next import takes the package first on sys.path."""
     for name in [n for n in sys.modules if n == "lictrain" or n.startswith("lictrain.")]:
         del sys.modules[name]
+
+
+def load(root: Path):
+    """SOAP and build_model from the lictrain package under `root` (drops any lictrain already imported)."""
+    forget_lictrain()
     sys.path.insert(0, str(root))
     try:
         soap = importlib.import_module("lictrain.optim.soap")
@@ -58,9 +70,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.before, "lictrain"], check=True,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        export_revision(args.before, tmp)
         old_soap, _, _ = load(Path(tmp))
         new_soap, build_model, loss = load(ROOT)
         print(f"# torch {torch.__version__}, 2 threads; before = {args.before}, after = the working tree\n")

@@ -22,6 +22,20 @@ def reference_bi_wkv(w, u, k, v):
     return out
 
 
+def assert_formula_and_gradients(fn, inputs, rtol=1e-10, grad_rtol=1e-8):
+    """fn(w, u, k, v) against the token-by-token formula in float64: values, and gradients of a random weighting."""
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    ref_leaves = [x.clone().requires_grad_() for x in inputs]
+    weights = torch.randn(inputs[2].shape, dtype=torch.float64)
+    got = fn(*leaves)
+    (got * weights).sum().backward()
+    want = reference_bi_wkv(*ref_leaves)
+    (want * weights).sum().backward()
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol / 100)
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=grad_rtol, atol=grad_rtol / 100)
+
+
 def _inputs(t_len, c, k_scale, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     w = torch.rand(c, generator=g, dtype=dtype) * 2  # decays 0..2 per step
@@ -61,14 +75,7 @@ def test_negative_decays_as_lalic_may_learn_them():
 
 
 def test_gradients_equal_the_references():
-    w, u, k, v = _inputs(13, 2, 2.0, seed=2)
-    leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
-    ref_leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
-    weights = torch.randn(2, 13, 2, dtype=torch.float64)
-    (bi_wkv(*leaves, chunk=4) * weights).sum().backward()
-    (reference_bi_wkv(*ref_leaves) * weights).sum().backward()
-    for a, b in zip(leaves, ref_leaves):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-10)
+    assert_formula_and_gradients(lambda *a: bi_wkv(*a, chunk=4), _inputs(13, 2, 2.0, seed=2))
 
 
 def test_two_tokens_by_hand():
@@ -90,17 +97,7 @@ def test_both_paths_give_the_formula_and_its_gradients(monkeypatch, spread):
     import lictrain.models.wkv as wkv
 
     monkeypatch.setattr(wkv, "_FAST_SPREAD", spread)
-    w, u, k, v = _inputs(19, 3, 1.5, seed=5)
-    leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
-    ref_leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
-    weights = torch.randn(2, 19, 3, dtype=torch.float64)
-    got = bi_wkv(*leaves, chunk=4)
-    (got * weights).sum().backward()
-    want = reference_bi_wkv(*ref_leaves)
-    (want * weights).sum().backward()
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    for a, b in zip(leaves, ref_leaves):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-10)
+    assert_formula_and_gradients(lambda *a: bi_wkv(*a, chunk=4), _inputs(19, 3, 1.5, seed=5))
 
 
 def test_autocast_does_not_lower_the_precision():
@@ -119,16 +116,7 @@ def test_the_sync_free_scan_gives_the_formula_and_its_gradients(case):
 
     w, u, k, v = _inputs(21, 3, 60.0 if case == "extreme" else 1.5, seed=7)
     w = w * 20 if case == "extreme" else (-3 * w if case == "negative" else w)
-    leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
-    ref_leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
-    weights = torch.randn(2, 21, 3, dtype=torch.float64)
-    got = bi_wkv_scan(*leaves)
-    (got * weights).sum().backward()
-    want = reference_bi_wkv(*ref_leaves)
-    (want * weights).sum().backward()
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
-    for a, b in zip(leaves, ref_leaves):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-7, atol=1e-9)
+    assert_formula_and_gradients(bi_wkv_scan, (w, u, k, v), rtol=1e-9, grad_rtol=1e-7)
     # float32 inputs (computed in float64 inside) keep float32's accuracy in LALIC's regime
     w, u, k, v = _inputs(300, 4, 3.0, seed=4)
     w, u = torch.randn(4, dtype=torch.float64) / 300, u / 300
@@ -147,15 +135,9 @@ def test_the_scan_path_recomputes_in_backward_and_gives_the_formulas_gradients(m
     """bi_wkv as CUDA runs it (the scan, its intermediates recomputed in the backward pass): values and gradients of
     the formula. (The CPU takes the scan only under torch.compile, which is faked here.)"""
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    w, u, k, v = _inputs(15, 3, 2.0, seed=9)
-    leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
-    ref_leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
-    weights = torch.randn(2, 15, 3, dtype=torch.float64)
+    inputs = _inputs(15, 3, 2.0, seed=9)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        got = bi_wkv(*leaves)
+        bi_wkv(*(x.clone().requires_grad_() for x in inputs))
     assert len(saved) <= 6  # the inputs (and their casts), not the scan's intermediates (13 saved without it)
-    (got * weights).sum().backward()
-    (reference_bi_wkv(*ref_leaves) * weights).sum().backward()
-    for a, b in zip(leaves, ref_leaves):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-7, atol=1e-9)
+    assert_formula_and_gradients(bi_wkv, inputs, rtol=1e-9, grad_rtol=1e-7)
