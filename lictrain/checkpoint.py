@@ -64,10 +64,12 @@ def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
     derived = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
     wrong = [k for k in own if k in state and not k.endswith(derived) and own[k].shape != state[k].shape]
 
-    def names(keys: list[str]) -> str:
-        return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+    def names(keys: list[str], shapes: bool = False) -> str:
+        shown = [f"{k} {tuple(state[k].shape)} where {type(model).__name__} has {tuple(own[k].shape)}" if shapes
+                 else k for k in keys[:4]]
+        return ", ".join(shown) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
 
-    problems = [f"{label} {names(keys)}" for label, keys in
+    problems = [f"{label} {names(keys, label == 'wrong shape')}" for label, keys in
                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
     if problems:
         raise LictrainError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
@@ -122,7 +124,7 @@ def import_weights(weights: str | Path, model: str, preset: str, out: str | Path
     # the coder's tables and bounds that update() derives or the constructor sets, where the weights lack them
     derived = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table", "scale_bound", ".bound")
     state = {**{k: v for k, v in built.state_dict().items() if k.endswith(derived) and k not in state}, **state}
-    load_state_dict_checked(built, state, str(weights))
+    load_state_dict_checked(built, state, f"{weights} (as {name}, preset {preset})")
     cfg = load_config(None, base={"model": {"name": name, "preset": preset, "kwargs": dict(kwargs or {})},
                                   "loss": {"lmbda": float(lmbda), "metric": metric}, "run_dir": str(Path(out).parent)})
     out = Path(out)

@@ -48,11 +48,21 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set optim.lr=2e-4 (repeatable)")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lictrain")
+    except PackageNotFoundError:  # run from a checkout without installing
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lictrain", description="Train, evaluate and code learned image compression models."
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
+    parser.add_argument("--version", action="version", version=f"lictrain {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model (YAML config + --set overrides)",
@@ -73,20 +83,27 @@ def build_parser() -> argparse.ArgumentParser:
                                    "8-bit RGB. Writes per_image.csv and results.json (CompressAI's format).")
     p.add_argument("checkpoints", nargs="+", help="checkpoint files or run folders, one per R-D point")
     p.add_argument("--data", default="samples:val", help="image folder, or samples / samples:val (default)")
-    p.add_argument("--out", help="output folder (default: <first run folder>/eval)")
+    p.add_argument("--out", help="output folder (default: <first run folder>/eval-<data set name>)")
+    p.add_argument("--pick", choices=["last", "best"], default="last",
+                   help="for a run folder: its last checkpoint (checkpoint.pt, the end of the run, as compare "
+                        "measures; default) or the best validation's (checkpoint_best.pt)")
     p.add_argument("--name", help="curve name in results.json")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--max-images", type=int, help="evaluate on the first N images only")
     p.add_argument("--device", default="cpu", help="where the transforms run (cpu, cuda, cuda:1; default cpu)")
 
-    p = sub.add_parser("compress", help="compress one image into a .lic file")
-    p.add_argument("image")
-    p.add_argument("-o", "--output", required=True)
+    p = sub.add_parser("compress", help="compress one image into a .lic file",
+                       description="Compress one image into a .lic file (lictrain/bitstream.py) with a trained "
+                       "model's real entropy coder.")
+    p.add_argument("image", help="the image to compress (png, jpg, ...)")
+    p.add_argument("-o", "--output", required=True, help="the .lic file to write")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
     p.add_argument("--device", default="cpu", help="where the transforms run (decode on the same kind of device)")
 
-    p = sub.add_parser("decompress", help="decompress a .lic file into a PNG")
-    p.add_argument("file")
+    p = sub.add_parser("decompress", help="decompress a .lic file into a PNG",
+                       description="Decompress a .lic file with the checkpoint that wrote it (its fingerprint, device "
+                       "kind and coder tables are checked) into a lossless image.")
+    p.add_argument("file", help="the .lic file")
     p.add_argument("-o", "--output", required=True, help="output image (.png, .bmp, .tif or .webp)")
     p.add_argument("--checkpoint", required=True, help="the checkpoint the file was compressed with")
     p.add_argument("--device", default="cpu", help="where the transforms run (the one the file was encoded on)")
@@ -163,10 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the float models' latent and activation Kurt / MaxMed (the rest of the paper's Table 2)")
 
     p = sub.add_parser("import", help="make a lictrain checkpoint of weights trained elsewhere (a state dict; "
-                       "the public code's names for models with a key map)")
+                       "the public code's names for models with a key map)",
+                       description="Make a lictrain checkpoint (for eval, compress, analyze, ptq or --init-from) of "
+                       "a model's weights trained elsewhere: a plain state dict in lictrain's names, or in the public "
+                       "code's for the models with a key map (lictrain/models/public_weights.py).")
     p.add_argument("weights", help="a torch.save'd state dict (or a dict holding one under 'state_dict' / 'model')")
     p.add_argument("--model", required=True, help="a registered model (lictrain list)")
-    p.add_argument("--preset", default="paper")
+    p.add_argument("--preset", default="paper",
+                   help="the preset whose widths the weights have (default paper; lictrain list shows them)")
     p.add_argument("--lmbda", type=float, required=True, help="the lambda the weights were trained for")
     p.add_argument("--metric", default="mse", choices=["mse", "ms-ssim"])
     p.add_argument("--out", required=True, help="the checkpoint file to write")
@@ -200,8 +221,8 @@ def cmd_analyze(args) -> int:
         print((Path(args.out) / "outliers.md").read_text())
         print(f"wrote {Path(args.out)}/outliers.json and deviation_*.png")
     else:
-        commands.plot_runs(args.runs, [m for m in args.metrics.split(",") if m], Path(args.out))
-        print(f"wrote {args.out}")
+        written = commands.plot_runs(args.runs, [m for m in args.metrics.split(",") if m], Path(args.out))
+        print(f"wrote {written}")
     return 0
 
 
@@ -214,6 +235,10 @@ def cmd_train(args) -> int:
         if args.config or args.optimizer or args.run_dir or args.recipe or args.init_from:
             raise LictrainError("--resume continues the run with its saved config: --config, --optimizer, --recipe, "
                                 "--init-from and --run-dir do not go with it (change e.g. train.steps with --set)")
+        if not (Path(args.resume) / "checkpoint.pt").exists():
+            from .trainer import nothing_to_resume
+
+            raise LictrainError(nothing_to_resume(Path(args.resume)))
         ckpt = load_checkpoint(Path(args.resume) / "checkpoint.pt")
         cfg = checkpoint_config(ckpt)
         cfg.run_dir = str(args.resume)
@@ -237,17 +262,28 @@ def cmd_train(args) -> int:
             overrides.append(f"optim.name={args.optimizer}")
         cfg = load_config(args.config, overrides)
     result = train(cfg, resume=bool(args.resume))
+    if result.interrupted:  # a script's `lictrain train ... && lictrain eval ...` must not go on
+        log.warning("interrupted at step %d of %d (checkpoint %s); continue with: lictrain train --resume %s",
+                    result.step, cfg.train.steps, Path(result.run_dir) / "checkpoint.pt", result.run_dir)
+        return 128 + result.interrupted
     log.info("done: %d steps, %.1f s training time, checkpoint %s", result.step, result.train_time,
              Path(result.run_dir) / "checkpoint.pt")
     return 0
 
 
 def cmd_eval(args) -> int:
+    from .data import set_name
     from .evaluation import evaluate
 
+    name = "checkpoint_best.pt" if args.pick == "best" else "checkpoint.pt"
+    files = [str(Path(c) / name) if Path(c).is_dir() else c for c in args.checkpoints]  # rows name the file
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise LictrainError(f"checkpoint not found: {missing[0]}" + (
+            " (a run writes checkpoint_best.pt at its first regular validation)" if args.pick == "best" else ""))
     first = Path(args.checkpoints[0])
-    out = args.out or str((first.parent if first.is_file() else first) / "eval")
-    summary = evaluate(args.checkpoints, args.data, out, use_ema=not args.raw, name=args.name,
+    out = args.out or str((first.parent if first.is_file() else first) / f"eval-{set_name(args.data)}")
+    summary = evaluate(files, args.data, out, use_ema=not args.raw, name=args.name,
                        max_images=args.max_images, device=args.device)
     print(format_results_table(summary))
     print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'per_image.csv'}")
@@ -358,6 +394,12 @@ def cmd_list(args) -> int:
     if WRAPPERS:
         print("optimizer wrappers (name+wrapper): " + ", ".join(WRAPPERS))
     print("methods: " + ", ".join(METHODS))
+    from .config import CONFIG_DIR, valid_keys
+    from .registry import RECIPES
+
+    print("recipes (compare, train --recipe): " + ", ".join(RECIPES))
+    print("built-in configs (--config NAME): " + ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))))
+    print("config keys (--set KEY=VALUE): " + ", ".join(valid_keys()))
     return 0
 
 

@@ -7,6 +7,7 @@ before anything runs, with a one-line error naming the key and listing the valid
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -184,13 +185,28 @@ def _coerce(value: Any, t: Any, key: str) -> Any:
     raise LictrainError(f"config key '{key}': {value!r} is not a valid {name}")
 
 
+def unknown_key_message(key: str) -> str:
+    """The closest valid keys, else the keys of its section, else the sections (`lictrain list` shows all keys)."""
+    keys = valid_keys()
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    guess = f" did you mean {' or '.join(close)}?" if close else ""
+    section = key.split(".")[0] + "."
+    same = [k for k in keys if k.startswith(section)]
+    if same:
+        return f"unknown config key '{key}';{guess} keys of {section[:-1]}: {', '.join(same)}"
+    if close:
+        return f"unknown config key '{key}';{guess}"
+    return (f"unknown config key '{key}'; top-level keys: {', '.join(sorted({k.split('.')[0] for k in keys}))} "
+            "(lictrain list shows every key)")
+
+
 def _apply(cfg: Any, data: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(cfg))
     names = {f.name for f in dataclasses.fields(cfg)}
     for k, v in data.items():
         key = prefix + str(k)
         if k not in names:
-            raise LictrainError(f"unknown config key '{key}'; valid keys: {', '.join(valid_keys())}")
+            raise LictrainError(unknown_key_message(key))
         t = hints[k]
         if dataclasses.is_dataclass(t):
             if not isinstance(v, dict):

@@ -47,7 +47,8 @@ def samples_dir() -> Path:
     return Path(skimage.data.__file__).parent
 
 
-_SPLIT = re.compile(r"^(?P<path>.*?)\s*\[(?P<part>val|train):(?P<n>\d+)\]$")
+_SPLIT = re.compile(r"^(?P<path>.*?)\s*\[(?P<part>val|train):(?P<n>-?\d+)\]$")
+_warned_spellings: set = set()
 
 
 def split_files(files: list[Path], part: str, n_val: int, spec: str = "") -> list[Path]:
@@ -63,8 +64,27 @@ def split_files(files: list[Path], part: str, n_val: int, spec: str = "") -> lis
 
 
 def _split_parts(text: str) -> tuple[str, str | None, int]:
+    """(path, 'val' | 'train' | None, N held out). FOLDER[val:N] is N images; FOLDER[train:-N] all but those N.
+    FOLDER[train:N], the first spelling of the latter, still means all but N (with a warning: it reads as "N
+    images"); FOLDER[val:-N] is refused."""
     m = _SPLIT.match(text.strip())
-    return (m["path"].strip(), m["part"], int(m["n"])) if m else (text.strip(), None, 0)
+    if not m:
+        return text.strip(), None, 0
+    path, part, n = m["path"].strip(), m["part"], int(m["n"])
+    if part == "val" and n < 0:
+        raise LictrainError(f"{text.strip()}: [val:N] is N held-out images (N > 0); the training part is "
+                            f"{path}[train:-{-n}]")
+    if part == "train" and n > 0 and text.strip() not in _warned_spellings:
+        _warned_spellings.add(text.strip())
+        log.warning("%s means the images left after holding %d out for validation, not %d images: write "
+                    "%s[train:-%d]", text.strip(), n, n, path, n)
+    return path, part, abs(n)
+
+
+def canonical_split_spelling(spec: str) -> str:
+    """The spec with every training split in its first spelling, FOLDER[train:N] (configuration hashes were made
+    with it: both spellings name the same images)."""
+    return re.sub(r"\[train:-(\d+)\]", r"[train:\1]", spec)
 
 
 def active_spec(spec: str) -> str:
@@ -91,7 +111,7 @@ def resolve_image_files(spec: str) -> list[Path]:
     A spec is 'samples', 'samples:train', 'samples:val', a folder (searched recursively) or an image file; several
     joined by ',' are used together; 'A || B' means A if every folder it names exists, else B (a config can fall
     back to the bundled photos where ../shared/data is absent). A part may end in a hold-out split,
-    'FOLDER[val:N]' (N images of FOLDER spread over its sorted list) or 'FOLDER[train:N]' (the others; see
+    'FOLDER[val:N]' (N images of FOLDER spread over its sorted list) or 'FOLDER[train:-N]' (all the others; see
     split_files): validation apart from training without copying files.
     """
     if "||" in spec:

@@ -26,7 +26,7 @@ from .coding import NUMERIC_MODE, CodingDigest, coding_numerics, device_name, ta
 from .checkpoint import (
     checkpoint_config, load_checkpoint, model_from_checkpoint, weights_fingerprint,
 )
-from .io import write_atomic
+from .io import WritingThrough, write_atomic
 from .data import EvalImages, crop_to, load_rgb, pad_to_multiple, to_tensor
 from .errors import LictrainError
 from .losses import MS_SSIM_MIN_SIDE, bpp_from_likelihoods, ms_ssim_value
@@ -244,6 +244,7 @@ def decompress_file(checkpoint: str, file: str, output: str, device: str = "cpu"
     arr = quantize_8bit(x_hat).byte().permute(1, 2, 0).numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp" + out.suffix)
-    Image.fromarray(arr).save(tmp, **({"lossless": True} if out.suffix.lower() == ".webp" else {}))
-    tmp.replace(out)
+    with WritingThrough(out, tmp):
+        Image.fromarray(arr).save(tmp, **({"lossless": True} if out.suffix.lower() == ".webp" else {}))
+        tmp.replace(out)
     return {"height": arr.shape[0], "width": arr.shape[1]}

@@ -15,15 +15,53 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporary files beside `path` that a process killed mid-write left (its pid no longer runs);
+    returns them."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f"{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 1 : -len(".tmp")]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+        except PermissionError:  # another user's live process
+            pass
+    return removed
+
+
+class WritingThrough:
+    """An OSError raised while writing `path` through its temporary file names `path` (what the user asked for),
+    and the temporary file is not left behind."""
+
+    def __init__(self, path: Path, tmp: Path):
+        self.path, self.tmp = path, tmp
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if kind is not None:
+            self.tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename in (str(self.tmp), self.tmp):
+            raise OSError(error.errno, error.strerror, str(self.path)) from None
+        return False
+
+
 def save_atomic(obj: dict, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(path)
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with WritingThrough(path, tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -31,5 +69,6 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(path)
-    tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
-    os.replace(tmp, path)
+    with WritingThrough(path, tmp):
+        tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
+        os.replace(tmp, path)

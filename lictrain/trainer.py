@@ -30,7 +30,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm import tqdm
 
 from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_state_dict_checked, load_weights
-from .io import save_atomic, write_atomic
+from .io import remove_stale_temporaries, save_atomic, write_atomic
 from .config import RunConfig, dump_config
 from . import distributed
 from .data import EvalImages, ImageList, crop_to, pad_to_multiple, train_loader
@@ -57,6 +57,16 @@ class RunResult:
     skipped_steps: int
     skipped_images: int
     last_val: dict
+    interrupted: int = 0  # the signal (SIGINT 2, SIGTERM 15) that stopped the run before train.steps, else 0
+
+
+def nothing_to_resume(run_dir: Path) -> str:
+    """The message for --resume of a folder without a checkpoint (a run stopped before its first one)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "config.yaml").exists():
+        return (f"nothing to resume: {run_dir} has no checkpoint yet (the run stopped before its first one); start "
+                f"it again with: lictrain train --config {run_dir / 'config.yaml'}")
+    return f"nothing to resume: {run_dir} holds no run (no checkpoint.pt)"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -158,13 +168,13 @@ class MetricsLog:
 def _graceful_interrupt():
     """First Ctrl-C (or SIGTERM: a scheduler's pre-emption, torchrun stopping its workers) asks the loop to stop at
     the next step boundary and checkpoint; a second one aborts."""
-    flag = {"stop": False}
+    flag = {"stop": False, "signal": 0}
     previous = {}
 
     def handler(signum, frame):
         if flag["stop"]:
             raise KeyboardInterrupt
-        flag["stop"] = True
+        flag["stop"], flag["signal"] = True, int(signum)
         log.warning("interrupt: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
 
     try:
@@ -359,7 +369,7 @@ class Trainer:
         self.best_path = self.run_dir / "checkpoint_best.pt"  # the weights of the best validation so far
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume and not self.ckpt_path.exists():
-            raise LictrainError(f"nothing to resume: {self.ckpt_path} does not exist")
+            raise LictrainError(nothing_to_resume(self.run_dir))
         if not resume and self.ckpt_path.exists():
             raise LictrainError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another "
                                 "run_dir")
@@ -372,6 +382,9 @@ class Trainer:
                           best_val=math.inf, scale_backoffs=0, consecutive_backoffs=0)
         try:  # from here on the process-global flags are set (_build): a failure puts them back
             self._build()
+            if dist.is_main:  # what a process killed while writing a checkpoint left beside it
+                for path in (self.ckpt_path, self.best_path):
+                    remove_stale_temporaries(path)
             if resume:
                 self._restore()
             elif dist.is_main:
@@ -387,7 +400,10 @@ class Trainer:
         except BaseException:
             self.close()
             raise
+        if dist.is_main:
+            self._describe()
         self.saved_any = False  # the end-of-run checkpoint decision must be the same on every rank (not a file test)
+        self.interrupted = 0
         self.report = log.info if dist.is_main else (lambda msg: None)
 
     def close(self) -> None:
@@ -462,6 +478,21 @@ class Trainer:
         self.criterion = RateDistortionLoss(cfg.loss.lmbda, cfg.loss.metric)
         self.train_images = ImageList.scan(cfg.data.train, cfg.data.cache_mb)
         self.val_set = EvalImages(cfg.data.val, cfg.data.val_crop, cfg.data.val_max_images)
+
+    def _describe(self) -> None:
+        """What this run trains, on what, where: one line, and a warning for an image in both data sets."""
+        cfg = self.cfg
+        val_files = self.val_set.images.files[:len(self.val_set)]
+        shared = sorted({p.resolve() for p in self.train_images.files} & {p.resolve() for p in val_files})
+        params = sum(p.numel() for p in self.params) / 1e6
+        log.info("%s (%s, %.2f M parameters) on %s, %s; %s at lr %g; %d training images, %d validation images",
+                 cfg.model.name, cfg.model.preset, params, self.device, cfg.train.precision, cfg.optim.name,
+                 cfg.optim.lr, len(self.train_images), len(self.val_set))
+        if shared:
+            log.warning("%d of the %d validation images are training images too (%s%s): the validation loss and "
+                        "everything measured against it (the LR schedule, Steps-to-X) see training data",
+                        len(shared), len(val_files), ", ".join(p.name for p in shared[:3]),
+                        ", ..." if len(shared) > 3 else "")
 
     def _restore(self) -> None:
         dist, device = self.dist, self.device
@@ -752,6 +783,8 @@ class Trainer:
                             self.save()
                         tick = time.perf_counter()
                     if stop_requested:
+                        # (another rank's signal when this one saw none: reported as SIGTERM, torchrun's)
+                        self.interrupted = interrupt["signal"] or int(signal.SIGTERM)
                         self.report(f"interrupted at step {state['step']}; continue with: lictrain train --resume "
                                  f"{self.run_dir}")
                         break
@@ -769,7 +802,7 @@ class Trainer:
         if not last_val and (self.run_dir / "summary.json").exists():  # a finished run resumed: nothing new
             last_val = json.loads((self.run_dir / "summary.json").read_text()).get("last_val", {})
         result = RunResult(self.run_dir, state["step"], state["train_time"], state["skipped_steps"],
-                           len(self.train_images.skipped), last_val)
+                           len(self.train_images.skipped), last_val, self.interrupted)
         summary = {"step": result.step, "train_time": result.train_time, "skipped_steps": result.skipped_steps,
                    "skipped_images": [str(p) for p, _ in self.train_images.skipped + self.val_set.skipped],
                    "last_val": last_val}

@@ -204,6 +204,14 @@ def test_analyze_commands_end_to_end(tmp_path, capsys):
     (run,) = out.glob("src-adam-*")
     assert main(["analyze", "plot", str(run), "--metrics", "intra_cos,inter_cos",
                  "--out", str(tmp_path / "p.png")]) == 0
+    capsys.readouterr()
+    # an --out without a suffix: the file matplotlib writes (.png added) is the one named; a run without probe
+    # lines is named as left out
+    assert main(["analyze", "plot", str(run), str(tmp_path / "src"), "--metrics", "intra_cos,inter_cos",
+                 "--out", str(tmp_path / "q")]) == 0
+    captured = capsys.readouterr()
+    assert f"wrote {tmp_path / 'q.png'}" in captured.out and (tmp_path / "q.png").exists()
+    assert "has no probe lines with intra_cos, inter_cos: left out" in captured.err
 
 
 def test_unsupported_optimizer_is_a_clear_error():

@@ -22,13 +22,15 @@ def test_help_lists_the_commands():
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["train", "--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+    (["train", "--set", "optim.lrr=1"], "unknown config key 'optim.lrr'; did you mean optim.lr"),
+    (["train", "--set", "optim.qqqqqqqqqqqq=1"], "unknown config key 'optim.qqqqqqqqqqqq'; keys of optim: optim.name"),
+    (["train", "--set", "zzz.q=1"], "unknown config key 'zzz'; top-level keys: compare, data,"),
     (["train", "--set", "train.steps=abc"], "train.steps"),
     (["train", "--config", "/no/such.yaml"], "config not found"),
     (["train", "--set", "model.name=vgg"], "unknown model 'vgg'"),
     (["train", "--optimizer", "lion", "--set", "train.steps=1"], "unknown optimizer 'lion'"),
     (["train", "--set", "data.train=/no/such/folder"], "image folder not found"),
-    (["train", "--resume", "/no/such/run"], "checkpoint not found"),
+    (["train", "--resume", "/no/such/run"], "nothing to resume: /no/such/run holds no run"),
     (["train", "--recipe", "fast"], "unknown recipe 'fast'"),
     (["train", "--recipe", "balanced-rd-qp", "--init-from", "/no/such/run"], "checkpoint not found"),
     (["train", "--set", "method.name=balanced"], "unknown method 'balanced'"),
@@ -115,7 +117,7 @@ def test_bad_optimizer_values_and_paths_are_one_line_errors(capsys, tmp_path):
     assert code == 2 and err.startswith("error: ") and "Traceback" not in err
 
 
-def test_import_wraps_a_compressai_state_dict_into_a_checkpoint_that_evaluates(tmp_path):
+def test_import_wraps_a_compressai_state_dict_into_a_checkpoint_that_evaluates(tmp_path, capsys):
     import torch
 
     from lictrain.checkpoint import load_checkpoint, model_from_checkpoint
@@ -130,5 +132,39 @@ def test_import_wraps_a_compressai_state_dict_into_a_checkpoint_that_evaluates(t
     loaded = model_from_checkpoint(load_checkpoint(out))
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
     assert main(["eval", str(out), "--data", "samples:val", "--out", str(tmp_path / "eval")]) == 0
+    # tiny weights imported as the default preset (paper): the error names the preset and the shapes
+    assert main(["import", str(tmp_path / "weights.pth"), "--model", "mbt2018-mean", "--lmbda", "0.0067",
+                 "--out", str(tmp_path / "p.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "(as mbt2018-mean, preset paper) does not fit MeanScaleHyperprior: wrong shape " in err
+    assert "(16, 3, 3) where MeanScaleHyperprior has (192, 3, 3)" in err
     assert main(["import", str(out), "--model", "mbt2018-mean", "--preset", "tiny", "--lmbda", "0.0067",
                  "--out", str(tmp_path / "again.pt")]) == 2  # already a lictrain checkpoint
+
+
+def test_eval_of_a_run_folder_names_the_file_it_used_and_keeps_data_sets_apart(tmp_path, capsys):
+    """`lictrain eval RUN_DIR` evaluates the run's end (checkpoint.pt, as compare does), `--pick best` the best
+    validation's weights; the rows name the file, and the default output folder is per data set, so evaluating on
+    another set does not overwrite the first."""
+    import json
+
+    from lictrain.trainer import train
+    from tests.conftest import tiny_config
+
+    run = train(tiny_config(tmp_path, "train.steps=2", "train.val_every=1")).run_dir
+    assert main(["eval", str(run), "--max-images", "1"]) == 0
+    assert main(["eval", str(run), "--pick", "best", "--data", "samples:train", "--max-images", "1"]) == 0
+    last = json.loads((run / "eval-samples-val" / "results.json").read_text())["results"]["checkpoint"]
+    best = json.loads((run / "eval-samples-train" / "results.json").read_text())["results"]["checkpoint"]
+    assert last == [str(run / "checkpoint.pt")] and best == [str(run / "checkpoint_best.pt")]
+    assert "checkpoint_best.pt" in capsys.readouterr().out
+
+
+def test_version_and_list_show_what_a_user_looks_for(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("lictrain ")
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "recipes (compare, train --recipe): adam, " in out and "soap" in out
+    assert "built-in configs (--config NAME): bench, " in out and "train.steps" in out

@@ -61,6 +61,15 @@ def test_compare_runs_summarises_reuses_and_plots(tmp_path, monkeypatch):
     assert rows["adam"]["bd_rate"]["samples:val"] is None  # 2 lambdas < 4: unavailable, not extrapolated
     md = (out / "summary.md").read_text()
     assert "| adam | 1.00 | 1.00 |" in md and "unavailable (<4 λ)" in md
+    # the R-D points behind the BD-rates, each the run's own evaluation (results.json in its eval folder)
+    assert "Real bitstreams on samples-val (bpp / PSNR-RGB (dB)):" in md
+    for p in summary["rd_points"]:
+        (d,) = (out / "runs").glob(f"{p['recipe']}-lmbda{p['lmbda']:g}-seed{p['seed']}-*")
+        (res,) = d.glob("eval*/results.json")
+        r = json.loads(res.read_text())["results"]
+        assert (p["bpp"], p["quality"]) == (r["bpp"][0], r["psnr-rgb"][0])
+        assert f"{p['bpp']:.4f} / {p['quality']:.3f}" in md
+    assert len(summary["rd_points"]) == 4
     for png in ("loss_vs_steps.png", "loss_vs_time.png", "rd_samples-val.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "summary.json").read_text())["anchor"] == "adam"
@@ -145,3 +154,13 @@ def test_init_source_fills_lambda_and_seed_and_needs_exactly_one_match(tmp_path)
     assert init_source("plain/path", 0.1, 0) == "plain/path" and init_source(None, 0.1, 0) is None
     with pytest.raises(LictrainError, match=r"only \{lmbda\} and \{seed\}"):
         init_source("runs/{recipe}-lmbda{lmbda}", 0.1, 0)
+
+
+def test_a_target_not_reached_names_its_largest_relative_gap_and_lambda():
+    from lictrain.comparison.compare import _cell_ratio
+
+    row = {"steps_to_anchor": None, "steps_to_anchor_reached": "1/3",
+           "points": [{"final_gap": 0.5, "target": 10.0, "lmbda": 0.013},  # +5%: the larger absolute gap
+                      {"final_gap": 0.3, "target": 2.0, "lmbda": 0.0018},  # +15%
+                      {"final_gap": None, "target": 1.0, "lmbda": 0.025}]}
+    assert _cell_ratio(row, "steps_to_anchor") == "not reached (1/3; largest gap +15.0% at λ 0.0018)"

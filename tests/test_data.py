@@ -172,11 +172,11 @@ def test_hold_out_split_is_disjoint_complete_and_spread(tmp_path):
     for i in range(10):
         Image.fromarray(smooth_image(32, 32, i)).save(d / f"{i:02d}.png")
     val = resolve_image_files(f"{d}[val:3]")
-    train = resolve_image_files(f"{d}[train:3]")
+    train = resolve_image_files(f"{d}[train:-3]")
     # indices floor((i + 1/2) * 10 / 3) = 1, 5, 8: spread over the sorted list, not its first three
     assert [p.name for p in val] == ["01.png", "05.png", "08.png"]
     assert not set(val) & set(train) and sorted(val + train) == resolve_image_files(str(d))
-    both = resolve_image_files(f"{d}[val:3], {d}[train:3]")
+    both = resolve_image_files(f"{d}[val:3], {d}[train:-3]")
     assert len(both) == 10
     with pytest.raises(LictrainError, match=r"cannot hold out 10 of 10"):
         resolve_image_files(f"{d}[val:10]")
@@ -197,3 +197,29 @@ def test_bench_config_keeps_training_validation_and_test_apart():
     fallback = load_config("bench", [f"data.{k}=" + getattr(cfg.data, k).split("||")[1].strip() for k in ("train", "val")]
                            + ["compare.eval_data=[" + cfg.compare.eval_data[0].split("||")[1].strip() + "]"])
     assert set(data_roles(fallback)["shared_images"].values()) == {0}
+
+
+def test_the_first_spelling_of_a_training_split_warns_and_means_what_it_meant(tmp_path, caplog):
+    """FOLDER[train:N] reads as "N images" but meant "all but N" (a user trained on 3 of 14 photos with
+    photos[train:11]): it keeps its meaning with a one-line warning that shows [train:-N]; [val:-N] is refused;
+    both spellings give the same configuration hash (stored compare runs stay found)."""
+    from PIL import Image
+
+    from lictrain.comparison.compare import config_hash
+    from lictrain.config import load_config
+    from tests.conftest import smooth_image
+
+    d = tmp_path / "photos"
+    d.mkdir()
+    for i in range(14):
+        Image.fromarray(smooth_image(32, 32, i)).save(d / f"{i:02d}.png")
+    caplog.clear()
+    assert resolve_image_files(f"{d}[train:11]") == resolve_image_files(f"{d}[train:-11]")
+    assert len(resolve_image_files(f"{d}[train:-11]")) == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and f"{d}[train:11] means the images left after holding 11 out" in warnings[0]
+    assert f"write {d}[train:-11]" in warnings[0]
+    with pytest.raises(LictrainError, match=r"\[val:N\] is N held-out images"):
+        resolve_image_files(f"{d}[val:-2]")
+    old, new = (load_config(None, [f"data.train={d}[train:{n}]", f"data.val={d}[val:2]"]) for n in ("2", "-2"))
+    assert config_hash(old) == config_hash(new)

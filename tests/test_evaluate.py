@@ -149,3 +149,16 @@ def test_device_option_errors_are_one_line(trained):
     x = to_tensor(load_rgb(EvalImages("samples:val").images.files[0])[:64, :64])
     a = Codec.from_checkpoint(ckpt, device="cpu").decompress(Codec.from_checkpoint(ckpt).compress(x))
     assert a.device.type == "cpu" and a.shape == x.shape
+
+
+def test_write_errors_name_the_file_asked_for_and_leave_no_temporary(tmp_path):
+    """A write that fails (here the target is a folder, which stops root too): the error names the path the user
+    gave, not lictrain's temporary file beside it, and no temporary file is left."""
+    from lictrain.io import save_atomic, write_atomic
+
+    (tmp_path / "summary.json").mkdir()
+    for write in (lambda p: write_atomic(p, "{}"), lambda p: save_atomic({"a": 1}, p)):
+        with pytest.raises(OSError) as e:
+            write(tmp_path / "summary.json")
+        assert e.value.filename == str(tmp_path / "summary.json")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]

@@ -1,6 +1,7 @@
 import json
 import os
 import signal
+from pathlib import Path
 import time
 
 import pytest
@@ -72,6 +73,7 @@ def test_interrupt_checkpoints_and_resumes_exactly(tmp_path):
     train(tiny_config(tmp_path, "train.steps=5", *common, name="straight"))
     res = train(tiny_config(tmp_path, "train.steps=5", *common, name="cut"), hooks=(CtrlC(),))
     assert res.step == 2 and load_checkpoint(tmp_path / "cut")["state"]["step"] == 2
+    assert res.interrupted == signal.SIGINT
     train(tiny_config(tmp_path, "train.steps=5", *common, name="cut"), resume=True)
     a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "cut")
     assert_same_state(a["model"], b["model"])
@@ -375,3 +377,42 @@ def test_atomic_writes_of_two_processes_do_not_share_a_temporary_file(tmp_path):
     assert target.read_text() == "mine" and torch.load(tmp_path / "ckpt.pt") == {"a": 1}
     assert all(o.read_text() == "half written by another process" for o in others)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt.pt", "summary.json"] + [o.name for o in others])
+
+
+def test_an_interrupted_train_exits_nonzero_and_a_run_without_checkpoint_says_how_to_restart(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """`lictrain train ... && lictrain eval ...` must not evaluate a half-trained model: an interrupted train exits
+    128 + the signal, as shells do; --resume of a run stopped before its first checkpoint names the way to restart;
+    a checkpoint's temporary file left by a killed process is cleared when the run starts again."""
+    from lictrain import cli
+    from lictrain.trainer import RunResult
+
+    monkeypatch.setattr(train_mod, "train", lambda cfg, resume=False: RunResult(Path(cfg.run_dir), 3, 0.1, 0, 0, {},
+                                                                               int(signal.SIGINT)))
+    assert cli.main(["train", "--run-dir", str(tmp_path / "r"), "--set", "train.steps=9"]) == 130
+    monkeypatch.undo()
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "config.yaml").write_text("seed: 0\n")
+    assert cli.main(["train", "--resume", str(tmp_path / "early")]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint yet" in err and f"lictrain train --config {tmp_path / 'early' / 'config.yaml'}" in err
+    stale = tmp_path / "t" / "checkpoint.pt.999999999.tmp"  # no such process
+    stale.parent.mkdir()
+    stale.write_bytes(b"half a checkpoint")
+    live = stale.with_name(f"checkpoint.pt.{os.getpid()}.tmp")
+    live.write_bytes(b"being written")
+    from lictrain.io import remove_stale_temporaries
+
+    assert remove_stale_temporaries(tmp_path / "t" / "checkpoint.pt") == [stale]
+    assert not stale.exists() and live.exists()
+
+
+def test_train_says_what_it_trains_on_and_warns_about_an_image_in_both_sets(tmp_path, caplog):
+    caplog.clear()
+    train(tiny_config(tmp_path, "train.steps=1", "data.val=samples:train", "data.val_max_images=2", name="both"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("mbt2018-mean (tiny, " in m and "7 training images, 2 validation images" in m for m in lines)
+    assert any("2 of the 2 validation images are training images too" in m for m in lines)
+    caplog.clear()
+    train(tiny_config(tmp_path, "train.steps=1", name="apart"))
+    assert not any("training images too" in r.getMessage() for r in caplog.records)

@@ -160,14 +160,20 @@ def plot_series(series: dict[str, dict[str, tuple[list, list]]], path: Path, tit
     plt.close(fig)
 
 
-def plot_runs(run_dirs: list[str], metrics: list[str], out: Path) -> None:
-    """Probe metrics over training for several runs on one figure (e.g. Figure 14: latent_kurt, latent_maxmed)."""
+def plot_runs(run_dirs: list[str], metrics: list[str], out: Path) -> Path:
+    """Probe metrics over training for several runs on one figure (e.g. Figure 14: latent_kurt, latent_maxmed).
+    Returns the file written (OUT, with .png added when it has no suffix)."""
     series = {}
     for d in run_dirs:
         rows = read_probes(Path(d))
         series[_name(d)] = {m: ([r["step"] for r in rows if m in r], [r[m] for r in rows if m in r])
                             for m in metrics}
+        if not any(series[_name(d)][m][0] for m in metrics):
+            log.warning("%s has no probe lines with %s: left out of the plot", d, ", ".join(metrics))
+            del series[_name(d)]
     if not any(s[m][0] for s in series.values() for m in metrics):
         raise LictrainError(f"no probe lines with {', '.join(metrics)} in these runs "
                             "(train with --set probe.outliers_every=N or probe.conflicts_every=N)")
+    out = Path(out) if Path(out).suffix else Path(out).with_suffix(".png")
     plot_series(series, out)
+    return out

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..checkpoint import load_checkpoint
 from ..config import RunConfig, config_from_dict, set_key, validate
-from ..data import active_spec, resolve_image_files, set_name
+from ..data import active_spec, canonical_split_spelling, resolve_image_files, set_name
 from ..errors import LictrainError
 from ..evaluation import evaluate
 from ..io import write_atomic
@@ -71,7 +71,7 @@ def config_hash(cfg: RunConfig) -> str:
         if d["train"].get(key) == default:
             d["train"].pop(key, None)
     for k in ("train", "val"):  # what a run computes depends on the alternative in use, not on its fallbacks
-        d["data"][k] = active_spec(d["data"][k])
+        d["data"][k] = canonical_split_spelling(active_spec(d["data"][k]))
     if not d["model"].get("kwargs"):  # added later (custom models): empty, it must not change hashes
         d["model"].pop("kwargs", None)
     d.pop("probe")  # read-only measurements: they do not change what a run computes
@@ -252,9 +252,31 @@ def summarize(runs: list[Run], points: dict, recipes: list[str], eval_sets: list
         available = [v for v in row["bd_rate"].values() if v is not None]
         row["bd_rate_average"] = float(np.mean(available)) if len(available) == len(eval_sets) else None
         rows.append(row)
+    rd_points = [{"recipe": name, "seed": seed, "set": spec, "lmbda": lmbda, "bpp": bpp, "quality": quality}
+                 for name in recipes for seed in seeds for spec in eval_sets
+                 for lmbda, bpp, quality in points[(name, seed, spec)]]
     return {"anchor": anchor, "eval_sets": eval_sets, "bd_method": method, "rows": rows,
-            "lambdas": sorted({r.lmbda for r in runs}), "seeds": seeds,
+            "lambdas": sorted({r.lmbda for r in runs}), "seeds": seeds, "rd_points": rd_points,
             "noise_floor": noise_floor(points, anchor, seeds, eval_sets, method)}
+
+
+def rd_table(summary: dict) -> list[str]:
+    """The R-D points behind the BD-rates: per evaluation set, λ and seed, each recipe's real bpp / quality."""
+    recipes = [row["recipe"] for row in summary["rows"]]
+    quality = summary.get("quality", "PSNR-RGB (dB)")
+    lines = []
+    for spec in summary["eval_sets"]:
+        at = {(p["recipe"], p["lmbda"], p["seed"]): p for p in summary.get("rd_points", []) if p["set"] == spec}
+        if not at:
+            continue
+        lines += ["", f"Real bitstreams on {set_name(spec)} (bpp / {quality}):", "",
+                  "| λ | seed | " + " | ".join(recipes) + " |", "|---:|---:|" + "---|" * len(recipes)]
+        for lmbda in summary["lambdas"]:
+            for seed in summary["seeds"]:
+                cells = [f"{at[(r, lmbda, seed)]['bpp']:.4f} / {at[(r, lmbda, seed)]['quality']:.3f}"
+                         if (r, lmbda, seed) in at else "-" for r in recipes]
+                lines.append(f"| {lmbda:g} | {seed} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def noise_floor(points: dict, anchor: str, seeds: list[int], eval_sets: list[str], method: str) -> dict:
@@ -276,9 +298,12 @@ def noise_floor(points: dict, anchor: str, seeds: list[int], eval_sets: list[str
 
 def _cell_ratio(row: dict, key: str) -> str:
     v = row[key]
-    if v is None:
-        gaps = [p["final_gap"] for p in row["points"] if p["final_gap"] is not None]
-        return f"not reached ({row[key + '_reached']}; gap {max(gaps):+.4f})" if gaps else "n/a"
+    if v is None:  # the largest final gap to the target, relative to it, and where
+        gaps = [(p["final_gap"] / p["target"], p["lmbda"]) for p in row["points"] if p["final_gap"] is not None]
+        if not gaps:
+            return "n/a"
+        rel, lmbda = max(gaps)
+        return f"not reached ({row[key + '_reached']}; largest gap {100 * rel:+.1f}% at λ {lmbda:g})"
     return f"{v['mean']:.2f}" + (f" ± {v['std']:.2f}" if v["std"] else "")
 
 
@@ -304,6 +329,7 @@ def summary_markdown(summary: dict) -> str:
         avg = row["bd_rate_average"]
         lines.append(f"| {row['recipe']} | {_cell_ratio(row, 'steps_to_anchor')} | {_cell_ratio(row, 'time_to_anchor')}"
                      f" | {' | '.join(bd_cells)} | {f'{avg:+.2f}%' if avg is not None else 'unavailable'} |")
+    lines += rd_table(summary)
     for spec, values in (summary.get("noise_floor") or {}).items():
         if values:
             cells = ", ".join(f"seed {k}: " + (f"{v:+.2f}%" if isinstance(v, float) else v) for k, v in values.items())
