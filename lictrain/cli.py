@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="the image to compress (png, jpg, ...)")
     p.add_argument("-o", "--output", required=True, help="the .lic file to write")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
-    p.add_argument("--device", default="cpu", help="where the transforms run (decode on the same kind of device)")
+    p.add_argument("--device", default="cpu", help="where the transforms run (default cpu; decode on the same kind of device)")
 
     p = sub.add_parser("decompress", help="decompress a .lic file into a PNG",
                        description="Decompress a .lic file with the checkpoint that wrote it (its fingerprint, device "
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="the .lic file")
     p.add_argument("-o", "--output", required=True, help="output image (.png, .bmp, .tif or .webp)")
     p.add_argument("--checkpoint", required=True, help="the checkpoint the file was compressed with")
-    p.add_argument("--device", default="cpu", help="where the transforms run (the one the file was encoded on)")
+    p.add_argument("--device", default="cpu", help="where the transforms run (default cpu; the kind the file was encoded on)")
 
     p = sub.add_parser("compare", help="train recipes side by side: Steps-to-anchor, Time-to-anchor, BD-rate",
                        description="Trains every recipe at every lambda and seed from the same initial weights and "
@@ -119,12 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", nargs="+", help="evaluation folders (or samples specs)")
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
 
-    p = sub.add_parser("demo", help="the main job: train the tiny preset on the bundled photos, evaluate, plot",
-                       description="Trains configs/demo.yaml on scikit-image's bundled photos, evaluates with real "
-                                   "bitstreams and writes a loss-curve plot and results JSON under runs/demo/. "
-                                   "A finished demo run is reused; an interrupted one resumes.")
+    p = sub.add_parser("demo", help="the main job: Adam against SOAP on the bundled photos (a small compare)",
+                       description="A small compare (configs/demo.yaml): Adam and SOAP trained from the same "
+                                   "initial weights on scikit-image's bundled photos, evaluated with real bitstreams; "
+                                   "prints the Steps/Time-to-Adam and BD-rate summary and writes it with the R-D, "
+                                   "loss-curve and per-run plots under runs/demo/ (about 10 minutes on two CPU "
+                                   "cores). Finished runs are reused; an interrupted one resumes.")
     _add_config_args(p)
-    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--run-dir", default="runs/demo", help="output folder (default runs/demo)")
 
     p = sub.add_parser("analyze", help="gradient conflicts and outliers (the SOAP-for-LIC paper's analyses)",
                        description="conflicts: fine-tune from a checkpoint with each optimizer at a small lr and "
@@ -132,30 +134,39 @@ def build_parser() -> argparse.ArgumentParser:
                                    "latents and activations and deviation maps (Table 2, Figure 4). plot: probe "
                                    "metrics logged during training, several runs on one figure (Figure 14).")
     asub = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
-    a = asub.add_parser("conflicts", help="intra-/inter-step cosines from a checkpoint")
+    a = asub.add_parser("conflicts", help="intra-/inter-step cosines from a checkpoint",
+                        description="Fine-tune from a checkpoint with each optimizer at a small learning rate and log "
+                                    "the intra-step cosine S(p_R, p_D) and the inter-step cosine S(p_t-1, p_t) of "
+                                    "its updates (the SOAP-for-LIC paper's Figure 3); writes conflicts.md/.json/.png.")
     a.add_argument("checkpoint", help="checkpoint file or run folder to start from")
     a.add_argument("--optimizers", default="adam,soap", help="comma-separated (default adam,soap)")
-    a.add_argument("--steps", type=int, default=200)
+    a.add_argument("--steps", type=int, default=200, help="fine-tuning steps per optimizer (default 200)")
     a.add_argument("--lr", type=float, default=1e-5, help="the paper uses 1e-5 (default)")
     a.add_argument("--every", type=int, default=1, help="probe every N steps (default 1)")
     a.add_argument("--per-layer", action="store_true", help="also log per-tensor cosines")
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the checkpoint's config (e.g. data.train=...)")
-    a.add_argument("--out", default="runs/analysis/conflicts")
-    a = asub.add_parser("outliers", help="Kurt / MaxMed table and deviation maps for checkpoints")
+    a.add_argument("--out", default="runs/analysis/conflicts", help="output folder (default runs/analysis/conflicts)")
+    a = asub.add_parser("outliers", help="Kurt / MaxMed table and deviation maps for checkpoints",
+                        description="Kurtosis and max/median of latents and of one layer's activations, per "
+                                    "checkpoint, and deviation maps (the paper's Table 2 and Figure 4); writes "
+                                    "outliers.md/.json and deviation_N.png.")
     a.add_argument("checkpoints", nargs="+", help="checkpoint files or run folders")
     a.add_argument("--data", default="samples:val", help="image folder or samples spec (default samples:val)")
     a.add_argument("--layer", default="g_a.3", help="module whose activations to measure (default g_a.3; "
                                                       "'none' for latents only)")
-    a.add_argument("--max-images", type=int)
+    a.add_argument("--max-images", type=int, help="use the first N images only (default all)")
     a.add_argument("--maps", type=int, default=3, help="deviation-map figures for the first N images (default 3)")
     a.add_argument("--names", help="comma-separated names for the checkpoints (default: run folder names)")
-    a.add_argument("--out", default="runs/analysis/outliers")
-    a = asub.add_parser("plot", help="probe metrics of several runs over training on one figure")
+    a.add_argument("--out", default="runs/analysis/outliers", help="output folder (default runs/analysis/outliers)")
+    a = asub.add_parser("plot", help="probe metrics of several runs over training on one figure",
+                        description="Probe metrics that runs logged during training (probe.* options) over "
+                                    "training steps, several runs on one figure (the paper's Figure 14).")
     a.add_argument("runs", nargs="+", help="run folders trained with probe.* options")
     a.add_argument("--metrics", default="latent_kurt,latent_maxmed",
                    help="comma-separated (default latent_kurt,latent_maxmed; or intra_cos,inter_cos)")
-    a.add_argument("--out", default="runs/analysis/probes.png")
+    a.add_argument("--out", default="runs/analysis/probes.png",
+                   help="the figure to write (default runs/analysis/probes.png)")
 
     p = sub.add_parser("ptq", help="W8A8 post-training quantization of checkpoints, with ΔBD-rate against float",
                        description="Quantize each checkpoint (int8 per-channel weights by AdaRound and/or nearest "
@@ -164,14 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", nargs="+", help="checkpoint files or run folders, one per lambda")
     p.add_argument("--calib", required=True, help="calibration images (folder or samples spec)")
     p.add_argument("--data", default="samples:val", help="evaluation images (default samples:val)")
-    p.add_argument("--out", default="runs/ptq")
+    p.add_argument("--out", default="runs/ptq", help="output folder (default runs/ptq)")
     p.add_argument("--weights", default="adaround,nearest", help="adaround, nearest or both (default both)")
     p.add_argument("--iters", type=int, default=1000,
                    help="AdaRound iterations per layer (default 1000; RDO-PTQ uses 20000 on a GPU)")
     p.add_argument("--batch", type=int, default=4, help="calibration crops per AdaRound iteration (default 4)")
     p.add_argument("--calib-images", type=int, default=8, help="calibration images (default 8)")
     p.add_argument("--calib-crop", type=int, default=256, help="centre crop of each calibration image (default 256)")
-    p.add_argument("--keep-float", default="", help="comma-separated module prefixes left in float (e.g. h_s)")
+    p.add_argument("--keep-float", default="", help="comma-separated module prefixes left in float (e.g. h_s; default none)")
     p.add_argument("--max-images", type=int, help="evaluate on the first N images only")
     p.add_argument("--min-targets-per-weight", type=float, default=10.0,
                    help="AdaRound only layers with at least this many calibration outputs per weight, nearest "
@@ -189,10 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="paper",
                    help="the preset whose widths the weights have (default paper; lictrain list shows them)")
     p.add_argument("--lmbda", type=float, required=True, help="the lambda the weights were trained for")
-    p.add_argument("--metric", default="mse", choices=["mse", "ms-ssim"])
+    p.add_argument("--metric", default="mse", choices=["mse", "ms-ssim"],
+                   help="the distortion the weights were trained for (default mse)")
     p.add_argument("--out", required=True, help="the checkpoint file to write")
 
-    p = sub.add_parser("list", help="list models, presets, optimizers and methods")
+    p = sub.add_parser("list", help="list models, presets, optimizers and methods",
+                       description="The registered models and their presets, optimizers, methods, recipes, built-in "
+                                   "configs and config keys.")
     p.add_argument("--params", action="store_true",
                    help="also count each preset's parameters (builds every model: ~20 s, ~1.5 GB)")
     return parser

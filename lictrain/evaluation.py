@@ -198,10 +198,13 @@ def evaluate(
     writer.writerows(asdict(r) for r in rows)
     write_atomic(out_dir / "per_image.csv", table.getvalue())
     c0 = codecs[0]
+    unread = f"; {len(dataset.skipped)} unreadable, left out" if dataset.skipped else ""
     summary = {
         "name": name or f"{c0.name}-{c0.preset}",
-        "description": f"lictrain evaluation on {data} ({len(dataset)} images), real bitstreams, "
+        "description": f"lictrain evaluation on {data} ({len(dataset)} images{unread}), real bitstreams, "
         f"{'EMA' if use_ema else 'raw'} weights",
+        # the images left out, so that a mean over fewer images than the set holds says so where it is kept
+        "skipped": [{"image": str(p), "why": why} for p, why in dataset.skipped],
         "results": {
             "checkpoint": labels,
             "lmbda": [c.lmbda for c in codecs],

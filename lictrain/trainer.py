@@ -175,7 +175,8 @@ def _graceful_interrupt():
         if flag["stop"]:
             raise KeyboardInterrupt
         flag["stop"], flag["signal"] = True, int(signum)
-        log.warning("interrupt: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+        log.warning("interrupt: finishing this step, then a checkpoint and a last validation (Ctrl-C again aborts "
+                    "at once; once the checkpoint is written, it only skips the validation)")
 
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -488,6 +489,15 @@ class Trainer:
         log.info("%s (%s, %.2f M parameters) on %s, %s; %s at lr %g; %d training images, %d validation images",
                  cfg.model.name, cfg.model.preset, params, self.device, cfg.train.precision, cfg.optim.name,
                  cfg.optim.lr, len(self.train_images), len(self.val_set))
+        if log.isEnabledFor(logging.DEBUG):  # -v: where the images come from, how they are drawn, what is fixed
+            by_folder: dict[str, int] = {}
+            for p in self.train_images.files:
+                by_folder[str(p.parent)] = by_folder.get(str(p.parent), 0) + 1
+            log.debug("training images by folder: %s", ", ".join(f"{k} {v}" for k, v in sorted(by_folder.items())))
+            log.debug("data: %d² crops, batch %d, order %s, %d loader workers; validation every %d steps, checkpoint "
+                      "every %d; schedule %s; seed %d; run folder %s", cfg.data.crop, cfg.data.batch_size,
+                      cfg.data.order, data_workers(cfg.data.workers, self.device, self.dist.world),
+                      cfg.train.val_every, cfg.train.ckpt_every, cfg.train.schedule, cfg.seed, self.run_dir)
         if shared:
             log.warning("%d of the %d validation images are training images too (%s%s): the validation loss and "
                         "everything measured against it (the LR schedule, Steps-to-X) see training data",
@@ -720,6 +730,10 @@ class Trainer:
         if self.scaler is not None:
             record.update(loss_scale=self.scaler.get_scale(), scale_backoffs=self.state["scale_backoffs"])
         self.metrics.write(record)
+        if log.isEnabledFor(logging.DEBUG):  # -v: the training line the progress bar shows, kept in the log
+            log.debug("step %7d  train loss %.4f  bpp %.4f  PSNR %.2f dB  grad norm %.3g  lr %.2e%s",
+                      record["step"], record["loss"], record["bpp"], record["psnr"], record["grad_norm"], record["lr"],
+                      f"  skipped {record['skipped_steps']}" if record["skipped_steps"] else "")
         bar.set_postfix(loss=f"{mean['loss']:.3f}", bpp=f"{mean['bpp']:.3f}", psnr=f"{record['psnr']:.2f}",
                         lr=f"{record['lr']:.1e}")
 
@@ -773,20 +787,22 @@ class Trainer:
                     if regular_val or regular_ckpt or at_end:
                         _sync(device)
                         state["train_time"] += dist.max(time.perf_counter() - tick, device)  # the slowest rank's time
-                        if regular_val or at_end:
-                            # A validation only because of Ctrl-C is marked: compared curves leave it out, so an
-                            # interrupted run gains no extra resolution in Steps-to-anchor.
-                            off_schedule = not regular_val and state["step"] != total
-                            last_val = self.validate(step_scheduler=regular_val, track_best=not off_schedule,
-                                                     extra={"interrupted": True} if off_schedule else None)
-                        if regular_ckpt or at_end:
+                        if at_end and not regular_val and state["step"] != total:
+                            # Interrupted between validations: the checkpoint first, so that a second Ctrl-C
+                            # during this extra validation skips it and loses nothing. The validation is marked:
+                            # compared curves leave it out (no extra resolution in Steps-to-anchor).
                             self.save()
+                            last_val = self.validate(step_scheduler=False, extra={"interrupted": True})
+                        else:
+                            if regular_val or at_end:
+                                last_val = self.validate(step_scheduler=regular_val, track_best=True)
+                            if regular_ckpt or at_end:
+                                self.save()
                         tick = time.perf_counter()
                     if stop_requested:
-                        # (another rank's signal when this one saw none: reported as SIGTERM, torchrun's)
+                        # (another rank's signal when this one saw none: reported as SIGTERM, torchrun's). How to
+                        # continue is the caller's to say: `train --resume` for train, the same command for compare.
                         self.interrupted = interrupt["signal"] or int(signal.SIGTERM)
-                        self.report(f"interrupted at step {state['step']}; continue with: lictrain train --resume "
-                                 f"{self.run_dir}")
                         break
         finally:
             bar.close()

@@ -178,6 +178,9 @@ def test_analyze_commands_end_to_end(tmp_path, capsys):
     data = json.loads((out / "conflicts.json").read_text())
     assert len(data["series"]["adam"]["intra"]) == 3 and len(data["series"]["adam"]["inter"]) == 2
     assert (out / "conflicts.png").stat().st_size > 0 and "intra-step" in (out / "conflicts.md").read_text()
+    intra = data["series"]["adam"]["intra"]  # the first probed step (fresh optimizer state) apart from the means
+    assert data["summary"]["adam"]["intra_first"] == intra[0]
+    assert data["summary"]["adam"]["intra_mean"] == pytest.approx(np.mean(intra[1:]), rel=1e-12)
     train(tiny_config(tmp_path, "train.steps=0", name="init"))  # a second, different model: the initial weights
     code = main(["analyze", "outliers", str(tmp_path / "src"), str(tmp_path / "init" / "checkpoint.pt"),
                  "--names", "a,b", "--max-images", "2", "--maps", "1", "--out", str(tmp_path / "out")])
@@ -212,6 +215,16 @@ def test_analyze_commands_end_to_end(tmp_path, capsys):
     captured = capsys.readouterr()
     assert f"wrote {tmp_path / 'q.png'}" in captured.out and (tmp_path / "q.png").exists()
     assert "has no probe lines with intra_cos, inter_cos: left out" in captured.err
+
+
+def test_the_conflict_means_leave_the_fresh_first_step_apart():
+    """By hand: a first step at -0.87 and then +-0.01 gives a mean of 0 (not -0.29) and a first step of -0.87."""
+    from lictrain.analysis.commands import conflict_summary
+
+    m = conflict_summary({"intra": [-0.87, 0.01, -0.01, 0.0], "inter": [0.5, 0.2, 0.4]})
+    assert m["intra_first"] == -0.87 and m["intra_mean"] == pytest.approx(0.0, abs=1e-12)
+    assert m["intra_std"] == pytest.approx(np.std([0.01, -0.01, 0.0]))
+    assert m["inter_first"] == 0.5 and m["inter_mean"] == pytest.approx(0.3)
 
 
 def test_unsupported_optimizer_is_a_clear_error():

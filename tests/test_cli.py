@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -19,6 +20,27 @@ def test_help_lists_the_commands():
     for cmd in ("train", "eval", "compress", "decompress", "demo"):
         sub = subprocess.run([sys.executable, "-m", "lictrain", cmd, "--help"], capture_output=True, text=True)
         assert sub.returncode == 0 and "usage: lictrain " + cmd in sub.stdout
+
+
+def test_every_command_and_argument_has_help_and_names_its_default():
+    """--help of every command says what each argument does, and what it is when left out."""
+    import argparse
+
+    from lictrain.cli import build_parser
+
+    def walk(parser, name):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub_name, sub in a.choices.items():
+                    assert sub.description, f"{name} {sub_name}: no description"
+                    yield from walk(sub, f"{name} {sub_name}")
+            elif not isinstance(a, argparse._HelpAction):
+                yield name, a
+
+    for name, a in walk(build_parser(), "lictrain"):
+        assert a.help, f"{name} {a.option_strings or a.dest}: no help"
+        if a.option_strings and a.default not in (None, False, [], argparse.SUPPRESS) and not a.required:
+            assert "default" in a.help, f"{name} {a.option_strings}: default {a.default!r} not named"
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -50,6 +72,25 @@ def test_optimizer_options_are_checked(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = run(["train", "--set", "optim.options={momentom: 0.9}", "--optimizer", "sgd"], capsys)
     assert code == 2 and "momentom" in err and "momentum" in err
+
+
+def test_verbose_train_logs_its_data_and_every_training_line(capsys, tmp_path):
+    """-v adds where the images come from, how they are drawn, and the training line of every log step (the
+    progress bar's numbers, which a log file otherwise never gets); without it, none of these."""
+    base = ["--set", "data.crop=64", "--set", "data.batch_size=2", "--set", "data.val_crop=64",
+            "--set", "train.progress=false", "--set", "train.val_every=4", "--set", "train.log_every=2",
+            "--set", "train.steps=4"]
+    assert main(["train", "--run-dir", str(tmp_path / "quiet"), *base]) == 0
+    quiet = capsys.readouterr().err
+    assert main(["-v", "train", "--run-dir", str(tmp_path / "loud"), *base]) == 0
+    loud = capsys.readouterr().err
+    assert "train loss" not in quiet and "training images by folder" not in quiet
+    lines = [ln for ln in loud.splitlines() if "train loss" in ln]
+    logged = [r for r in map(json.loads, (tmp_path / "loud" / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "train"]
+    assert [int(ln.split()[1]) for ln in lines] == [r["step"] for r in logged] == [2, 4]
+    assert f"train loss {logged[0]['loss']:.4f}" in lines[0]
+    assert "training images by folder" in loud and "order shuffle" in loud
 
 
 def test_train_then_resume_longer_from_the_command_line(capsys, tmp_path):

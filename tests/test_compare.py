@@ -122,6 +122,58 @@ def test_an_interrupted_run_stops_the_compare_before_evaluation(tmp_path, monkey
         compare(compare_config(tmp_path), tmp_path / "cmp")
 
 
+def test_a_resumed_run_is_announced_once(tmp_path, monkeypatch, caplog):
+    """The trainer says "resuming RUN at step N"; compare used to say it too, in other words."""
+    import lictrain.comparison.compare as cmp_mod
+    from lictrain.trainer import RunResult
+
+    def resumed(cfg, resume=False, hooks=()):
+        assert resume
+        cmp_mod.log.info("resuming %s at step %d", cfg.run_dir, 1)  # what the trainer reports
+        return RunResult(cfg.run_dir, 2, 0.1, 0, 0, {})
+
+    cfg = compare_config(tmp_path)
+    run = plan_runs(cfg, tmp_path / "cmp")[0]
+    monkeypatch.setattr(cmp_mod, "train", resumed)
+    monkeypatch.setattr(cmp_mod, "load_checkpoint", lambda path: {"state": {"step": 1}})
+    monkeypatch.setattr(cmp_mod.Path, "exists", lambda self: True)
+    run.cfg.train.steps = 2
+    with caplog.at_level("INFO", logger="lictrain"):
+        cmp_mod.train_or_reuse(run)
+    assert sum("resuming" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_run_timed_on_a_busy_machine_is_flagged():
+    """Time-to-X depends on every interval's wall-clock time: a run whose slowest validation interval took more
+    than twice its median seconds per step is named under the table (hand-made curves: 1 s per step, one interval
+    at 3 s per step; a quiet run varies by 10%)."""
+    from lictrain.comparison.compare import summary_markdown
+    from lictrain.comparison.figures import CurvePoint, time_spread
+
+    def curve(rates):
+        points, t = [CurvePoint(0, 0.0, 9.0)], 0.0
+        for i, rate in enumerate(rates, 1):
+            t += 100 * rate
+            points.append(CurvePoint(100 * i, t, 1.0))
+        return points
+
+    assert time_spread(curve([1.0, 1.0, 3.0, 1.0, 1.0])) == pytest.approx(3.0)
+    assert time_spread(curve([1.0, 1.1, 0.9, 1.0])) == pytest.approx(1.1)
+    assert time_spread(curve([1.0, 5.0])) is None  # too few intervals to tell
+    point = {"lmbda": 0.0067, "seed": 0, "steps_to_anchor": 1.0, "time_to_anchor": 1.0, "final_gap": None,
+             "target": 1.0, "final_val_loss": 1.0, "finish": "annealed"}
+    rows = [{"recipe": "adam", "points": [dict(point, time_spread=1.1)], "steps_to_anchor": None,
+             "steps_to_anchor_reached": "1/1", "time_to_anchor": None, "time_to_anchor_reached": "1/1",
+             "bd_rate": {}, "bd_rate_average": None},
+            {"recipe": "soap", "points": [dict(point, time_spread=3.0)], "steps_to_anchor": None,
+             "steps_to_anchor_reached": "1/1", "time_to_anchor": None, "time_to_anchor_reached": "1/1",
+             "bd_rate": {}, "bd_rate_average": None}]
+    md = summary_markdown({"anchor": "adam", "lambdas": [0.0067], "seeds": [0], "bd_method": "akima", "eval_sets": [],
+                           "rows": rows})
+    flagged = [ln for ln in md.splitlines() if ln.startswith("Timing:")]
+    assert len(flagged) == 1 and "soap λ 0.0067 seed 0 (3.0x)" in flagged[0] and "adam" not in flagged[0].split(":")[1]
+
+
 def test_noise_floor_is_the_anchor_against_itself_across_seeds():
     """BD-rate of the anchor's seed 1 against its seed 0: a curve whose every rate is 0.9x the other's at the same
     PSNR is -10% by definition; an identical curve is 0."""

@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,13 @@ def test_real_bpp_close_to_estimated_and_decode_matches_forward(trained):
         assert 0 < res.ms_ssim_rgb <= 1
 
 
+def test_eval_records_the_unreadable_images_it_left_out(trained, tmp_path, image_folder):
+    data = evaluate([trained / "b"], str(image_folder), tmp_path / "ev", progress=False)
+    assert [(Path(s["image"]).name, bool(s["why"])) for s in data["skipped"]] == [("corrupt.png", True)]
+    assert "1 unreadable, left out" in data["description"]
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["skipped"] == data["skipped"]
+
+
 def test_psnr_8bit_by_hand():
     x = torch.full((3, 4, 4), 100 / 255)
     y = torch.full((3, 4, 4), 102 / 255)  # error of 2 levels everywhere: MSE 4
@@ -64,6 +72,7 @@ def test_eval_writes_compressai_results_format(trained, tmp_path):
     assert r["checkpoint"] == [str(trained / "b"), str(trained / "a")]
     assert {(row["checkpoint"], float(row["lmbda"])) for row in rows} == {(str(trained / "b"), 0.0035),
                                                                           (str(trained / "a"), 0.013)}
+    assert data["skipped"] == []
     from lictrain.cli import format_results_table
 
     table = format_results_table(summary).splitlines()

@@ -43,3 +43,18 @@ def test_unknown_model_or_preset_lists_valid_ones():
         build_model("resnet50")
     with pytest.raises(LictrainError, match="valid presets: paper, small, bench, tiny"):
         build_model("mbt2018", "huge")
+
+
+def test_elic_context_scales_with_the_preset_and_paper_is_compressais():
+    """CompressAI fixes ELIC's channel-context widths at 224/128 whatever M is, which made `tiny` 3.55 M parameters
+    (more than mbt2018-mean's `small`); the small presets scale them with M/320, the paper preset keeps CompressAI's
+    module, parameter for parameter."""
+    from compressai.models.sensetime import Elic2022Official
+
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    tiny = build_model("elic", "tiny")
+    ctx = tiny.latent_codec.latent_codec["y"].channel_context
+    assert [ctx["y1"][0].out_channels, ctx["y1"][2].out_channels] == [28, 16]  # 224 * 40 / 320, 128 * 40 / 320
+    assert count(tiny) < count(build_model("mbt2018-mean", "small")) and count(tiny) < 0.5e6
+    ours, theirs = build_model("elic", "paper"), Elic2022Official(N=192, M=320)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}

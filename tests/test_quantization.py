@@ -179,3 +179,16 @@ def test_adaround_only_where_the_calibration_outputs_outnumber_the_weights():
     forced = quantize_model(build_model("mbt2018-mean", "tiny").eval(), calib, "adaround", iters=3, progress=False,
                             min_targets_per_weight=0)
     assert set(forced["rounding"].values()) == {"adaround"}
+
+
+def test_adaround_draws_no_progress_bar_into_a_log(capsys):
+    """progress=True means "on a terminal": a log file (pytest's captured stderr is not a terminal) stays clean."""
+    from lictrain.quantization.weights import adaround
+
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(8, 3, 6, 6)
+    with torch.no_grad():
+        target = layer(x)
+    adaround(layer, x, target, iters=5, batch=2, progress=True, desc="adaround-bar")
+    assert "adaround-bar" not in capsys.readouterr().err

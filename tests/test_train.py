@@ -84,6 +84,31 @@ def test_interrupt_checkpoints_and_resumes_exactly(tmp_path):
     assert any(r.get("interrupted") for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl"))
 
 
+def test_a_second_ctrl_c_during_the_last_validation_loses_nothing(tmp_path, monkeypatch, caplog):
+    """Interrupted between validations, the run writes its checkpoint before the extra validation, so a second
+    Ctrl-C there (which aborts) keeps every step; the trainer leaves the "how to continue" line to its caller."""
+    class CtrlC(StepHook):
+        def after_step(self, ctx):
+            if ctx.step == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    real_validate = train_mod.validate
+    calls = {"n": 0}
+
+    def validate_then_ctrl_c(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the validation after the interrupt (the first is step 0's)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "validate", validate_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path, "train.steps=5", "train.val_every=100", "train.ckpt_every=100", name="cut"),
+              hooks=(CtrlC(),))
+    assert load_checkpoint(tmp_path / "cut")["state"]["step"] == 2
+    assert not any("continue with" in r.getMessage() for r in caplog.records)
+
+
 def _nan_model_factory(nan_steps):
     """build_model whose reconstruction is NaN during the given training forward passes."""
     calls = {"n": 0}

@@ -28,8 +28,8 @@ from ..losses import ms_ssim_db
 from ..recipes import RECIPES
 from ..schedule import finish_state
 from ..trainer import train
-from .figures import (BDRateUnavailable, bd_rate, converged_loss, mean_and_spread, read_val_curve, read_val_records,
-                      to_anchor)
+from .figures import (TIME_SPREAD_FLAG, BDRateUnavailable, bd_rate, converged_loss, mean_and_spread, read_val_curve,
+                      read_val_records, time_spread, to_anchor)
 from .plots import plot_compare
 
 log = logging.getLogger("lictrain")
@@ -130,8 +130,7 @@ def train_or_reuse(run: Run) -> None:
         if step >= run.cfg.train.steps:
             log.info("reusing %s (finished, %d steps)", run.run_dir.name, step)
             return
-        log.info("resuming %s at step %d", run.run_dir.name, step)
-        result = train(run.cfg, resume=True)
+        result = train(run.cfg, resume=True)  # the trainer says "resuming ... at step N"
     else:
         log.info("training %s", run.run_dir.name)
         result = train(run.cfg)
@@ -231,7 +230,7 @@ def summarize(runs: list[Run], points: dict, recipes: list[str], eval_sets: list
                               "time_to_anchor": ta.time, "final_gap": ta.final_gap,
                               "target": converged_loss(curves[(anchor, r.lmbda, r.seed)]),
                               "final_val_loss": curves[(name, r.lmbda, r.seed)][-1].loss,
-                              "finish": _finish(r)})
+                              "finish": _finish(r), "time_spread": time_spread(curves[(name, r.lmbda, r.seed)])})
         row = {"recipe": name, "points": per_point}
         for key in ("steps_to_anchor", "time_to_anchor"):
             values = [p[key] for p in per_point]
@@ -355,4 +354,10 @@ def summary_markdown(summary: dict) -> str:
             lines.append(f"| {row['recipe']} | {p['lmbda']:g} | {p['seed']} | {p['target']:.4f} | "
                          f"{p['final_val_loss']:.4f} | {fmt(p['steps_to_anchor'])} | {fmt(p['time_to_anchor'])} | "
                          f"{p.get('finish', '')} |")
+    loaded = [f"{row['recipe']} λ {p['lmbda']:g} seed {p['seed']} ({p['time_spread']:.1f}x)" for row in summary["rows"]
+              for p in row["points"] if (p.get("time_spread") or 0) > TIME_SPREAD_FLAG]
+    if loaded:
+        lines += ["", f"Timing: the slowest validation interval took more than {TIME_SPREAD_FLAG:g}x the median seconds "
+                      f"per step in {', '.join(loaded)}: the machine was busy with something else part of the time, so "
+                      "these runs' Time-to-" + summary["anchor"] + " is uncertain (Steps-to- is not affected)."]
     return "\n".join(lines) + "\n"

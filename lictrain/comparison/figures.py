@@ -50,6 +50,21 @@ def read_val_curve(metrics_jsonl: str | Path) -> list[CurvePoint]:
     return [CurvePoint(r["step"], r["train_time"], r["loss"]) for r in read_val_records(metrics_jsonl)]
 
 
+# A run whose slowest validation interval took this many times its median seconds per step ran on a loaded
+# machine part of the time (2-core CPUs swing 3-50 s per 25 steps when something else runs): its Time-to-X is flagged.
+TIME_SPREAD_FLAG = 2.0
+
+
+def time_spread(curve: list[CurvePoint]) -> float | None:
+    """Seconds per step of the slowest validation interval over the median interval's: ~1 on a quiet machine.
+    None with fewer than three intervals (nothing to compare)."""
+    rates = [(b.train_time - a.train_time) / (b.step - a.step) for a, b in zip(curve, curve[1:]) if b.step > a.step]
+    if len(rates) < 3:
+        return None
+    median = float(np.median(rates))
+    return max(rates) / median if median > 0 else None
+
+
 def median_smooth(values: list[float]) -> list[float]:
     """Running median of three (centred; two at the ends)."""
     return [float(np.median(values[max(0, i - 1) : i + 2])) for i in range(len(values))]

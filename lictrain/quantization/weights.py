@@ -84,7 +84,7 @@ def adaround(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, iter
     with torch.no_grad():  # the unit of the reconstruction error: nearest rounding's, on all calibration inputs
         unit = reconstruction_error(_layer_output(layer, inputs, quantize_nearest(w, scale) * scale), targets)
         unit = unit.clamp_min(1e-12)
-    for it in tqdm(range(iters), desc=desc or "adaround", disable=not progress, leave=False):
+    for it in tqdm(range(iters), desc=desc or "adaround", disable=None if progress else True, leave=False):
         idx = torch.randperm(n, generator=gen)[:batch]
         soft = torch.clamp(floor + _h(v), -QMAX, QMAX) * scale
         loss = reconstruction_error(_layer_output(layer, inputs[idx], soft), targets[idx]) / unit
