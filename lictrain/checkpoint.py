@@ -77,7 +77,10 @@ def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
 
 
 def checkpoint_config(ckpt: dict) -> RunConfig:
-    return config_from_dict(ckpt["config"])
+    d = ckpt["config"]
+    if "order" not in d.get("data", {}):  # made before data.order existed: it trained on the per-epoch shuffle
+        d = {**d, "data": {**d.get("data", {}), "order": "shuffle"}}
+    return config_from_dict(d)
 
 
 def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> nn.Module:

@@ -1,8 +1,8 @@
 """Image data: training crops from any folder, whole-image evaluation sets, and the bundled `samples`.
 
 Determinism: the k-th training sample of a run (k = 0, 1, 2, ... counted over the whole run) is a pure function of
-(seed, k): which image (data.order: `shuffle`, a fresh permutation every epoch as `DataLoader(shuffle=True)` gives,
-or `iid`, an image drawn uniformly for every sample), where the crop sits and whether it is flipped. So a run resumed at
+(seed, k): which image (data.order: `iid`, an image drawn uniformly for every sample, or `shuffle`, a fresh
+permutation every epoch as `DataLoader(shuffle=True)` gives), where the crop sits and whether it is flipped. So a run resumed at
 step s simply starts at sample s * batch_size, DataLoader workers change nothing, and several processes can draw
 disjoint samples by offsetting k.
 """
@@ -231,7 +231,7 @@ ORDERS = ("shuffle", "iid")
 class TrainCrops(Dataset):
     """Random crops; item k is the k-th sample of the run (see the module docstring)."""
 
-    def __init__(self, images: ImageList, crop: int, seed: int, order: str = "shuffle"):
+    def __init__(self, images: ImageList, crop: int, seed: int, order: str = "iid"):
         if order not in ORDERS:
             raise LictrainError(f"data.order must be {' or '.join(ORDERS)}, got '{order}'")
         self.images, self.crop, self.seed, self.order = images, crop, seed, order
@@ -284,7 +284,7 @@ class RunSampler(Sampler):
 
 def train_loader(
     images: ImageList, crop: int, batch_size: int, seed: int, start_step: int = 0, workers: int = 0,
-    rank: int = 0, world: int = 1, pin_memory: bool = False, order: str = "shuffle",
+    rank: int = 0, world: int = 1, pin_memory: bool = False, order: str = "iid",
 ) -> DataLoader:
     ds = TrainCrops(images, crop, seed, order)
     return DataLoader(

@@ -43,7 +43,8 @@ def reference_run(cfg, batches, seeds, clip: float | None = 1.0, aux: bool = Tru
 def test_the_standard_adam_step_is_the_reference_training_step(tmp_path):
     cfg = tiny_config(tmp_path, "optim.name=adam", "optim.lr=1e-3", "optim.aux_lr=1e-3", "loss.lmbda=0.0067",
                       "train.ema_decay=0", "train.clip_max_norm=1.0", "train.nonfinite=skip", "train.steps=6")
-    loader = train_loader(ImageList.scan(cfg.data.train), cfg.data.crop, cfg.data.batch_size, cfg.seed)
+    loader = train_loader(ImageList.scan(cfg.data.train), cfg.data.crop, cfg.data.batch_size, cfg.seed,
+                          order=cfg.data.order)
     batches = [b for b, _ in zip(iter(loader), range(6))]
     seeds = [1000 + s for s in range(6)]
     trainer = Trainer(cfg, False, (), torch.device("cpu"), distributed.Dist())

@@ -55,7 +55,7 @@ def test_crops_cover_the_crop_size_and_range(image_folder):
 
 def test_each_epoch_visits_every_image_once(image_folder):
     images = ImageList.scan(str(image_folder))
-    ds = TrainCrops(images, 32, seed=5)
+    ds = TrainCrops(images, 32, seed=5, order="shuffle")
     n = len(images)
     for epoch in range(3):
         assert sorted(ds.image_index(epoch * n + i) for i in range(n)) == list(range(n))
@@ -90,19 +90,33 @@ def _batches(loader, n):
 
 def test_deterministic_given_seed_workers_and_start_step(image_folder):
     images = ImageList.scan(str(image_folder))
-    a = _batches(train_loader(images, 32, 3, seed=1), 4)
-    b = _batches(train_loader(images, 32, 3, seed=1, workers=2), 4)
-    c = _batches(train_loader(images, 32, 3, seed=1, start_step=2), 2)
-    d = _batches(train_loader(images, 32, 3, seed=2), 1)
+    a = _batches(train_loader(images, 32, 3, seed=1, order="shuffle"), 4)
+    b = _batches(train_loader(images, 32, 3, seed=1, workers=2, order="shuffle"), 4)
+    c = _batches(train_loader(images, 32, 3, seed=1, start_step=2, order="shuffle"), 2)
+    d = _batches(train_loader(images, 32, 3, seed=2, order="shuffle"), 1)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     assert torch.equal(a[2], c[0]) and torch.equal(a[3], c[1])
     assert not torch.equal(a[0], d[0])
-    iid = _batches(train_loader(images, 32, 3, seed=1, order="iid"), 4)  # the same guarantees for data.order=iid
-    iid_workers = _batches(train_loader(images, 32, 3, seed=1, workers=2, order="iid"), 4)
+    iid = _batches(train_loader(images, 32, 3, seed=1), 4)  # the same guarantees for data.order=iid (the default)
+    iid_workers = _batches(train_loader(images, 32, 3, seed=1, workers=2), 4)
     iid_resumed = _batches(train_loader(images, 32, 3, seed=1, start_step=2, order="iid"), 2)
     assert all(torch.equal(x, y) for x, y in zip(iid, iid_workers))
     assert torch.equal(iid[2], iid_resumed[0]) and torch.equal(iid[3], iid_resumed[1])
+    assert not all(torch.equal(x, y) for x, y in zip(a, iid))
+
+
+def test_the_default_order_is_iid_and_a_checkpoint_from_before_the_choice_resumes_on_its_shuffle(tmp_path):
+    """data.order's default is iid (the measurements: README "Data order"); a checkpoint whose config has no
+    data.order was trained on the per-epoch shuffle, the only order there was, and resumes on it (exact resume)."""
+    from lictrain.checkpoint import checkpoint_config
+    from lictrain.config import RunConfig
+
+    assert RunConfig().data.order == "iid"
+    old = RunConfig().to_dict()
+    del old["data"]["order"]
+    assert checkpoint_config({"config": old}).data.order == "shuffle"
+    assert checkpoint_config({"config": RunConfig().to_dict()}).data.order == "iid"
 
 
 def test_ranks_draw_disjoint_blocks_of_the_global_batch(image_folder):
