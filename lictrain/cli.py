@@ -276,12 +276,21 @@ def cmd_train(args) -> int:
             overrides.append(f"optim.name={args.optimizer}")
         cfg = load_config(args.config, overrides)
     result = train(cfg, resume=bool(args.resume))
+    curves = Path(result.run_dir) / "loss_curve.png"
+    try:  # the run's curves (loss against steps and time, bpp, PSNR), interrupted or not; a plot never fails a run
+        from .comparison.plots import plot_run
+
+        plot_run(Path(result.run_dir) / "metrics.jsonl", curves,
+                 title=f"{cfg.model.name}/{cfg.model.preset}, {cfg.optim.name}, λ={cfg.loss.lmbda:g}")
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("no loss-curve plot: %s", e)
+        curves = None
     if result.interrupted:  # a script's `lictrain train ... && lictrain eval ...` must not go on
         log.warning("interrupted at step %d of %d (checkpoint %s); continue with: lictrain train --resume %s",
                     result.step, cfg.train.steps, Path(result.run_dir) / "checkpoint.pt", result.run_dir)
         return 128 + result.interrupted
-    log.info("done: %d steps, %.1f s training time, checkpoint %s", result.step, result.train_time,
-             Path(result.run_dir) / "checkpoint.pt")
+    log.info("done: %d steps, %.1f s training time, checkpoint %s%s", result.step, result.train_time,
+             Path(result.run_dir) / "checkpoint.pt", f", curves {curves}" if curves else "")
     return 0
 
 

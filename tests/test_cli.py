@@ -90,7 +90,8 @@ def test_verbose_train_logs_its_data_and_every_training_line(capsys, tmp_path):
               if r["kind"] == "train"]
     assert [int(ln.split()[1]) for ln in lines] == [r["step"] for r in logged] == [2, 4]
     assert f"train loss {logged[0]['loss']:.4f}" in lines[0]
-    assert "training images by folder" in loud and "order shuffle" in loud
+    assert "training images by folder" in loud and "order iid" in loud
+    assert (tmp_path / "loud" / "loss_curve.png").stat().st_size > 10_000 and "curves " in loud  # train's own plot
 
 
 def test_train_then_resume_longer_from_the_command_line(capsys, tmp_path):
