@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,8 +29,23 @@ def test_recipes_share_initial_weights_and_data_and_differ_only_in_their_overrid
 
 
 def test_compare_runs_summarises_reuses_and_plots(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    texts = {}  # each figure's titles and annotations, as saved
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, path, *args, **kwargs):
+        texts[Path(path).name] = [t.get_text() for ax in fig.axes for t in (ax.title, *ax.texts)]
+        return real_savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
     cfg = compare_config(tmp_path)
     summary = compare(cfg, tmp_path / "cmp")
+    # the R-D plot names each point's lambda and how many images its points average
+    assert "R-D on samples-val (1 image)" in texts["rd_samples-val.png"]
+    lambdas = sorted({p["lmbda"] for p in summary["rd_points"]})
+    assert sorted(t for t in texts["rd_samples-val.png"] if t.startswith("λ")) == sorted(
+        f"λ {lmbda:g}" for lmbda in lambdas for _ in ("adam", "soap"))
     out = tmp_path / "cmp"
     # the same initial weights and the same first batch: the step-0 validation is identical across recipes
     curves = {}

@@ -178,7 +178,9 @@ def compare(base: RunConfig, out_dir: str | Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     write_atomic(out_dir / "summary.md", summary_markdown(summary))
-    summary["plots"] = [str(p) for p in plot_compare(runs, points, settings.eval_data, out_dir, summary["quality"])]
+    images = {spec: len(resolve_image_files(spec)[:settings.eval_max_images]) for spec in settings.eval_data}
+    summary["plots"] = [str(p) for p in plot_compare(runs, points, settings.eval_data, out_dir, summary["quality"],
+                                                     images)]
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 

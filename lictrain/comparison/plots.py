@@ -52,9 +52,11 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, title: str = "") -> 
     return out_png
 
 
-def plot_compare(runs, points: dict, eval_sets: list[str], out_dir: Path, quality: str = "PSNR-RGB (dB)") -> list[Path]:
+def plot_compare(runs, points: dict, eval_sets: list[str], out_dir: Path, quality: str = "PSNR-RGB (dB)",
+                 images: dict | None = None) -> list[Path]:
     """Validation R-D loss against steps and against training time (a panel per lambda, the anchor's target
-    dashed), and R-D curves (`quality`, PSNR or MS-SSIM in dB, against bpp) per evaluation set."""
+    dashed), and R-D curves (`quality`, PSNR or MS-SSIM in dB, against bpp, each point labelled with its lambda)
+    per evaluation set; `images`: the number of images each set's points average (named in the title)."""
     out_dir = Path(out_dir)
     recipes = list(dict.fromkeys(r.recipe for r in runs))
     lambdas = sorted({r.lmbda for r in runs})
@@ -90,7 +92,11 @@ def plot_compare(runs, points: dict, eval_sets: list[str], out_dir: Path, qualit
             bpp = np.mean([[p[1] for p in c] for c in curves], axis=0)
             psnr = np.mean([[p[2] for p in c] for c in curves], axis=0)
             ax.plot(bpp, psnr, "o-", color=colors[name], label=name)
-        ax.set(xlabel="bpp (real bitstreams)", ylabel=quality, title=f"R-D on {set_name(spec)}")
+            for (lmbda, _, _), x, y in zip(curves[0], bpp, psnr):
+                ax.annotate(f"λ {lmbda:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                            color=colors[name])
+        count = f" ({images[spec]} image{'' if images[spec] == 1 else 's'})" if images and spec in images else ""
+        ax.set(xlabel="bpp (real bitstreams)", ylabel=quality, title=f"R-D on {set_name(spec)}{count}")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
