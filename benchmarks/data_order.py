@@ -51,8 +51,14 @@ def compare_runs(folder: Path) -> dict:
     return out
 
 
-def rd_curve(summary: dict, recipe: str) -> tuple[list[float], list[float]]:
-    pts = sorted((p["lmbda"], p["bpp"], p["quality"]) for p in summary["rd_points"] if p["recipe"] == recipe)
+def rd_curve(runs: dict, recipe: str) -> tuple[list[float], list[float]]:
+    """(bpp, PSNR) of a recipe's runs on the test set, from each run's own evaluation (eval-*/results.json)."""
+    pts = []
+    for (name, lmbda), run in sorted(runs.items()):
+        if name == recipe:
+            (results,) = run.glob("eval-*/results.json")
+            r = json.loads(results.read_text())["results"]
+            pts.append((lmbda, r["bpp"][0], r["psnr-rgb"][0]))
     return [p[1] for p in pts], [p[2] for p in pts]
 
 
@@ -60,6 +66,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shuffle", required=True, type=Path, help="compare folder trained with data.order=shuffle")
     ap.add_argument("--iid", required=True, type=Path, help="compare folder trained with data.order=iid")
+    ap.add_argument("--shuffle-summary", type=Path, help="the shuffle compare's summary.json to read the verdict "
+                    "from (default SHUFFLE/summary.json; e.g. one of a compare run at fewer lambdas)")
     ap.add_argument("--pair", action="append", default=[], help="NAME=SHUFFLE_RUN,IID_RUN (repeatable)")
     ap.add_argument("--tail", type=int, default=500, help="training-loss steps averaged at the end (default 500)")
     ap.add_argument("--at", default="500,1000,2000,4000,6000,8000", help="steps of the gap-over-training table")
@@ -68,7 +76,10 @@ def main() -> None:
     orders = {"shuffle": args.shuffle, "iid": args.iid}
     runs = {o: compare_runs(f) for o, f in orders.items()}
     summaries = {o: json.loads((f / "summary.json").read_text()) for o, f in orders.items()}
-    keys = sorted(runs["shuffle"], key=lambda k: (k[0] != "adam", k[0], k[1]))
+    if args.shuffle_summary:
+        summaries["shuffle"] = json.loads(args.shuffle_summary.read_text())
+    # the runs both orders have (a shuffle compare may have run at fewer lambdas)
+    keys = sorted(set(runs["shuffle"]) & set(runs["iid"]), key=lambda k: (k[0] != "adam", k[0], k[1]))
 
     print("## Final losses (validation: EMA weights on the held-out photos; training: last "
           f"{args.tail} steps' crops, raw weights)\n")
@@ -106,7 +117,10 @@ def main() -> None:
 
     print("\n## Each recipe's iid curve against its reshuffled one (BD-rate, real bitstreams, test set)\n")
     for recipe in sorted({k[0] for k in keys}):
-        a, t = rd_curve(summaries["shuffle"], recipe), rd_curve(summaries["iid"], recipe)
+        a, t = rd_curve(runs["shuffle"], recipe), rd_curve(runs["iid"], recipe)
+        if len(a[0]) < 4 or len(t[0]) < 4:
+            print(f"- {recipe}: fewer than 4 lambdas under one order, no BD-rate")
+            continue
         print(f"- {recipe}: BD-rate of iid vs shuffle {bd_rate(a, t):+.1f}%  (bpp/PSNR shuffle "
               + ", ".join(f"{b:.3f}/{q:.2f}" for b, q in zip(*a)) + "; iid "
               + ", ".join(f"{b:.3f}/{q:.2f}" for b, q in zip(*t)) + ")")

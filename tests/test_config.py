@@ -88,3 +88,46 @@ def test_the_soap_lic_config_is_the_papers_protocol():
     assert cfg.train.steps == 300 * epoch and cfg.train.val_every == epoch
     assert tuple(cfg.compare.lambdas) == LAMBDAS_MSE and cfg.compare.recipes == ["adam", "soap"]
     assert cfg.model.preset == "paper"
+
+
+def test_the_readme_config_table_names_every_key_with_its_default():
+    """README "Configuration": each key of RunConfig is in a row of the table (or, for the GPU keys, of the GPU
+    table), and a row's default cell agrees with RunConfig's default for its first key."""
+    import re
+    from pathlib import Path
+
+    from lictrain.config import RunConfig
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = [ln for ln in readme.splitlines() if ln.startswith("| `")]
+    cells = {}
+    for row in rows:
+        parts = [c.strip() for c in row.strip("|").split("|")]
+        for key in re.findall(r"`([a-z_]+(?:\.[a-z_0-9]+)*)`", parts[0]):
+            cells.setdefault(key, parts[1] if len(parts) > 1 else "")
+
+    def keys(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and k not in ("kwargs", "options", "recipe_sets"):
+                yield from keys(v, prefix + k + ".")
+            else:
+                yield prefix + k, v
+
+    defaults = dict(keys(RunConfig().to_dict()))
+    assert sorted(k for k in defaults if k not in cells) == []
+    # one-key rows: the default cell is the default (numbers compared as numbers, words as words)
+    checked = 0
+    for row in rows:
+        parts = [c.strip() for c in row.strip("|").split("|")]
+        row_keys = re.findall(r"`([a-z_]+(?:\.[a-z_0-9]+)*)`", parts[0])
+        if len(row_keys) != 1 or row_keys[0] not in defaults or len(parts) < 2:
+            continue
+        cell, value = parts[1].strip("`").lower(), defaults[row_keys[0]]
+        if isinstance(value, bool) or isinstance(value, str):
+            assert cell == str(value).lower(), (row_keys[0], cell, value)
+        elif isinstance(value, (int, float)):
+            assert float(cell) == float(value), (row_keys[0], cell, value)
+        else:
+            continue
+        checked += 1
+    assert checked >= 10 and "`iid`" in cells["data.order"]
