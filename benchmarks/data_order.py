@@ -62,6 +62,32 @@ def rd_curve(runs: dict, recipe: str) -> tuple[list[float], list[float]]:
     return [p[1] for p in pts], [p[2] for p in pts]
 
 
+def rate_split(run: Path, data: str, crop: int) -> dict:
+    """Where a run's bits go on the validation photos (its EMA weights, eval-mode forward as validation runs it):
+    bpp of y and of z, and how many of y's channels carry 90% of y's bits."""
+    import torch
+
+    from lictrain.checkpoint import load_checkpoint, model_from_checkpoint
+    from lictrain.data import EvalImages, pad_to_multiple
+
+    model = model_from_checkpoint(load_checkpoint(run / "checkpoint.pt"))
+    images = EvalImages(data, crop)
+    bits: dict[str, torch.Tensor] = {}
+    pixels = 0
+    with torch.no_grad():
+        for i in range(len(images)):
+            x = images[i].unsqueeze(0)
+            out = model(pad_to_multiple(x, 64))
+            pixels += x.shape[-2] * x.shape[-1]
+            for name, lik in out["likelihoods"].items():
+                per_channel = -torch.log2(lik).sum(dim=(0, 2, 3))
+                bits[name] = bits.get(name, 0) + per_channel
+    y = torch.sort(bits["y"], descending=True).values
+    carry = int((torch.cumsum(y, 0) < 0.9 * y.sum()).sum()) + 1
+    return {"y_bpp": float(bits["y"].sum()) / pixels, "z_bpp": float(bits["z"].sum()) / pixels,
+            "channels_90": carry, "channels": len(y)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shuffle", required=True, type=Path, help="compare folder trained with data.order=shuffle")
@@ -71,6 +97,9 @@ def main() -> None:
     ap.add_argument("--pair", action="append", default=[], help="NAME=SHUFFLE_RUN,IID_RUN (repeatable)")
     ap.add_argument("--tail", type=int, default=500, help="training-loss steps averaged at the end (default 500)")
     ap.add_argument("--at", default="500,1000,2000,4000,6000,8000", help="steps of the gap-over-training table")
+    ap.add_argument("--val", default="../shared/data/cbsd68[val:6], ../shared/data/sun-hays80[val:6]",
+                    help="validation photos for the rate split (default the benchmark's)")
+    ap.add_argument("--val-crop", type=int, default=256)
     args = ap.parse_args()
 
     orders = {"shuffle": args.shuffle, "iid": args.iid}
@@ -100,6 +129,17 @@ def main() -> None:
         cells = [f"{at['shuffle'][s]:.3f} / {at['iid'][s]:.3f}" if s in at["shuffle"] and s in at["iid"] else "-"
                  for s in steps]
         print(f"| {key[1]:g} | " + " | ".join(cells) + " |")
+
+    print("\n## Where the bits go (validation photos, EMA weights): bpp of y / of z, channels of y carrying 90% "
+          "of its bits\n")
+    print("| recipe | λ | shuffle: y / z bpp, channels | iid: y / z bpp, channels |")
+    print("|---|---:|---|---|")
+    for key in keys:
+        cells = []
+        for o in ("shuffle", "iid"):
+            r = rate_split(runs[o][key], args.val, args.val_crop)
+            cells.append(f"{r['y_bpp']:.4f} / {r['z_bpp']:.4f}, {r['channels_90']} of {r['channels']}")
+        print(f"| {key[0]} | {key[1]:g} | {cells[0]} | {cells[1]} |")
 
     print("\n## SOAP against Adam under each order (each compare's own summary)\n")
     print("| order | recipe | Steps-to-Adam | Time-to-Adam | BD-rate vs Adam | per λ: steps ratio |")
