@@ -10,7 +10,7 @@ Reads two `lictrain compare` folders of the same config, one per `data.order`, a
   3. the SOAP-vs-Adam verdict under each order (Steps/Time-to-Adam and BD-rate from each compare's summary.json),
      and the BD-rate of each recipe's i.i.d. curve against its reshuffled one (real bitstreams on the test set);
   4. for each extra pair of runs (shuffle, iid): final validation and training losses;
-  5. with --per-step (runs logged with train.log_every=1): the spread of the per-step training loss and its
+  5. for a pair whose runs logged every step (train.log_every=1): the spread of the per-step training loss and its
      autocorrelation at lag 1, within each order.
 
     python benchmarks/data_order.py --shuffle runs/bench-shuffle --iid runs/bench-iid \
