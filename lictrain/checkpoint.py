@@ -135,3 +135,29 @@ def import_weights(weights: str | Path, model: str, preset: str, out: str | Path
     save_atomic({"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "model": built.state_dict(), "ema": None,
                  "state": {"step": 0}, "imported_from": str(weights)}, out)
     return out
+
+
+def export_weights(checkpoint: str | Path, out: str | Path, use_ema: bool = True) -> dict:
+    """A plain state dict of the checkpoint's model (EMA weights by default) with its entropy coder's tables built
+    (CompressAI's update(), on the CPU in full fp32 as lictrain's coder builds them), for the model's own class
+    outside lictrain: for CompressAI's architectures, `compressai.models.<Class>(**arguments).load_state_dict(...)`
+    then compress/decompress as in CompressAI's zoo. Returns what to build it with."""
+    from .coding import coding_numerics
+    from .io import save_atomic
+    from .models import get_spec, is_import_path
+
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.get("ptq"):
+        raise LictrainError(f"{checkpoint} is a W8A8 checkpoint (lictrain ptq): its activation quantizers are not "
+                            "part of a state dict; export the float checkpoint")
+    cfg = checkpoint_config(ckpt)
+    model = model_from_checkpoint(ckpt, use_ema=use_ema)
+    with coding_numerics(torch.device("cpu")):
+        model.update(force=True)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    save_atomic(state, Path(out))
+    cls = type(model)
+    arguments = dict(cfg.model.kwargs) if is_import_path(cfg.model.name) else {
+        **get_spec(cfg.model.name).presets[cfg.model.preset], **cfg.model.kwargs}
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "arguments": arguments, "tensors": len(state),
+            "weights": "EMA" if use_ema and ckpt.get("ema") else "raw", "lmbda": cfg.loss.lmbda}

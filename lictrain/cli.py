@@ -1,4 +1,4 @@
-"""Command line: `lictrain train|eval|compare|compress|decompress|demo|analyze|ptq|import|list`.
+"""Command line: `lictrain train|eval|compare|compress|decompress|demo|anchors|plot|analyze|ptq|import|export|list`.
 
 User errors (bad path, unknown config key, corrupt file, ...) end as one line `error: ...` on stderr, exit code 2.
 """
@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--max-images", type=int, help="evaluate on the first N images only")
     p.add_argument("--device", default="cpu", help="where the transforms run (cpu, cuda, cuda:1; default cpu)")
+    p.add_argument("--anchor", action="append", default=[], metavar="CURVE",
+                   help="also print the BD-rate against this curve: a published one on the same set (vtm, bpg, jpeg, "
+                        "...: lictrain anchors --list) or a results .json (repeatable)")
 
     p = sub.add_parser("compress", help="compress one image into a .lic file",
                        description="Compress one image into a .lic file (lictrain/bitstream.py) with a trained "
@@ -118,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated seeds")
     p.add_argument("--eval-data", nargs="+", help="evaluation folders (or samples specs)")
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
+    p.add_argument("--anchor", action="append", default=[], metavar="CURVE",
+                   help="a published curve (vtm, bpg, ... where published on the evaluation set) or a results .json "
+                        "to draw and to take BD-rates against (repeatable; config compare.references)")
+    p.add_argument("--codecs", help="classical codecs measured on each evaluation set, comma-separated (default "
+                                    "jpeg; 'none' for none; config compare.codecs)")
 
     p = sub.add_parser("demo", help="the main job: Adam against SOAP on the bundled photos (a small compare)",
                        description="A small compare (configs/demo.yaml): Adam and SOAP trained from the same "
@@ -127,6 +135,36 @@ def build_parser() -> argparse.ArgumentParser:
                                    "cores). Finished runs are reused; an interrupted one resumes.")
     _add_config_args(p)
     p.add_argument("--run-dir", default="runs/demo", help="output folder (default runs/demo)")
+
+    p = sub.add_parser("anchors", help="measure classical codecs (JPEG, WebP, AVIF, JPEG 2000, BPG) on an image set",
+                       description="Code every image at a sweep of each codec's quality (or, with --match, at the "
+                                   "quality closest to each point of a results file), with real file sizes and "
+                                   "lictrain's metrics; writes OUT/<codec>.json (CompressAI's results format) and "
+                                   "OUT/<codec>_per_image.csv. Codecs that need a missing binary are named, not run.")
+    p.add_argument("--data", default="samples:val", help="image folder or samples spec (default samples:val)")
+    p.add_argument("--codecs", default="jpeg,webp,avif,jpeg2000",
+                   help="comma-separated (default jpeg,webp,avif,jpeg2000; also bpg)")
+    p.add_argument("--qualities", help="the sweep, comma-separated (default: each codec's own; JPEG 2000 takes "
+                                       "target bpp, BPG its QP)")
+    p.add_argument("--match", metavar="RESULTS_JSON",
+                   help="instead of a sweep: per image, the quality closest to each point of this results file")
+    p.add_argument("--by", choices=["bpp", "psnr"], default="bpp", help="what --match matches (default bpp)")
+    p.add_argument("--max-images", type=int, help="the first N images only")
+    p.add_argument("--out", default="runs/anchors", help="output folder (default runs/anchors)")
+    p.add_argument("--list", action="store_true", help="list the codecs available here and the published curves")
+
+    p = sub.add_parser("plot", help="R-D curves of results files beside published or measured anchors",
+                       description="Any results files (lictrain eval, lictrain anchors, CompressAI's) on one R-D "
+                                   "plot, with published curves (--with vtm,bpg) grey and dashed; with --anchor, a "
+                                   "BD-rate table against it.")
+    p.add_argument("results", nargs="+", help="results .json files (CompressAI's format)")
+    p.add_argument("--with", dest="refs", metavar="CURVES",
+                   help="comma-separated published curves (vtm, bpg, jpeg, ...) or more .json files, drawn as anchors")
+    p.add_argument("--set", dest="dataset", default="kodak",
+                   help="the set the published curves are taken from (default kodak; lictrain anchors --list)")
+    p.add_argument("--anchor", help="print BD-rates against this curve (a published name or a .json)")
+    p.add_argument("--metric", choices=["psnr", "ms-ssim"], default="psnr", help="quality axis (default psnr)")
+    p.add_argument("-o", "--out", default="rd.png", help="the figure to write (default rd.png)")
 
     p = sub.add_parser("analyze", help="gradient conflicts and outliers (the SOAP-for-LIC paper's analyses)",
                        description="conflicts: fine-tune from a checkpoint with each optimizer at a small lr and "
@@ -202,13 +240,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lmbda", type=float, required=True, help="the lambda the weights were trained for")
     p.add_argument("--metric", default="mse", choices=["mse", "ms-ssim"],
                    help="the distortion the weights were trained for (default mse)")
+    p.add_argument("--kwargs", metavar="K=V,...",
+                   help="constructor arguments over the preset's (e.g. N=128,M=192 for CompressAI's lower qualities)")
     p.add_argument("--out", required=True, help="the checkpoint file to write")
+
+    p = sub.add_parser("export", help="write a checkpoint's weights as a plain state dict with its coder's tables",
+                       description="A plain state dict (EMA weights by default) with the entropy coder's tables "
+                                   "built (CompressAI's update()), loadable by the model's own class outside "
+                                   "lictrain, e.g. compressai.models.MeanScaleHyperprior(N=192, M=320).")
+    p.add_argument("checkpoint", help="checkpoint file or run folder")
+    p.add_argument("-o", "--output", required=True, help="the .pth file to write")
+    p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA weights")
 
     p = sub.add_parser("list", help="list models, presets, optimizers and methods",
                        description="The registered models and their presets, optimizers, methods, recipes, built-in "
                                    "configs and config keys.")
     p.add_argument("--params", action="store_true",
-                   help="also count each preset's parameters (builds every model: ~20 s, ~1.5 GB)")
+                   help="also count each preset's parameters and kMACs per pixel (builds and runs every model once "
+                        "at 256x256)")
     return parser
 
 
@@ -296,7 +345,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .data import set_name
-    from .evaluation import evaluate
+    from .evaluation import evaluate, timing_line
 
     name = "checkpoint_best.pt" if args.pick == "best" else "checkpoint.pt"
     files = [str(Path(c) / name) if Path(c).is_dir() else c for c in args.checkpoints]  # rows name the file
@@ -309,18 +358,43 @@ def cmd_eval(args) -> int:
     summary = evaluate(files, args.data, out, use_ema=not args.raw, name=args.name,
                        max_images=args.max_images, device=args.device)
     print(format_results_table(summary))
+    print(timing_line(summary))
+    if args.anchor:
+        from .anchors.curves import curve_from_results, resolve
+
+        curve = curve_from_results(summary, summary["name"], "this evaluation")
+        for line in bd_rate_lines([curve], [resolve(a, set_name(args.data)) for a in args.anchor]):
+            print(line)
     print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'per_image.csv'}")
     return 0
 
 
+def bd_rate_lines(curves, anchors, metric: str = "psnr") -> list[str]:
+    """'BD-rate of X vs Y: ...' for every curve against every anchor (bjontegaard, Akima; over the overlap)."""
+    from .comparison.figures import BDRateUnavailable, bd_rate
+
+    lines = []
+    for anchor in anchors:
+        for c in curves:
+            try:
+                value = f"{bd_rate(anchor.points(metric), c.points(metric)):+.2f}%"
+            except BDRateUnavailable as e:
+                value = f"unavailable ({e})"
+            lines.append(f"BD-rate ({'PSNR' if metric == 'psnr' else 'MS-SSIM'}) of {c.label} vs {anchor.label}: "
+                         f"{value}")
+    return lines
+
+
 def format_results_table(summary: dict) -> str:
+    from .io import number
+
     r = summary["results"]
     lines = ["| checkpoint | lambda | bpp | bpp (est.) | PSNR-RGB (dB) | MS-SSIM | enc (s) | dec (s) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     labels = r.get("checkpoint") or [""] * len(r["bpp"])  # results written before the column existed have none
     for i in range(len(r["bpp"])):
         lines.append(f"| {labels[i]} | {r['lmbda'][i]:g} | {r['bpp'][i]:.4f} | {r['bpp_estimated'][i]:.4f} | "
-                     f"{r['psnr-rgb'][i]:.2f} | {r['ms-ssim-rgb'][i]:.4f} | {r['encoding_time'][i]:.3f} | "
+                     f"{r['psnr-rgb'][i]:.2f} | {number(r['ms-ssim-rgb'][i], '.4f')} | {r['encoding_time'][i]:.3f} | "
                      f"{r['decoding_time'][i]:.3f} |")
     return "\n".join(lines)
 
@@ -361,6 +435,9 @@ def cmd_compare(args) -> int:
         cfg.compare.seeds = _csv(args.seeds, int)
     if args.eval_data:
         cfg.compare.eval_data = list(args.eval_data)
+    if args.codecs:
+        cfg.compare.codecs = [] if args.codecs == "none" else _csv(args.codecs, str)
+    cfg.compare.references = list(cfg.compare.references) + [a for arg in args.anchor for a in _csv(arg, str)]
     validate(cfg)
     summary = compare(cfg, args.out)
     print(summary_markdown(summary))
@@ -391,25 +468,108 @@ def cmd_ptq(args) -> int:
     return 0
 
 
+def cmd_anchors(args) -> int:
+    from .anchors.codecs import CODECS, split_available, unavailable_line
+    from .anchors.curves import load_results, published_names, published_sets
+    from .anchors.measure import measure, write_results
+
+    if args.list:
+        for c in CODECS.values():
+            print(f"  {c.name}: {c.describe() if c.available() else 'unavailable (needs ' + (c.needs or 'a Pillow built with it') + ')'}")
+        for dataset in published_sets():
+            print(f"published on {dataset}: {', '.join(published_names(dataset))}")
+        return 0
+    available, missing = split_available(_csv(args.codecs, str))
+    if missing:
+        log.warning("%s", unavailable_line(missing))
+    if not available:
+        raise LictrainError("none of the codecs asked for is available here")
+    targets = None
+    if args.match:
+        curve = load_results(args.match)
+        targets = list(curve.bpp if args.by == "bpp" else curve.psnr)
+    qualities = _csv(args.qualities, float) if args.qualities else None
+    for codec in available:
+        results, rows = measure(codec, args.data, qualities, args.max_images, targets, args.by)
+        path = write_results(results, rows, Path(args.out), codec.name + ("-matched" if targets else ""))
+        print(format_anchor_table(results))
+        print(f"wrote {path}")
+    return 0
+
+
+def format_anchor_table(results: dict) -> str:
+    from .io import number
+
+    r = results["results"]
+    lines = [f"{results['description']}", "", "| codec | quality | bpp | PSNR-RGB (dB) | MS-SSIM | enc (s) | dec (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for i in range(len(r["bpp"])):
+        lines.append(f"| {results['name']} | {r['quality'][i]:g} | {r['bpp'][i]:.4f} | {r['psnr-rgb'][i]:.2f} | "
+                     f"{number(r['ms-ssim-rgb'][i], '.4f')} | {r['encoding_time'][i]:.3f} | "
+                     f"{r['decoding_time'][i]:.3f} |")
+    return "\n".join(lines)
+
+
+def cmd_plot(args) -> int:
+    from .anchors.curves import load_results, resolve
+    from .comparison.plots import plot_curves
+
+    curves = [load_results(r) for r in args.results]
+    refs = [resolve(r, args.dataset) for r in _csv(args.refs or "", str)]
+    out = plot_curves(curves + refs, args.out, args.metric, focus=curves)
+    if args.anchor:
+        for line in bd_rate_lines(curves, [resolve(args.anchor, args.dataset)], args.metric):
+            print(line)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .checkpoint import export_weights
+
+    info = export_weights(args.checkpoint, args.output, use_ema=not args.raw)
+    args_text = ", ".join(f"{k}={v!r}" for k, v in info["arguments"].items())
+    print(f"wrote {args.output}: {info['tensors']} tensors, {info['weights']} weights, coder tables built "
+          f"(lambda {info['lmbda']:g}); load with {info['class']}({args_text}).load_state_dict(torch.load(...))")
+    return 0
+
+
+def _kwargs(text: str) -> dict:
+    """'N=128,M=192' -> {'N': 128, 'M': 192} (values read as YAML: numbers, lists, booleans)."""
+    import yaml
+
+    out = {}
+    for part in (p for p in text.split(",") if p.strip()):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise LictrainError(f"--kwargs takes KEY=VALUE pairs separated by commas, got '{part}'")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def cmd_import(args) -> int:
     from .checkpoint import import_weights
 
-    out = import_weights(args.weights, args.model, args.preset, args.out, args.lmbda, args.metric)
+    out = import_weights(args.weights, args.model, args.preset, args.out, args.lmbda, args.metric,
+                         _kwargs(args.kwargs or ""))
     print(f"wrote {out}: evaluate it with `lictrain eval {out}`, fine-tune with --set train.init_from={out}")
     return 0
 
 
 def cmd_list(args) -> int:
     from .methods import METHODS
-    from .models import ALIASES, MODELS, parameter_count
+    from .models import ALIASES, MODELS, build_model, parameter_count
+    from .models.complexity import SIZE, kmacs_per_pixel
     from .optim import OPTIMIZERS, WRAPPERS
 
-    print(f"models (presets: {'parameters, ' if args.params else ''}arguments):")
+    what = f"parameters, kMACs/pixel of a forward pass at {SIZE}x{SIZE}, " if args.params else ""
+    print(f"models (presets: {what}arguments):")
     for name, spec in MODELS.items():
         alias = [a for a, t in ALIASES.items() if t == name]
         print(f"  {name}{' (alias ' + ', '.join(alias) + ')' if alias else ''}: {spec.description}")
         for preset, kwargs in spec.presets.items():
-            count = f"{parameter_count(name, preset) / 1e6:7.2f}M  " if args.params else ""
+            count = (f"{parameter_count(name, preset) / 1e6:7.2f}M {kmacs_per_pixel(build_model(name, preset)):8.1f}  "
+                     if args.params else "")
             print(f"    {preset:<6} {count}{kwargs}")
     print("optimizers:")
     for name, spec in OPTIMIZERS.items():
@@ -428,7 +588,7 @@ def cmd_list(args) -> int:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "compress": cmd_compress,
             "decompress": cmd_decompress, "demo": cmd_demo, "list": cmd_list, "analyze": cmd_analyze,
-            "ptq": cmd_ptq, "import": cmd_import}
+            "ptq": cmd_ptq, "import": cmd_import, "export": cmd_export, "anchors": cmd_anchors, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

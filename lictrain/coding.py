@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import time
 from array import array
 
 import torch
@@ -75,8 +76,12 @@ _installed = False
 
 def _recording(original, side: str, index_at: int):
     def recorded(coder, *args, **kwargs):
+        t0 = time.perf_counter()
         out = original(coder, *args, **kwargs)
+        seconds = time.perf_counter() - t0
         digests = _ACTIVE.get()
+        for d in digests:
+            d.coder_seconds += seconds
         if digests:
             indexes = kwargs["indexes"] if "indexes" in kwargs else args[index_at]
             symbols = args[0] if side == "encode" else out
@@ -105,7 +110,8 @@ class CodingDigest:
     in the order the decoder decodes them, as every model coded through `Codec` does (decoders may take them in
     smaller pieces, which running hashes of the indexes and of the symbols do not see), so equal digests mean equal
     choices and equal symbols. Only one side is heard: encoders also decode (a hyperprior's z, to compute the
-    decoder's scales)."""
+    decoder's scales). `coder_seconds` sums the time spent inside the rANS coder's calls, both sides: the entropy
+    coding part of an encode or a decode (the rest is the networks and the preparation of symbols)."""
 
     def __init__(self, side: str):
         if side not in ("encode", "decode"):
@@ -114,6 +120,7 @@ class CodingDigest:
         self._indexes = hashlib.blake2b(digest_size=8)
         self._symbols = hashlib.blake2b(digest_size=8)
         self._token = None
+        self.coder_seconds = 0.0
 
     def add(self, indexes, symbols) -> None:
         self._indexes.update(array("i", indexes).tobytes())

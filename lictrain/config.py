@@ -123,6 +123,11 @@ class CompareConfig:
     eval_data: list = field(default_factory=lambda: ["samples:val"])  # folders (or samples specs) for BD-rate
     eval_max_images: int | None = None
     bd_method: str = "akima"  # akima | pchip
+    # the field's anchors on every R-D plot and in a BD-rate table: classical codecs measured on each evaluation set
+    # (lictrain anchors --list), and published curves (vtm, bpg, ...: where published on the same set) or results
+    # files (.json, CompressAI's format)
+    codecs: list = field(default_factory=lambda: ["jpeg"])
+    references: list = field(default_factory=list)
 
 
 @dataclass
@@ -313,6 +318,12 @@ def _yaml_numbers(v: Any) -> Any:
     return v
 
 
+def _codec_names() -> list[str]:
+    from .anchors.codecs import CODECS
+
+    return list(CODECS)
+
+
 def validate(cfg: RunConfig) -> None:
     """Range checks that types alone cannot express."""
     checks = [
@@ -356,6 +367,8 @@ def validate(cfg: RunConfig) -> None:
         (all(isinstance(x, (int, float)) and x > 0 for x in cfg.compare.lambdas), "compare.lambdas must be positive"),
         (all(isinstance(x, int) for x in cfg.compare.seeds), "compare.seeds must be integers"),
         (cfg.compare.bd_method in ("akima", "pchip"), "compare.bd_method must be akima or pchip"),
+        (all(c in _codec_names() for c in cfg.compare.codecs),
+         f"compare.codecs: unknown codec in {cfg.compare.codecs}; codecs: {', '.join(_codec_names())}"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -26,7 +26,7 @@ from .coding import NUMERIC_MODE, CodingDigest, coding_numerics, device_name, ta
 from .checkpoint import (
     checkpoint_config, load_checkpoint, model_from_checkpoint, weights_fingerprint,
 )
-from .io import WritingThrough, write_atomic
+from .io import WritingThrough, strict_json, write_atomic
 from .data import EvalImages, crop_to, load_rgb, pad_to_multiple, to_tensor
 from .errors import LictrainError
 from .losses import MS_SSIM_MIN_SIDE, bpp_from_likelihoods, ms_ssim_value
@@ -50,6 +50,8 @@ class ImageResult:
     ms_ssim_rgb: float
     encoding_time: float
     decoding_time: float
+    encoding_time_coder: float  # of encoding_time, inside the rANS coder (the rest: networks, symbol preparation)
+    decoding_time_coder: float
 
 
 def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +88,7 @@ class Codec:
         self.multiple = downsampling(name)
         self.fingerprint = weights_fingerprint(self.model)
         self.tables = tables_fingerprint(self.model)
+        self.coder_seconds = 0.0
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, use_ema: bool = True, device: str = "cpu") -> "Codec":
@@ -101,6 +104,7 @@ class Codec:
         h, w = x.shape[-2:]
         with coding_numerics(self.device), CodingDigest("encode") as choices:
             out = self.model.compress(pad_to_multiple(x.unsqueeze(0).to(self.device), self.multiple))
+        self.coder_seconds = choices.coder_seconds  # the last call's entropy-coding time
         header = dict(model=self.name, preset=self.preset, metric=self.metric, lmbda=float(self.lmbda),
                       height=int(h), width=int(w), fingerprint=self.fingerprint, device=self.device.type,
                       device_name=device_name(self.device), numeric=NUMERIC_MODE, tables=self.tables,
@@ -134,6 +138,7 @@ class Codec:
         try:
             with coding_numerics(self.device), CodingDigest("decode") as choices:
                 x_hat = self.model.decompress(bs.strings, bs.shape)["x_hat"]
+            self.coder_seconds = choices.coder_seconds
         except Exception as e:  # a structurally valid file whose payload does not fit the model
             raise LictrainError(f"{source} could not be decoded: {str(e).splitlines()[0][:200]}") from None
         if coded and choices.digest() != hd["choices"]:
@@ -155,7 +160,8 @@ def evaluate_image(codec: Codec, x: torch.Tensor, name: str, checkpoint: str = "
     t0 = time.perf_counter()
     bs = codec.compress(x)
     t1 = time.perf_counter()
-    x_hat = codec.decompress(bs)
+    enc_coder = codec.coder_seconds
+    x_hat = codec.decompress(bs)  # ends on the CPU: a GPU's work is finished when the clock is read
     t2 = time.perf_counter()
     nbytes = bs.payload_bytes()
     ms = float("nan")
@@ -164,9 +170,35 @@ def evaluate_image(codec: Codec, x: torch.Tensor, name: str, checkpoint: str = "
     res = ImageResult(
         checkpoint=checkpoint, image=name, lmbda=codec.lmbda, height=h, width=w, bytes=nbytes, bpp=nbytes * 8 / (h * w),
         bpp_estimated=codec.estimated_bpp(x), psnr_rgb=psnr_8bit(x, x_hat), ms_ssim_rgb=ms,
-        encoding_time=t1 - t0, decoding_time=t2 - t1,
+        encoding_time=t1 - t0, decoding_time=t2 - t1, encoding_time_coder=enc_coder,
+        decoding_time_coder=codec.coder_seconds,
     )
     return res, x_hat
+
+
+def cpu_name() -> str:
+    """The CPU's model as the system names it (Linux's /proc/cpuinfo), else the platform's word for it."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def timing_line(summary: dict) -> str:
+    """How the evaluation's times were taken, and the entropy coder's share of them."""
+    r, t = summary["results"], summary.get("timing")
+    if not t or "encoding_time_coder" not in r:
+        return ""
+    enc, dec = sum(r["encoding_time"]), sum(r["decoding_time"])
+    share = lambda part, whole: f"{100 * part / whole:.0f}%" if whole > 0 else "n/a"  # noqa: E731
+    return (f"timing: {t['device']} ({t['device_kind']}), {t['threads']} threads, after {t['warmup_images']} warm-up "
+            f"image; the entropy coder took {share(sum(r['encoding_time_coder']), enc)} of encoding and "
+            f"{share(sum(r['decoding_time_coder']), dec)} of decoding (the rest: networks, symbol preparation)")
 
 
 def evaluate(
@@ -184,13 +216,15 @@ def evaluate(
     rows: list[ImageResult] = []
     points = []
     for label, codec in pairs:
+        evaluate_image(codec, dataset[0], dataset.name(0))  # warm-up, untimed: first calls allocate and tune
         per = []
         for i in tqdm(range(len(dataset)), desc=f"eval lmbda={codec.lmbda}", disable=None if progress else True):
             res, _ = evaluate_image(codec, dataset[i], dataset.name(i), label)
             per.append(res)
         rows += per
         points.append({k: float(np.mean([getattr(r, k) for r in per]))
-                       for k in ("bpp", "bpp_estimated", "psnr_rgb", "ms_ssim_rgb", "encoding_time", "decoding_time")})
+                       for k in ("bpp", "bpp_estimated", "psnr_rgb", "ms_ssim_rgb", "encoding_time", "decoding_time",
+                                 "encoding_time_coder", "decoding_time_coder")})
     out_dir.mkdir(parents=True, exist_ok=True)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(asdict(rows[0])))
@@ -214,9 +248,14 @@ def evaluate(
             "ms-ssim-rgb": [p["ms_ssim_rgb"] for p in points],
             "encoding_time": [p["encoding_time"] for p in points],
             "decoding_time": [p["decoding_time"] for p in points],
+            "encoding_time_coder": [p["encoding_time_coder"] for p in points],
+            "decoding_time_coder": [p["decoding_time_coder"] for p in points],
         },
+        # how the times were taken: per image, after one untimed warm-up image per checkpoint
+        "timing": {"device": device_name(c0.device) if c0.device.type == "cuda" else cpu_name(), "device_kind": c0.device.type, "threads": torch.get_num_threads(),
+                   "warmup_images": 1, "coder": "the *_coder times: inside the rANS coder's calls"},
     }
-    write_atomic(out_dir / "results.json", json.dumps(summary, indent=2))  # last: its presence means done
+    write_atomic(out_dir / "results.json", strict_json(summary, indent=2))  # last: its presence means done
     return summary
 
 

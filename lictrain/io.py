@@ -3,6 +3,8 @@ written (temporary file beside the target, then rename, which POSIX makes atomic
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
 
@@ -72,3 +74,25 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     with WritingThrough(path, tmp):
         tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
         os.replace(tmp, path)
+
+
+def finite_or_none(obj):
+    """`obj` with every non-finite float (NaN, ±inf) replaced by None, lists and dicts walked."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def strict_json(obj, indent: int | None = 2) -> str:
+    """JSON that strict readers accept: Python's json writes NaN and Infinity, which are not JSON; a measurement
+    that does not exist (MS-SSIM of an image too small for it, a PSNR of a lossless decode) is written as null."""
+    return json.dumps(finite_or_none(obj), indent=indent, allow_nan=False)
+
+
+def number(value, spec: str) -> str:
+    """A measurement for a table; 'n/a' where it does not exist (null in strict JSON, NaN in memory)."""
+    return "n/a" if value is None or value != value else format(value, spec)

@@ -30,7 +30,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm import tqdm
 
 from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_state_dict_checked, load_weights
-from .io import remove_stale_temporaries, save_atomic, write_atomic
+from .io import remove_stale_temporaries, save_atomic, strict_json, write_atomic
 from .config import RunConfig, dump_config
 from . import distributed
 from .data import EvalImages, ImageList, crop_to, pad_to_multiple, train_loader
@@ -823,6 +823,6 @@ class Trainer:
                    "skipped_images": [str(p) for p, _ in self.train_images.skipped + self.val_set.skipped],
                    "last_val": last_val}
         if self.dist.is_main:
-            write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            write_atomic(self.run_dir / "summary.json", strict_json(summary, indent=2))
         self.dist.barrier()  # no rank leaves before rank 0 has written the run's last files
         return result

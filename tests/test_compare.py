@@ -35,7 +35,8 @@ def test_compare_runs_summarises_reuses_and_plots(tmp_path, monkeypatch):
     real_savefig = matplotlib.figure.Figure.savefig
 
     def savefig(fig, path, *args, **kwargs):
-        texts[Path(path).name] = [t.get_text() for ax in fig.axes for t in (ax.title, *ax.texts)]
+        texts[Path(path).name] = [t.get_text() for ax in fig.axes for t in (
+            ax.title, *ax.texts, *(ax.get_legend().get_texts() if ax.get_legend() else []))]
         return real_savefig(fig, path, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
@@ -43,6 +44,10 @@ def test_compare_runs_summarises_reuses_and_plots(tmp_path, monkeypatch):
     summary = compare(cfg, tmp_path / "cmp")
     # the R-D plot names each point's lambda and how many images its points average
     assert "R-D on samples-val (1 image)" in texts["rd_samples-val.png"]
+    # JPEG, measured on the same image, beside the recipes (compare.codecs' default), and in the BD-rate table
+    assert "JPEG (measured)" in texts["rd_samples-val.png"]
+    assert summary["field"]["bd_rate"]["samples:val"]["JPEG (measured)"] == {"adam": "unavailable (<4 λ)",
+                                                                             "soap": "unavailable (<4 λ)"}
     lambdas = sorted({p["lmbda"] for p in summary["rd_points"]})
     assert sorted(t for t in texts["rd_samples-val.png"] if t.startswith("λ")) == sorted(
         f"λ {lmbda:g}" for lmbda in lambdas for _ in ("adam", "soap"))
@@ -77,6 +82,7 @@ def test_compare_runs_summarises_reuses_and_plots(tmp_path, monkeypatch):
     assert rows["adam"]["bd_rate"]["samples:val"] is None  # 2 lambdas < 4: unavailable, not extrapolated
     md = (out / "summary.md").read_text()
     assert "| adam | 1.00 | 1.00 |" in md and "unavailable (<4 λ)" in md
+    assert "| recipe | vs JPEG (measured) |" in md
     # the R-D points behind the BD-rates, each the run's own evaluation (results.json in its eval folder)
     assert "Real bitstreams on samples-val (bpp / PSNR-RGB (dB)):" in md
     for p in summary["rd_points"]:

@@ -27,6 +27,8 @@ def test_wheel_holds_the_configs_and_the_licence(wheel):
     for cfg in ("demo", "mini", "bench", "bench-qp", "bench-cmd", "soap-lic"):
         assert f"lictrain/configs/{cfg}.yaml" in names, cfg
     assert any(n.endswith("LICENSE") for n in names)
+    for dataset in ("kodak", "clic2020-professional", "clic2020-mobile"):  # the published curves
+        assert f"lictrain/anchors/published/{dataset}.json" in names, dataset
     assert not any(n.startswith("tests/") for n in names)
 
 

@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 
 from ..checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
-from ..io import write_atomic
+from ..io import strict_json, write_atomic
 from ..config import set_key, validate
 from ..data import EvalImages
 from ..errors import LictrainError
@@ -83,7 +83,7 @@ def conflicts(checkpoint: str, optimizers: list[str], out: Path, steps: int = 20
         lines.append(f"| {opt} | {m['intra_mean']:.3f} ± {m['intra_std']:.3f} | {m['inter_mean']:.3f} ± "
                      f"{m['inter_std']:.3f} | {m['intra_first']:.3f} / {m['inter_first']:.3f} |")
     write_atomic(out / "conflicts.md", "\n".join(lines) + "\n")
-    write_atomic(out / "conflicts.json", json.dumps({"checkpoint": str(checkpoint), "lr": lr, "steps": steps,
+    write_atomic(out / "conflicts.json", strict_json({"checkpoint": str(checkpoint), "lr": lr, "steps": steps,
                                                      "summary": summary, "series": series}, indent=2))
     plot_series({opt: {"intra_cos": (s["steps"], s["intra"]), "inter_cos": (s["inter_steps"], s["inter"])}
                  for opt, s in series.items()}, out / "conflicts.png",
@@ -137,7 +137,7 @@ def outliers(checkpoints: list[str], data: str, out: Path, layer: str | None = D
             cells += f" {r['act_kurt']:.2f} | {r['act_maxmed']:.2f} |"
         lines.append(cells)
     write_atomic(out / "outliers.md", "\n".join(lines) + "\n")
-    write_atomic(out / "outliers.json", json.dumps(rows, indent=2))
+    write_atomic(out / "outliers.json", strict_json(rows, indent=2))
     for i in range(min(maps, len(images))):
         save_deviation_figure(out / f"deviation_{i}.png", images[i], {n: m[i] for n, m in all_maps.items()},
                               title=images.name(i) if hasattr(images, "name") else f"image {i}")

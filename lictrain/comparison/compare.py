@@ -23,13 +23,14 @@ from ..config import RunConfig, config_from_dict, set_key, validate
 from ..data import active_spec, canonical_split_spelling, resolve_image_files, set_name
 from ..errors import LictrainError
 from ..evaluation import evaluate
-from ..io import write_atomic
+from ..io import strict_json, write_atomic
 from ..losses import ms_ssim_db
 from ..recipes import RECIPES
 from ..schedule import finish_state
 from ..trainer import train
 from .figures import (TIME_SPREAD_FLAG, BDRateUnavailable, bd_rate, converged_loss, mean_and_spread, read_val_curve,
                       read_val_records, time_spread, to_anchor)
+from .field import bd_against, field_markdown, reference_curves
 from .plots import plot_compare
 
 log = logging.getLogger("lictrain")
@@ -156,7 +157,7 @@ def evaluate_or_reuse(run: Run, spec: str, max_images: int | None) -> dict:
             pass
     data = evaluate([run.run_dir / "checkpoint.pt"], spec, out, name=run.recipe, max_images=max_images)
     data["lictrain"] = stamp
-    write_atomic(results, json.dumps(data, indent=2))
+    write_atomic(results, strict_json(data, indent=2))
     return data
 
 
@@ -175,13 +176,21 @@ def compare(base: RunConfig, out_dir: str | Path) -> dict:
     summary = summarize(runs, points, settings.recipes, settings.eval_data, settings.bd_method)
     summary["quality"] = QUALITY_LABELS[metric]
     summary["data"] = data_roles(base)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
-    write_atomic(out_dir / "summary.md", summary_markdown(summary))
     images = {spec: len(resolve_image_files(spec)[:settings.eval_max_images]) for spec in settings.eval_data}
+    refs, notes = reference_curves(settings.codecs, settings.references, settings.eval_data, out_dir, images,
+                                   settings.eval_max_images)
+    measure = "psnr" if metric == "mse" else "ms-ssim"
+    summary["field"] = {"bd_rate": bd_against(points, settings.recipes, summary["seeds"], refs, measure,
+                                              settings.bd_method),
+                        "curves": {spec: [{"label": c.label, "source": c.source} for c in cs]
+                                   for spec, cs in refs.items()},
+                        "notes": notes}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "summary.json", strict_json(summary, indent=2))
+    write_atomic(out_dir / "summary.md", summary_markdown(summary))
     summary["plots"] = [str(p) for p in plot_compare(runs, points, settings.eval_data, out_dir, summary["quality"],
-                                                     images)]
-    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+                                                     images, refs)]
+    write_atomic(out_dir / "summary.json", strict_json(summary, indent=2))
     return summary
 
 
@@ -331,6 +340,7 @@ def summary_markdown(summary: dict) -> str:
         lines.append(f"| {row['recipe']} | {_cell_ratio(row, 'steps_to_anchor')} | {_cell_ratio(row, 'time_to_anchor')}"
                      f" | {' | '.join(bd_cells)} | {f'{avg:+.2f}%' if avg is not None else 'unavailable'} |")
     lines += rd_table(summary)
+    lines += field_markdown(summary.get("field") or {})
     for spec, values in (summary.get("noise_floor") or {}).items():
         if values:
             cells = ", ".join(f"seed {k}: " + (f"{v:+.2f}%" if isinstance(v, float) else v) for k, v in values.items())

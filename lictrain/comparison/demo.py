@@ -10,6 +10,7 @@ from pathlib import Path
 from .compare import compare, evaluate_or_reuse, plan_runs, summary_markdown
 from ..config import load_config
 from .plots import plot_run
+from ..io import number
 
 log = logging.getLogger("lictrain")
 
@@ -35,7 +36,7 @@ def run_demo(config: str, overrides: list[str], out_dir: str) -> dict:
         for spec in cc.eval_data:
             r = evaluate_or_reuse(run, spec, cc.eval_max_images)["results"]  # made by compare(): read back
             print(f"| {run.recipe} | {run.lmbda:g} | {r['bpp'][0]:.4f} | {r['psnr-rgb'][0]:.2f} | "
-                  f"{r['ms-ssim-rgb'][0]:.4f} |")
+                  f"{number(r['ms-ssim-rgb'][0], '.4f')} |")
     print(f"\n{time.perf_counter() - t0:.0f} s. Plots: " + ", ".join(summary["plots"]))
     print(f"Summary: {out / 'summary.md'}, {out / 'summary.json'}")
     return summary

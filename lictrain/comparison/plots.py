@@ -8,6 +8,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
+from ..anchors.curves import Curve
 from ..data import set_name
 from .figures import converged_loss, read_val_curve
 
@@ -52,11 +53,63 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, title: str = "") -> 
     return out_png
 
 
+REFERENCE_STYLES = [dict(color="0.25", ls="--", marker="x"), dict(color="0.5", ls=":", marker="+"),
+                    dict(color="0.15", ls="-.", marker="1"), dict(color="0.6", ls="--", marker="2"),
+                    dict(color="0.35", ls=":", marker="3")]
+
+
+def draw_reference(ax, curve: Curve, metric: str, i: int) -> None:
+    """A classical codec's or a published curve, grey and dashed beside the models' coloured lines."""
+    bpp, q = curve.points(metric)
+    if bpp:
+        ax.plot(bpp, q, lw=1.2, ms=5, label=curve.label, **REFERENCE_STYLES[i % len(REFERENCE_STYLES)])
+
+
+def focus_limits(ax, xs: list[float], ys_by_x: list[tuple[list[float], list[float]]]) -> None:
+    """Axis limits around the models' points (`xs`), with the references' points that fall in that bpp range:
+    a codec swept from 0.1 to 4 bpp must not shrink the models' curves to a corner."""
+    lo, hi = min(xs), max(xs)
+    pad = 0.15 * (hi - lo or hi or 1.0)
+    x0, x1 = max(0.0, lo - pad), hi + pad
+    ys = [y for bx, by in ys_by_x for x, y in zip(bx, by) if x0 <= x <= x1]
+    if ys:
+        ypad = 0.08 * (max(ys) - min(ys) or 1.0)
+        ax.set_ylim(min(ys) - ypad, max(ys) + ypad)
+    ax.set_xlim(x0, x1)
+
+
+def plot_curves(curves: list[Curve], out_png: str | Path, metric: str = "psnr", title: str = "",
+                focus: list[Curve] | None = None) -> Path:
+    """Any R-D curves on one figure (`lictrain plot`): the ones in `focus` in colour and setting the axis limits,
+    the others (anchors) grey and dashed."""
+    focus = focus if focus is not None else curves
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    refs = [c for c in curves if c not in focus]
+    for i, c in enumerate(focus):
+        bpp, q = c.points(metric)
+        ax.plot(bpp, q, "o-", color=f"C{i}", ms=4, label=c.label)
+    for i, c in enumerate(refs):
+        draw_reference(ax, c, metric, i)
+    shown = [c.points(metric) for c in focus]
+    if any(b for b, _ in shown):
+        focus_limits(ax, [x for b, _ in shown for x in b], [c.points(metric) for c in curves])
+    ax.set(xlabel="bpp", ylabel="PSNR-RGB (dB)" if metric == "psnr" else "MS-SSIM-RGB (dB)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
 def plot_compare(runs, points: dict, eval_sets: list[str], out_dir: Path, quality: str = "PSNR-RGB (dB)",
-                 images: dict | None = None) -> list[Path]:
+                 images: dict | None = None, references: dict | None = None) -> list[Path]:
     """Validation R-D loss against steps and against training time (a panel per lambda, the anchor's target
     dashed), and R-D curves (`quality`, PSNR or MS-SSIM in dB, against bpp, each point labelled with its lambda)
-    per evaluation set; `images`: the number of images each set's points average (named in the title)."""
+    per evaluation set, with the set's `references` (curves: measured classical codecs, published curves) grey and
+    dashed; `images`: the number of images each set's points average (named in the title)."""
     out_dir = Path(out_dir)
     recipes = list(dict.fromkeys(r.recipe for r in runs))
     lambdas = sorted({r.lmbda for r in runs})
@@ -85,20 +138,28 @@ def plot_compare(runs, points: dict, eval_sets: list[str], out_dir: Path, qualit
         plt.close(fig)
         written.append(out_dir / fname)
     for spec in eval_sets:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
+        fig, ax = plt.subplots(figsize=(6.5, 4.8))
+        shown = []
         for name in recipes:
             seeds = sorted({s for (n, s, e) in points if n == name and e == spec})
             curves = [sorted(points[(name, s, spec)]) for s in seeds]
             bpp = np.mean([[p[1] for p in c] for c in curves], axis=0)
             psnr = np.mean([[p[2] for p in c] for c in curves], axis=0)
             ax.plot(bpp, psnr, "o-", color=colors[name], label=name)
+            shown.append((list(bpp), list(psnr)))
             for (lmbda, _, _), x, y in zip(curves[0], bpp, psnr):
                 ax.annotate(f"λ {lmbda:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7,
                             color=colors[name])
+        metric = "psnr" if quality.startswith("PSNR") else "ms-ssim"
+        refs = (references or {}).get(spec, [])
+        for i, curve in enumerate(refs):
+            draw_reference(ax, curve, metric, i)
+        if refs and shown:
+            focus_limits(ax, [x for b, _ in shown for x in b], shown + [c.points(metric) for c in refs])
         count = f" ({images[spec]} image{'' if images[spec] == 1 else 's'})" if images and spec in images else ""
         ax.set(xlabel="bpp (real bitstreams)", ylabel=quality, title=f"R-D on {set_name(spec)}{count}")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / f"rd_{set_name(spec)}.png"
         fig.savefig(path, dpi=110)

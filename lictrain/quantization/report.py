@@ -15,7 +15,7 @@ from ..checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoi
 from ..comparison.figures import BDRateUnavailable, bd_rate
 from ..data import EvalImages
 from ..evaluation import evaluate
-from ..io import write_atomic
+from ..io import strict_json, write_atomic
 from ..models import downsampling
 from .ptq import calibration_batch, quantize_checkpoint
 
@@ -98,7 +98,7 @@ def ptq_report(checkpoints: list[str], calib: str, eval_data: str, out_dir: str 
     summary = {"eval_data": eval_data, "calib": calib, "calib_images": calib_images, "calib_crop": calib_crop,
                "iters": iters, "keep_float": list(keep_float), "rows": rows, "outliers": table2,
                "min_targets_per_weight": min_targets_per_weight, "adaround_layers": adarounded}
-    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+    write_atomic(out_dir / "summary.json", strict_json(summary, indent=2))
     write_atomic(out_dir / "summary.md", format_summary(summary))
     return summary
 
