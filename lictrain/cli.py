@@ -362,9 +362,13 @@ def cmd_eval(args) -> int:
     if args.anchor:
         from .anchors.curves import curve_from_results, resolve
 
+        from .comparison.plots import plot_curves
+
         curve = curve_from_results(summary, summary["name"], "this evaluation")
-        for line in bd_rate_lines([curve], [resolve(a, set_name(args.data)) for a in args.anchor]):
+        anchors = [resolve(a, set_name(args.data)) for a in args.anchor]
+        for line in bd_rate_lines([curve], anchors):
             print(line)
+        print(f"wrote {plot_curves([curve, *anchors], Path(out) / 'rd.png', focus=[curve])}")
     print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'per_image.csv'}")
     return 0
 

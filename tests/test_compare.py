@@ -92,7 +92,7 @@ def test_compare_runs_summarises_reuses_and_plots(tmp_path, monkeypatch):
         assert (p["bpp"], p["quality"]) == (r["bpp"][0], r["psnr-rgb"][0])
         assert f"{p['bpp']:.4f} / {p['quality']:.3f}" in md
     assert len(summary["rd_points"]) == 4
-    for png in ("loss_vs_steps.png", "loss_vs_time.png", "rd_samples-val.png"):
+    for png in ("loss_vs_steps.png", "loss_vs_time.png", "rd_samples-val.png", "rd_samples-val_ms-ssim.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "summary.json").read_text())["anchor"] == "adam"
     # every row says whether its run finished learning (plateau, 6 steps: no LR cut, so "not converged"), and the

@@ -142,7 +142,7 @@ def test_strict_json_writes_null_for_what_does_not_exist():
         strict_load(json.dumps({"x": float("nan")}))  # what Python's json writes by default
 
 
-def test_evaluating_images_too_small_for_ms_ssim_writes_valid_json(tmp_path):
+def test_evaluating_images_too_small_for_ms_ssim_writes_valid_json(tmp_path, capsys):
     import lictrain
     from tests.conftest import tiny_config
 
@@ -153,6 +153,15 @@ def test_evaluating_images_too_small_for_ms_ssim_writes_valid_json(tmp_path):
                  "--out", str(tmp_path / "ev")]) == 0
     data = strict_load((tmp_path / "ev" / "results.json").read_text())
     assert data["results"]["ms-ssim-rgb"] == [None]
+    # a results file as the anchor: the BD-rate line (one point: unavailable, not extrapolated) and the R-D plot
+    (tmp_path / "ref.json").write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "small.png"), "--out", str(tmp_path / "ev2"),
+                 "--anchor", str(tmp_path / "ref.json")]) == 0
+    assert "vs mbt2018-mean-tiny: unavailable (<4 λ)" in capsys.readouterr().out
+    assert (tmp_path / "ev2" / "rd.png").exists()
+    assert main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "small.png"), "--anchor", "vtm"]) == 2
+    assert "no published curves for 'small.png'" in capsys.readouterr().err
     t = data["timing"]
     assert t["threads"] == torch.get_num_threads() and t["warmup_images"] == 1 and t["device_kind"] == "cpu"
     r = data["results"]

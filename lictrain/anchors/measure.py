@@ -154,7 +154,7 @@ def measure_or_reuse(codec: ClassicalCodec, data: str, out_dir: Path, max_images
     """The codec's default sweep on `data`, kept in OUT_DIR and reused while the set, the limit, the sweep and the
     library version are the same (a compare measures its anchors once)."""
     stamp = {"spec": active_spec(data), "max_images": max_images, "qualities": list(codec.qualities),
-             "version": codec.version()}
+             "version": codec.version(), "settings": codec.settings}
     key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:6]
     path = Path(out_dir) / f"{codec.name}-{key}.json"
     if path.exists():

@@ -169,10 +169,14 @@ def compare(base: RunConfig, out_dir: str | Path) -> dict:
         train_or_reuse(run)
     points: dict = {}  # (recipe, seed, eval set) -> list of (lmbda, bpp, quality: PSNR or MS-SSIM in dB)
     metric = base.loss.metric
+    other = "ms-ssim" if metric == "mse" else "mse"
+    other_points: dict = {}  # the same, with the other quality measure, for a second R-D plot
     for run in runs:
         for spec in settings.eval_data:
             r = evaluate_or_reuse(run, spec, settings.eval_max_images)["results"]
             points.setdefault((run.recipe, run.seed, spec), []).append((run.lmbda, r["bpp"][0], quality(r, metric)))
+            other_points.setdefault((run.recipe, run.seed, spec), []).append(
+                (run.lmbda, r["bpp"][0], quality(r, other)))
     summary = summarize(runs, points, settings.recipes, settings.eval_data, settings.bd_method)
     summary["quality"] = QUALITY_LABELS[metric]
     summary["data"] = data_roles(base)
@@ -189,7 +193,7 @@ def compare(base: RunConfig, out_dir: str | Path) -> dict:
     write_atomic(out_dir / "summary.json", strict_json(summary, indent=2))
     write_atomic(out_dir / "summary.md", summary_markdown(summary))
     summary["plots"] = [str(p) for p in plot_compare(runs, points, settings.eval_data, out_dir, summary["quality"],
-                                                     images, refs)]
+                                                     images, refs, (other_points, QUALITY_LABELS[other]))]
     write_atomic(out_dir / "summary.json", strict_json(summary, indent=2))
     return summary
 
@@ -200,7 +204,10 @@ QUALITY_LABELS = {"mse": "PSNR-RGB (dB)", "ms-ssim": "MS-SSIM-RGB (dB)"}
 def quality(results: dict, metric: str) -> float:
     """The first point's quality in a results.json: PSNR for MSE-trained runs, MS-SSIM in dB for MS-SSIM ones (the
     metric each is trained for, as the papers plot them)."""
-    return results["psnr-rgb"][0] if metric == "mse" else ms_ssim_db(results["ms-ssim-rgb"][0])
+    if metric == "mse":
+        return results["psnr-rgb"][0]
+    value = results["ms-ssim-rgb"][0]
+    return None if value is None or value != value else ms_ssim_db(value)  # null: images too small for MS-SSIM
 
 
 def data_roles(cfg: RunConfig) -> dict:

@@ -65,6 +65,14 @@ def draw_reference(ax, curve: Curve, metric: str, i: int) -> None:
         ax.plot(bpp, q, lw=1.2, ms=5, label=curve.label, **REFERENCE_STYLES[i % len(REFERENCE_STYLES)])
 
 
+def legend_beside(ax, crowded: bool) -> None:
+    """With anchors on the plot, the legend goes beside the axes: inside, it would cover the models' points."""
+    if crowded:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=8)
+
+
 def focus_limits(ax, xs: list[float], ys_by_x: list[tuple[list[float], list[float]]]) -> None:
     """Axis limits around the models' points (`xs`), with the references' points that fall in that bpp range:
     a codec swept from 0.1 to 4 bpp must not shrink the models' curves to a corner."""
@@ -83,8 +91,8 @@ def plot_curves(curves: list[Curve], out_png: str | Path, metric: str = "psnr", 
     """Any R-D curves on one figure (`lictrain plot`): the ones in `focus` in colour and setting the axis limits,
     the others (anchors) grey and dashed."""
     focus = focus if focus is not None else curves
-    fig, ax = plt.subplots(figsize=(6.5, 4.8))
     refs = [c for c in curves if c not in focus]
+    fig, ax = plt.subplots(figsize=(9.5 if refs else 6.5, 4.8))
     for i, c in enumerate(focus):
         bpp, q = c.points(metric)
         ax.plot(bpp, q, "o-", color=f"C{i}", ms=4, label=c.label)
@@ -95,7 +103,7 @@ def plot_curves(curves: list[Curve], out_png: str | Path, metric: str = "psnr", 
         focus_limits(ax, [x for b, _ in shown for x in b], [c.points(metric) for c in curves])
     ax.set(xlabel="bpp", ylabel="PSNR-RGB (dB)" if metric == "psnr" else "MS-SSIM-RGB (dB)", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    legend_beside(ax, crowded=bool(refs))
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -105,11 +113,12 @@ def plot_curves(curves: list[Curve], out_png: str | Path, metric: str = "psnr", 
 
 
 def plot_compare(runs, points: dict, eval_sets: list[str], out_dir: Path, quality: str = "PSNR-RGB (dB)",
-                 images: dict | None = None, references: dict | None = None) -> list[Path]:
+                 images: dict | None = None, references: dict | None = None, also: tuple | None = None) -> list[Path]:
     """Validation R-D loss against steps and against training time (a panel per lambda, the anchor's target
     dashed), and R-D curves (`quality`, PSNR or MS-SSIM in dB, against bpp, each point labelled with its lambda)
     per evaluation set, with the set's `references` (curves: measured classical codecs, published curves) grey and
-    dashed; `images`: the number of images each set's points average (named in the title)."""
+    dashed; `images`: the number of images each set's points average (named in the title); `also`: (points,
+    quality label) of a second quality measure, plotted the same way."""
     out_dir = Path(out_dir)
     recipes = list(dict.fromkeys(r.recipe for r in runs))
     lambdas = sorted({r.lmbda for r in runs})
@@ -137,8 +146,26 @@ def plot_compare(runs, points: dict, eval_sets: list[str], out_dir: Path, qualit
         fig.savefig(out_dir / fname, dpi=110)
         plt.close(fig)
         written.append(out_dir / fname)
+    written += plot_rd(points, recipes, colors, eval_sets, out_dir, quality, images, references)
+    if also is not None:  # the other quality measure (MS-SSIM for MSE-trained runs, PSNR for MS-SSIM ones)
+        other_points, other_quality = also
+        suffix = "_ms-ssim" if other_quality.startswith("MS-SSIM") else "_psnr"
+        written += plot_rd(other_points, recipes, colors, eval_sets, out_dir, other_quality, images, references,
+                           suffix)
+    return written
+
+
+def plot_rd(points: dict, recipes: list[str], colors: dict, eval_sets: list[str], out_dir: Path, quality: str,
+            images: dict | None, references: dict | None, suffix: str = "") -> list[Path]:
+    """An R-D plot per evaluation set: each recipe's curve (mean over seeds, points labelled with their lambda), the
+    set's references grey and dashed; rd_<set><suffix>.png. A set where some point lacks the quality (MS-SSIM of
+    images too small for it) gets no plot."""
+    written = []
     for spec in eval_sets:
-        fig, ax = plt.subplots(figsize=(6.5, 4.8))
+        if any(p[2] is None for (n, s, e), pts in points.items() if e == spec for p in pts):
+            continue
+        refs = (references or {}).get(spec, [])
+        fig, ax = plt.subplots(figsize=(9.5 if refs else 6.5, 4.8))
         shown = []
         for name in recipes:
             seeds = sorted({s for (n, s, e) in points if n == name and e == spec})
@@ -151,7 +178,6 @@ def plot_compare(runs, points: dict, eval_sets: list[str], out_dir: Path, qualit
                 ax.annotate(f"λ {lmbda:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7,
                             color=colors[name])
         metric = "psnr" if quality.startswith("PSNR") else "ms-ssim"
-        refs = (references or {}).get(spec, [])
         for i, curve in enumerate(refs):
             draw_reference(ax, curve, metric, i)
         if refs and shown:
@@ -159,9 +185,9 @@ def plot_compare(runs, points: dict, eval_sets: list[str], out_dir: Path, qualit
         count = f" ({images[spec]} image{'' if images[spec] == 1 else 's'})" if images and spec in images else ""
         ax.set(xlabel="bpp (real bitstreams)", ylabel=quality, title=f"R-D on {set_name(spec)}{count}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        legend_beside(ax, crowded=bool(refs))
         fig.tight_layout()
-        path = out_dir / f"rd_{set_name(spec)}.png"
+        path = out_dir / f"rd_{set_name(spec)}{suffix}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
