@@ -136,7 +136,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(strict_json(record, indent=None) + "\n")  # a NaN loss as null: strict JSON Lines
         if self.tb is not None:
             kind = record["kind"]
             for k, v in record.items():

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -139,6 +140,25 @@ def test_nan_loss_skips_the_step_and_never_reaches_weights(tmp_path, monkeypatch
     for k, v in initial.items():
         if not k.endswith("quantiles"):  # the auxiliary quantile step does not depend on the image
             assert torch.equal(v, final[k]), k
+
+
+def test_a_non_finite_metric_is_logged_as_null_and_read_back_as_nan(tmp_path):
+    from lictrain.comparison.figures import read_val_curve
+    from lictrain.io import metrics_record
+    from lictrain.trainer import MetricsLog
+
+    def refuse(name):
+        raise ValueError(name)
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", None)
+    log.write({"kind": "val", "step": 5, "train_time": 1.0, "loss": float("nan"), "bpp": float("inf")})
+    log.write({"kind": "val", "step": 6, "train_time": 2.0, "loss": 0.5, "bpp": 0.2})
+    log.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0], parse_constant=refuse)["loss"] is None  # strict JSON Lines: no NaN literal
+    assert math.isnan(metrics_record(lines[0])["loss"]) and math.isnan(metrics_record(lines[0])["bpp"])
+    curve = read_val_curve(tmp_path / "metrics.jsonl")
+    assert math.isnan(curve[0].loss) and curve[1].loss == 0.5
 
 
 def test_isolated_nan_steps_are_counted_and_training_goes_on(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 
 from ..checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
-from ..io import strict_json, write_atomic
+from ..io import metrics_record, strict_json, write_atomic
 from ..config import set_key, validate
 from ..data import EvalImages
 from ..errors import LictrainError
@@ -31,7 +31,7 @@ def read_probes(run_dir: Path) -> list[dict]:
     rows = []
     for ln in path.read_text().splitlines():
         try:
-            r = json.loads(ln)
+            r = metrics_record(ln)
         except ValueError:
             continue
         if r.get("kind") == "probe":

@@ -19,13 +19,14 @@ Definitions (used by `lictrain compare`):
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..io import metrics_record
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def read_val_records(metrics_jsonl: str | Path) -> list[dict]:
     records = []
     for line in Path(metrics_jsonl).read_text().splitlines():
         if line.strip():
-            r = json.loads(line)
+            r = metrics_record(line)
             if r.get("kind") == "val" and not r.get("interrupted"):
                 records.append(r)
     return records

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -10,6 +9,7 @@ import numpy as np
 
 from ..anchors.curves import Curve
 from ..data import set_name
+from ..io import metrics_record
 from .figures import converged_loss, read_val_curve
 
 matplotlib.use("Agg")
@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    return [metrics_record(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
 def plot_run(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path:
