@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .config import RunConfig, config_from_dict
+from .config import RunConfig, config_from_saved
 from .errors import LictrainError
 from .models import build_model
 
@@ -77,10 +77,8 @@ def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
 
 
 def checkpoint_config(ckpt: dict) -> RunConfig:
-    d = ckpt["config"]
-    if "order" not in d.get("data", {}):  # made before data.order existed: it trained on the per-epoch shuffle
-        d = {**d, "data": {**d.get("data", {}), "order": "shuffle"}}
-    return config_from_dict(d)
+    """The run's config; keys added since it was saved take what they meant then (data.order: the shuffle)."""
+    return config_from_saved(ckpt["config"])
 
 
 def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> nn.Module:

@@ -261,13 +261,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# What may change when a run is resumed: how long and how it is watched, not what it computes per step.
-RESUME_KEYS = {"train.steps", "train.val_every", "train.ckpt_every", "train.log_every", "train.progress",
-               "train.tensorboard", "train.max_consecutive_skips", "train.compile", "train.deterministic", "device",
-               "data.workers", "data.cache_mb",
-               "probe.conflicts_every", "probe.conflicts_per_layer", "probe.outliers_every", "probe.outliers_images"}
-
-
 def cmd_analyze(args) -> int:
     from .analysis import commands
 
@@ -291,7 +284,7 @@ def cmd_analyze(args) -> int:
 
 def cmd_train(args) -> int:
     from .checkpoint import checkpoint_config, load_checkpoint
-    from .config import load_config, set_key, validate, parse_override
+    from .config import check_resume, load_config, set_key, validate, parse_override
     from .trainer import train
 
     if args.resume:
@@ -306,11 +299,8 @@ def cmd_train(args) -> int:
         cfg = checkpoint_config(ckpt)
         cfg.run_dir = str(args.resume)
         for o in args.overrides:
-            key, value = parse_override(o)
-            if key not in RESUME_KEYS:
-                raise LictrainError(f"'{key}' cannot change when resuming (the checkpoint was made with another "
-                                    f"value); keys that can: {', '.join(sorted(RESUME_KEYS))}")
-            set_key(cfg, key, value)
+            set_key(cfg, *parse_override(o))
+        check_resume(checkpoint_config(ckpt), cfg)  # the keys' own policy (config.setting); the trainer checks again
         validate(cfg)
     else:
         from .recipes import recipe_overrides

@@ -21,6 +21,25 @@ from .errors import LictrainError
 LAMBDAS_MSE = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483)  # CompressAI's six quality points (MSE)
 
 
+def setting(default: Any = dataclasses.MISSING, *, factory: Any = None, identity: bool = True, resume: bool = False,
+            absent: Any = dataclasses.MISSING) -> Any:
+    """A config field that carries its own policy (read by identity() and check_resume()):
+    - identity: the value changes what a run computes, so it is part of the run's identity (compare reuses a stored
+      run only when its identity matches);
+    - resume: the value may change when a run is resumed (how long it runs and how it is watched, not what a step
+      computes);
+    - absent: what a config written before this key existed meant (a saved checkpoint's config without it). By
+      default the default; a key whose default changes must pin its old default here, so that stored runs keep
+      their meaning and their identity (tests/test_config.py checks the pins against tests/data/config_baselines.json).
+    A section (a dataclass field of RunConfig) may carry identity/resume for all its keys."""
+    meta = {"identity": identity, "resume": resume}
+    if absent is not dataclasses.MISSING:
+        meta["absent"] = absent
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ModelConfig:
     name: str = "mbt2018-mean"  # a registered model (lictrain list) or an import path package.module:ClassName
@@ -36,13 +55,13 @@ class DataConfig:
     batch_size: int = 8
     val_crop: int | None = None  # centre-crop validation images to this side (None: whole images)
     val_max_images: int | None = None  # validate on the first N images only (None: all)
-    workers: int | None = None  # DataLoader worker processes; None: 0 on the CPU, up to 8 per process on CUDA
+    workers: int | None = setting(None, identity=False, resume=True)  # DataLoader worker processes; None: 0 on the CPU, up to 8 per process on CUDA
     # which image each training sample crops: iid (drawn uniformly for every sample) or shuffle (a fresh permutation
     # every epoch, as DataLoader(shuffle=True)). iid by measurement: on a small training set (the benchmark's 136
     # photos) it trains Adam 8-12% better at three of four lambdas (within noise at the fourth); on a large one
     # the two agree. See README, "Data order"
-    order: str = "iid"
-    cache_mb: int = 2048  # decode training images once and keep them in RAM when they fit in this budget
+    order: str = setting("iid", absent="shuffle")  # configs saved before this key trained on the shuffle
+    cache_mb: int = setting(2048, identity=False, resume=True)  # decode training images once and keep them in RAM when they fit in this budget
 
 
 @dataclass
@@ -67,7 +86,7 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000
+    steps: int = setting(2000, resume=True)
     clip_max_norm: float = 1.0  # 0 disables clipping (the norm is still checked for NaN/Inf)
     ema_decay: float = 0.999  # 0 disables the EMA; validation and the saved model use the EMA weights
     warmup_steps: int = 0  # linear learning-rate warm-up
@@ -76,30 +95,30 @@ class TrainConfig:
     # what init_from carries over: "weights" (its EMA weights when it kept one; fresh optimizer) or
     # "weights+optimizer" (its raw weights with the optimizer moments that belong to them; same optimizer needed)
     init_state: str = "weights"
-    val_every: int = 100
-    ckpt_every: int = 500
-    log_every: int = 10  # training-loss lines in metrics.jsonl
+    val_every: int = setting(100, resume=True)
+    ckpt_every: int = setting(500, resume=True)
+    log_every: int = setting(10, resume=True)  # training-loss lines in metrics.jsonl
     schedule: str = "plateau"  # plateau | cosine | step (lictrain/schedule.py)
     decay_start: float = 0.8  # cosine/step: the decay begins at this fraction of train.steps
     final_lr_factor: float = 0.1  # cosine/step: the last step's lr is lr0 times this
     plateau_patience: int = 10  # ReduceLROnPlateau on the validation loss, counted in validations
     plateau_factor: float = 0.5
     min_lr: float = 0.0
-    max_consecutive_skips: int = 10  # stop after this many non-finite steps in a row
+    max_consecutive_skips: int = setting(10, resume=True)  # stop after this many non-finite steps in a row
     # GPU path (lictrain/precision.py). precision: fp32 | bf16 | fp16 (autocast for the transforms; parameters,
     # gradients, optimizer states and the entropy models stay fp32; fp16 adds a GradScaler, standard method only)
     precision: str = "fp32"
     tf32: bool = True  # TF32 for fp32 convolutions and matrix products on CUDA (SOAP's own products stay full fp32)
     # deterministic algorithms (cuDNN, cuBLAS, attention): a resumed run repeats the uninterrupted one bit for bit on
     # CUDA too, at some speed (see README, "Exact resume"); an op with no deterministic form raises
-    deterministic: bool = False
-    compile: bool | str = False  # torch.compile the model's training forward: true (inductor) or a backend name
+    deterministic: bool = setting(False, resume=True)
+    compile: bool | str = setting(False, resume=True)  # torch.compile the model's training forward: true (inductor) or a backend name
     # what a non-finite loss or gradient does: skip (the step is not taken; one host synchronisation per step) or
     # zero (decided on the device: the gradient is zeroed, so the optimizer takes a step on a zero gradient, and
     # the count is read at log steps: no synchronisation); auto: zero on CUDA with the standard method, else skip
     nonfinite: str = "auto"
-    tensorboard: bool = False
-    progress: bool = True  # progress bar (only drawn on a terminal)
+    tensorboard: bool = setting(False, identity=False, resume=True)
+    progress: bool = setting(True, identity=False, resume=True)  # progress bar (only drawn on a terminal)
 
 
 @dataclass
@@ -132,17 +151,18 @@ class CompareConfig:
 
 @dataclass
 class RunConfig:
-    run_dir: str = "runs/default"
+    run_dir: str = setting("runs/default", identity=False, resume=True)
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = setting("auto", resume=True)  # auto | cpu | cuda | cuda:N
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    compare: CompareConfig = field(default_factory=CompareConfig)
+    # read-only measurements, and what compare does with runs: neither changes what a run computes
+    probe: ProbeConfig = setting(factory=ProbeConfig, identity=False, resume=True)
+    compare: CompareConfig = setting(factory=CompareConfig, identity=False, resume=True)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -159,6 +179,87 @@ def valid_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
         else:
             keys.append(prefix + f.name)
     return keys
+
+
+def _policies(cls: type = RunConfig, prefix: str = "", inherited: dict | None = None) -> dict[str, dict]:
+    """Every dotted key's policy: {identity, resume, baseline} (setting()'s metadata, a section's for its keys)."""
+    out = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = {"identity": True, "resume": False, **(inherited or {}),
+                **{k: v for k, v in f.metadata.items() if k in ("identity", "resume")}}
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            out.update(_policies(t, prefix + f.name + ".", meta))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out[prefix + f.name] = {**meta, "baseline": f.metadata.get("absent", default), "pinned": "absent" in f.metadata}
+    return out
+
+
+POLICIES = _policies()
+
+
+def get_key(cfg: RunConfig, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _canonical(key: str, value: Any) -> Any:
+    """A value as identity compares it: a data spec by the alternative in use, in its first spelling."""
+    if key in ("data.train", "data.val") and isinstance(value, str):
+        from .data import active_spec, canonical_split_spelling
+
+        return canonical_split_spelling(active_spec(value))
+    return value
+
+
+def identity(cfg: RunConfig) -> dict:
+    """What makes a run what it is: every identity key whose value differs from its baseline (so a key added later,
+    at its default, leaves every stored run's identity as it was)."""
+    out = {}
+    for key, policy in POLICIES.items():
+        if not policy["identity"]:
+            continue
+        value = _canonical(key, get_key(cfg, key))
+        if value != _canonical(key, policy["baseline"]):
+            out[key] = value
+    return out
+
+
+def identity_hash(cfg: RunConfig) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def resumable_keys() -> list[str]:
+    return sorted(k for k, p in POLICIES.items() if p["resume"] and not k.startswith(("compare.", "probe.")))
+
+
+def check_resume(saved: RunConfig, new: RunConfig) -> None:
+    """A resumed run continues the computation its checkpoint began: only keys marked resume may differ."""
+    for key, policy in POLICIES.items():
+        if policy["resume"]:
+            continue
+        before, after = _canonical(key, get_key(saved, key)), _canonical(key, get_key(new, key))
+        if before != after:
+            raise LictrainError(f"'{key}' cannot change when resuming (the checkpoint was made with {before!r}, "
+                                f"asked {after!r}); keys that can: {', '.join(resumable_keys())} (and probe.*)")
+
+
+def config_from_saved(d: dict) -> RunConfig:
+    """The config of a saved run: keys it lacks (written before they existed) take what they meant then."""
+    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    for key, policy in POLICIES.items():
+        if policy["pinned"]:
+            section, _, name = key.rpartition(".")
+            holder = d.setdefault(section, {}) if section else d
+            holder.setdefault(name, policy["baseline"])
+    return config_from_dict(d)
 
 
 def _coerce(value: Any, t: Any, key: str) -> Any:
@@ -356,8 +457,6 @@ def validate(cfg: RunConfig) -> None:
         (0 < cfg.train.final_lr_factor <= 1, "train.final_lr_factor must be in (0, 1]"),
         (cfg.train.precision in ("fp32", "bf16", "fp16"),
          f"train.precision must be fp32, bf16 or fp16, got '{cfg.train.precision}'"),
-        (cfg.train.precision != "fp16" or cfg.method.name == "standard",
-         "train.precision=fp16 needs loss scaling, which only the standard method supports: use bf16"),
         (cfg.train.nonfinite in ("auto", "skip", "zero"),
          f"train.nonfinite must be auto, skip or zero, got '{cfg.train.nonfinite}'"),
         (cfg.train.max_consecutive_skips >= 1, "train.max_consecutive_skips must be at least 1"),

@@ -54,6 +54,11 @@ class OptimizerSpec:
     cls: Callable[..., Any]  # cls(params, lr=..., **defaults) -> torch.optim.Optimizer
     defaults: dict = field(default_factory=dict)
     description: str = ""
+    # Capabilities: what the loop, CMD-LIC and the probes ask the record, never a class or a name.
+    coordinate_state: tuple = ()  # state buffers with one entry per parameter entry (CMD-LIC zeroes embedded ones)
+    preview: str | None = None  # how the conflict probe previews an update: adam | sgd | precondition; None: it cannot
+    checks_finite: bool = False  # checks its gradients' finiteness itself (`check_finite`); the loop already does
+    kernel_groups: bool = False  # needs kernel / non-kernel parameter groups even without weight decay (Muon)
 
 
 MODELS = Registry("model")
@@ -73,9 +78,10 @@ def register_model(name: str, presets: dict[str, dict], downsampling: int, descr
     return decorate
 
 
-def register_optimizer(name: str, defaults: dict | None = None, description: str = ""):
+def register_optimizer(name: str, defaults: dict | None = None, description: str = "", **capabilities):
+    """Register an optimizer class with its defaults and capabilities (OptimizerSpec's fields)."""
     def decorate(cls):
-        OPTIMIZERS.add(name, OptimizerSpec(cls, dict(defaults or {}), description))
+        OPTIMIZERS.add(name, OptimizerSpec(cls, dict(defaults or {}), description, **capabilities))
         return cls
 
     return decorate

@@ -29,9 +29,9 @@ from compressai.layers import GDN
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm import tqdm
 
-from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_state_dict_checked, load_weights
+from .checkpoint import CHECKPOINT_FORMAT, checkpoint_config, load_checkpoint, load_state_dict_checked, load_weights
 from .io import remove_stale_temporaries, save_atomic, strict_json, write_atomic
-from .config import RunConfig, dump_config
+from .config import RunConfig, check_resume, dump_config
 from . import distributed
 from .data import EvalImages, ImageList, crop_to, pad_to_multiple, train_loader
 from .ema import EMA
@@ -40,7 +40,7 @@ from .losses import MS_SSIM_MIN_SIDE, RateDistortionLoss, ms_ssim_db, ms_ssim_va
 from .methods import StepContext, StepHook, build_method
 from .models import build_model, check_compression_model, downsampling, downsampling_of
 from .models.numerics import keep_in_fp32, prepare_entropy_models
-from .optim import build_optimizer, kernel_parameters, split_parameters
+from .optim import build_optimizer, kernel_parameters, split_parameters, unwrap
 from .precision import compile_model, grad_scaler, numeric_flags, training_forward
 from .schedule import lr_factor
 
@@ -330,12 +330,11 @@ def _zero_unless(ok: torch.Tensor, params) -> None:
 
 
 def _disable_optimizer_finite_checks(optimizer) -> None:
-    """The loop guarantees finite gradients before every step: optimizers that check on their own (SOAP, reading a
-    flag from the device each step) need not."""
-    while optimizer is not None:
-        if hasattr(optimizer, "check_finite"):
-            optimizer.check_finite = False
-        optimizer = getattr(optimizer, "base", None)
+    """The loop guarantees finite gradients before every step: an optimizer whose record says it checks on its own
+    (SOAP, reading a flag from the device each step) need not."""
+    base, spec = unwrap(optimizer)
+    if spec is not None and spec.checks_finite:
+        base.check_finite = False
 
 
 def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = (),
@@ -450,6 +449,10 @@ class Trainer:
         self.fixed_schedule = cfg.train.schedule != "plateau"  # lr a function of the step alone (schedule.py)
         self.ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.method = build_method(cfg.method.name, cfg.method.options)
+        if self.scaler is not None and not self.method.supports_loss_scaling:
+            raise LictrainError(f"train.precision=fp16 needs loss scaling, which the standard method supports and the "
+                                f"{cfg.method.name} method does not (its update is not the backward of one loss): use "
+                                "bf16")
         self.method.attach(model, self.optimizer, self.params, total_steps=cfg.train.steps)
         # Under torchrun the forward pass goes through DistributedDataParallel, which averages gradients during the
         # backward pass; methods that need each objective's gradient separately run the plain module and average
@@ -466,10 +469,11 @@ class Trainer:
                                            eager_random=self.method.needs_reevaluation)
         mode = cfg.train.nonfinite
         if mode == "auto":
-            mode = "zero" if device.type == "cuda" and cfg.method.name == "standard" else "skip"
-        if mode == "zero" and cfg.method.name != "standard":
-            raise LictrainError(f"train.nonfinite=zero needs the standard method (the {cfg.method.name} method reads "
-                                "this step's losses after the update): use skip")
+            mode = "zero" if device.type == "cuda" and self.method.host_sync_free else "skip"
+        if mode == "zero" and not self.method.host_sync_free:
+            raise LictrainError(f"train.nonfinite=zero needs the standard method or another host-synchronisation-free "
+                                f"one (the {cfg.method.name} method reads this step's losses after the update): use "
+                                "skip")
         self.nonfinite = "skip" if self.scaler is not None else mode  # fp16: the GradScaler decides, on the host
         # zero mode's counts live on the device and reach self.state at log, validation and checkpoint steps
         self.device_skips = torch.zeros((), dtype=torch.int64, device=device)
@@ -511,6 +515,7 @@ class Trainer:
         # parameter tensor per step (its bias corrections), slowing every resumed Adam run and so biasing
         # Time-to-Adam. A fresh run keeps them on the CPU; so does a resumed one.
         ckpt = load_checkpoint(self.ckpt_path)
+        check_resume(checkpoint_config(ckpt), self.cfg)  # however the run was resumed: CLI, API or compare
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.aux_optimizer is not None:

@@ -131,3 +131,72 @@ def test_the_readme_config_table_names_every_key_with_its_default():
             continue
         checked += 1
     assert checked >= 10 and "`iid`" in cells["data.order"]
+
+
+def test_every_keys_baseline_is_pinned_as_stored_runs_were_made():
+    """A key's baseline (its default, or its pinned `absent` value) is what every stored run's identity assumes:
+    changing a default without pinning the old value would silently give old runs another meaning."""
+    import json
+    from pathlib import Path
+
+    from lictrain.config import POLICIES
+
+    stored = json.loads((Path(__file__).parent / "data" / "config_baselines.json").read_text())
+    changed = {k: (v, POLICIES[k]["baseline"]) for k, v in stored.items() if k in POLICIES and
+               POLICIES[k]["baseline"] != v}
+    assert changed == {}, "pin the old default with setting(..., absent=OLD) for: " + ", ".join(changed)
+    assert POLICIES["data.order"]["baseline"] == "shuffle" and RunConfig().data.order == "iid"
+
+
+def test_identity_holds_what_changes_a_run_and_nothing_else():
+    from lictrain.config import identity, identity_hash, load_config
+
+    base = load_config(None, ["model.preset=bench", "loss.lmbda=0.0067"])
+    assert identity(base) == {"model.preset": "bench", "loss.lmbda": 0.0067, "data.order": "iid"}
+    for unchanged in ("data.workers=4", "train.progress=false", "run_dir=elsewhere", "probe.outliers_every=5",
+                      "compare.codecs=[]", "data.cache_mb=0"):
+        assert identity_hash(load_config(None, ["model.preset=bench", "loss.lmbda=0.0067", unchanged])) == \
+            identity_hash(base), unchanged
+    for changed in ("optim.lr=2e-4", "train.precision=bf16", "data.order=shuffle", "seed=1", "train.steps=10"):
+        assert identity_hash(load_config(None, ["model.preset=bench", "loss.lmbda=0.0067", changed])) != \
+            identity_hash(base), changed
+
+
+def test_a_saved_config_without_a_pinned_key_takes_what_it_meant_then():
+    from lictrain.config import config_from_saved
+
+    saved = RunConfig().to_dict()
+    del saved["data"]["order"]  # a checkpoint written before data.order existed
+    assert config_from_saved(saved).data.order == "shuffle"
+    saved["data"]["order"] = "iid"
+    assert config_from_saved(saved).data.order == "iid"
+
+
+def test_resume_refuses_a_change_of_what_a_step_computes_from_every_entry_point(tmp_path):
+    import lictrain
+    from lictrain.cli import main
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, "train.steps=2", "train.val_every=2")
+    lictrain.train(cfg)
+    cfg.train.steps = 3
+    cfg.optim.lr = 5e-4
+    with pytest.raises(LictrainError, match=r"'optim.lr' cannot change when resuming \(the checkpoint was made with "
+                                            r"0.001, asked 0.0005\)"):
+        lictrain.train(cfg, resume=True)  # the API: the trainer checks
+    assert main(["train", "--resume", str(tmp_path / "run"), "--set", "loss.lmbda=0.1"]) == 2  # the CLI
+    cfg.optim.lr = 1e-3
+    assert lictrain.train(cfg, resume=True).step == 3  # train.steps may change
+
+
+def test_compare_finds_a_run_stored_under_the_legacy_hash(tmp_path):
+    from lictrain.comparison.compare import legacy_hash, plan_runs
+    from lictrain.config import identity_hash, load_config
+
+    cfg = load_config(None, ["compare.lambdas=[0.0067]", "compare.recipes=[adam]", "data.order=shuffle"])
+    (run,) = plan_runs(cfg, tmp_path)
+    assert run.run_dir.name.endswith(identity_hash(run.cfg))  # new runs: the identity hash
+    stored = tmp_path / "runs" / f"adam-lmbda0.0067-seed0-{legacy_hash(run.cfg)}"
+    stored.mkdir(parents=True)
+    (run,) = plan_runs(cfg, tmp_path)
+    assert run.run_dir == stored

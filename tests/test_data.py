@@ -219,7 +219,7 @@ def test_the_first_spelling_of_a_training_split_warns_and_means_what_it_meant(tm
     both spellings give the same configuration hash (stored compare runs stay found)."""
     from PIL import Image
 
-    from lictrain.comparison.compare import config_hash
+    from lictrain.comparison.compare import legacy_hash as config_hash
     from lictrain.config import load_config
     from tests.conftest import smooth_image
 
@@ -237,3 +237,6 @@ def test_the_first_spelling_of_a_training_split_warns_and_means_what_it_meant(tm
         resolve_image_files(f"{d}[val:-2]")
     old, new = (load_config(None, [f"data.train={d}[train:{n}]", f"data.val={d}[val:2]"]) for n in ("2", "-2"))
     assert config_hash(old) == config_hash(new)
+    from lictrain.config import identity_hash
+
+    assert identity_hash(old) == identity_hash(new)

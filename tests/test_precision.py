@@ -9,7 +9,7 @@ from compressai.entropy_models import GaussianConditional
 
 import lictrain.trainer as train_mod
 from lictrain.checkpoint import load_checkpoint
-from lictrain.comparison.compare import config_hash
+from lictrain.comparison.compare import legacy_hash as config_hash
 from lictrain.config import load_config
 from lictrain.errors import LictrainError
 from lictrain.models import build_model

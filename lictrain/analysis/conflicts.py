@@ -29,10 +29,13 @@ import torch
 
 from ..errors import LictrainError
 from ..methods.base import StepContext, StepHook
-from ..optim.soap import SOAP
+from ..optim import unwrap
+from ..registry import OPTIMIZERS
 from .stats import cosine
 
-SUPPORTED = "sgd, adam, adamw, soap"
+def supported() -> list[str]:
+    """The registered optimizers whose record says how to preview their update (OptimizerSpec.preview)."""
+    return [name for name, spec in OPTIMIZERS.items() if spec.preview is not None]
 
 
 def _state_params(optimizer):
@@ -43,8 +46,9 @@ def preview_update(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],
                    parts: list[list[torch.Tensor]] | None = None):
     """The update (to add to each parameter) the optimizer's next step would apply for these gradients; with
     `parts`, also each part's gradient-driven share of it (module docstring)."""
-    optimizer = getattr(optimizer, "base", optimizer)  # through wrappers such as SMA
-    if isinstance(optimizer, SOAP):
+    optimizer, spec = unwrap(optimizer)  # through wrappers such as SMA; the record says how to preview
+    kind = spec.preview if spec is not None else None
+    if kind == "precondition":
         saved = [g["weight_decay"] for g in optimizer.param_groups]
         try:
             for g in optimizer.param_groups:
@@ -56,13 +60,10 @@ def preview_update(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],
         out, shares = result if parts is not None else (result, [])
         fill = lambda us: [torch.zeros_like(g) if u is None else u for u, g in zip(us, grads)]  # noqa: E731
         return (fill(out), [fill(s) for s in shares]) if parts is not None else fill(out)
-    if isinstance(optimizer, torch.optim.Adam):  # AdamW is a subclass
-        fn = _adam_update
-    elif isinstance(optimizer, torch.optim.SGD):
-        fn = _sgd_update
-    else:
-        raise LictrainError(f"the conflict analysis supports the optimizers {SUPPORTED}, "
+    if kind not in PREVIEWS:
+        raise LictrainError(f"the conflict analysis supports the optimizers {', '.join(supported())}, "
                             f"not {type(optimizer).__name__}")
+    fn = PREVIEWS[kind]
     results = [fn(optimizer, p, group, g, [part[i] for part in parts or []])
                for i, ((p, group), g) in enumerate(zip(_state_params(optimizer), grads))]
     out = [r[0] for r in results]
@@ -97,6 +98,10 @@ def _sgd_update(optimizer, p, group, g, parts):
         if group.get("nesterov"):
             d, coef = g + momentum * d, 1 + momentum * coef
     return -group["lr"] * d, [-group["lr"] * coef * x for x in parts]
+
+
+# OptimizerSpec.preview -> the update the optimizer's next step would apply ("precondition": its own method)
+PREVIEWS = {"adam": _adam_update, "sgd": _sgd_update}
 
 
 def _grads(loss, params):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import load_checkpoint
-from ..config import RunConfig, config_from_dict, set_key, validate
+from ..config import POLICIES, RunConfig, config_from_dict, get_key, identity_hash, set_key, validate
 from ..data import active_spec, canonical_split_spelling, resolve_image_files, set_name
 from ..errors import LictrainError
 from ..evaluation import evaluate
@@ -48,34 +48,51 @@ class Run:
         return Path(self.cfg.run_dir)
 
 
-def config_hash(cfg: RunConfig) -> str:
-    """Hash of everything that changes what a run computes (not where it is written or how it is shown)."""
+# The keys that existed while run folders were named by legacy_hash (up to 2026-12-03): frozen, so that the runs
+# stored then are still found after keys are added.
+LEGACY_KEYS = frozenset("""run_dir seed device model.name model.preset model.kwargs data.train data.val data.crop
+data.batch_size data.val_crop data.val_max_images data.workers data.order data.cache_mb loss.lmbda loss.metric
+optim.name optim.lr optim.options optim.aux_lr method.name method.options train.steps train.clip_max_norm
+train.ema_decay train.warmup_steps train.init_from train.init_state train.val_every train.ckpt_every train.log_every
+train.schedule train.decay_start train.final_lr_factor train.plateau_patience train.plateau_factor train.min_lr
+train.max_consecutive_skips train.precision train.tf32 train.deterministic train.compile train.nonfinite
+train.tensorboard train.progress""".split())
+
+
+def legacy_hash(cfg: RunConfig) -> str | None:
+    """The hash run folders were named by before identity_hash (config.py), kept to find the runs stored then; None
+    where the config sets a key that did not exist then (no stored run can have it)."""
     d = cfg.to_dict()
+    for key, policy in POLICIES.items():
+        if key in LEGACY_KEYS or key.startswith(("compare.", "probe.")):
+            continue
+        if get_key(cfg, key) != policy["baseline"]:
+            return None
+        section, _, name = key.rpartition(".")
+        (d[section] if section else d).pop(name)
     d.pop("run_dir")
     d.pop("compare")
     d["train"].pop("progress")
     d["train"].pop("tensorboard")
-    if d["train"].get("init_from") is None:  # added after the first benchmarks: unset, it must not change hashes
+    if d["train"].get("init_from") is None:
         d["train"].pop("init_from", None)
-    if d["train"].get("init_state") == "weights":  # added later: its default must not change hashes
+    if d["train"].get("init_state") == "weights":
         d["train"].pop("init_state")
-    if d["train"]["schedule"] == "plateau":  # added later: unused by plateau runs, must not change their hashes
+    if d["train"]["schedule"] == "plateau":
         for k in ("schedule", "decay_start", "final_lr_factor"):
             d["train"].pop(k)
-    # Added later (the GPU path): at their defaults they must not change hashes. data.workers never changes what a
-    # run computes (each crop is drawn from its own seeded generator), so it is left out whatever its value.
     d["data"]["workers"] = 0
-    if d["data"].get("order") == "shuffle":  # added later: the order every run had before must keep its hashes
+    if d["data"].get("order") == "shuffle":
         d["data"].pop("order")
     for key, default in (("precision", "fp32"), ("tf32", True), ("compile", False), ("nonfinite", "auto"),
                          ("deterministic", False)):
         if d["train"].get(key) == default:
             d["train"].pop(key, None)
-    for k in ("train", "val"):  # what a run computes depends on the alternative in use, not on its fallbacks
+    for k in ("train", "val"):
         d["data"][k] = canonical_split_spelling(active_spec(d["data"][k]))
-    if not d["model"].get("kwargs"):  # added later (custom models): empty, it must not change hashes
+    if not d["model"].get("kwargs"):
         d["model"].pop("kwargs", None)
-    d.pop("probe")  # read-only measurements: they do not change what a run computes
+    d.pop("probe")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -115,10 +132,11 @@ def plan_runs(base: RunConfig, out_dir: Path) -> list[Run]:
                 cfg.loss.lmbda, cfg.seed = float(lmbda), int(seed)
                 cfg.train.init_from = init_source(cfg.train.init_from, float(lmbda), int(seed))
                 validate(cfg)
-                h = config_hash(cfg)
+                h, old = identity_hash(cfg), legacy_hash(cfg)
                 # A run with the same configuration under another recipe name (e.g. the winner of a learning-rate
-                # sweep) is the same computation: reuse its folder.
-                same = sorted((out_dir / "runs").glob(f"*-{h}"))
+                # sweep) is the same computation: reuse its folder (named by either hash).
+                same = sorted((out_dir / "runs").glob(f"*-{h}")) or (
+                    sorted((out_dir / "runs").glob(f"*-{old}")) if old else [])
                 cfg.run_dir = str(same[0] if same else out_dir / "runs" / f"{name}-lmbda{lmbda:g}-seed{seed}-{h}")
                 runs.append(Run(name, float(lmbda), int(seed), cfg))
     return runs

@@ -56,6 +56,9 @@ class Method:
     name = "method"
     needs_reevaluation = False  # ask the loop for StepContext.reevaluate
     reduces_gradients = False  # True: the method averages its gradients over processes itself (see reduce_mean)
+    # Capabilities the loop asks at set-up (never the method's name):
+    supports_loss_scaling = False  # its backward is one backward of ctx.terms.loss, which fp16's GradScaler can scale
+    host_sync_free = False  # reads nothing of the step on the host: train.nonfinite=zero (decided on the device) fits
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
                total_steps: int = 0) -> None:

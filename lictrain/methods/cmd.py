@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from ..errors import LictrainError
-from ..optim.cautious import CautiousAdam
+from ..optim import unwrap
 from ..registry import register_method
 from .base import Method, StepContext
 from .cmd_modes import (decompose, gram, layer_sensitivity, main_prefixes, parameter_saliency, rls_update,
@@ -115,14 +115,14 @@ def epoch_schedule(total: int, epoch_steps: int, head_epochs: int, period: int) 
 # ---- the method -------------------------------------------------------------------------------------------------
 
 def _zero_moments(optimizer, p: torch.Tensor, idx: torch.Tensor) -> None:
-    """Zero the coordinate-wise optimizer state of p at flat positions idx (Adam/AdamW moments, SGD momentum)."""
-    base = getattr(optimizer, "base", optimizer)  # through the SMA wrapper
-    if not isinstance(base, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, CautiousAdam)):
-        return  # e.g. SOAP: its moments live in a rotated basis, coordinates do not map; values are re-imposed
+    """Zero the coordinate-wise optimizer state of p at flat positions idx: the buffers its record names
+    (OptimizerSpec.coordinate_state: Adam's moments, SGD's momentum, ...). An optimizer without any (SOAP: its
+    moments live in a rotated basis, coordinates do not map) keeps its state; the values are re-imposed."""
+    base, spec = unwrap(optimizer)
     state = base.state.get(p)
-    if not state:
+    if spec is None or not spec.coordinate_state or not state:
         return
-    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
+    for key in spec.coordinate_state:
         buf = state.get(key)
         if isinstance(buf, torch.Tensor) and buf.shape == p.shape:
             buf.view(-1)[idx] = 0

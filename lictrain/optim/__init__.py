@@ -25,13 +25,17 @@ from .sma import SMA
 from .soap import SOAP
 
 
-register_optimizer("adam", dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0), "Adam (the LIC baseline)")(
-    torch.optim.Adam)
-register_optimizer("adamw", dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2), "AdamW")(torch.optim.AdamW)
-register_optimizer("sgd", dict(momentum=0.9, weight_decay=0.0), "SGD with momentum")(torch.optim.SGD)
+ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+register_optimizer("adam", dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0), "Adam (the LIC baseline)",
+                   coordinate_state=ADAM_STATE, preview="adam")(torch.optim.Adam)
+register_optimizer("adamw", dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2), "AdamW",
+                   coordinate_state=ADAM_STATE, preview="adam")(torch.optim.AdamW)
+register_optimizer("sgd", dict(momentum=0.9, weight_decay=0.0), "SGD with momentum",
+                   coordinate_state=("momentum_buffer",), preview="sgd")(torch.optim.SGD)
 register_optimizer(
     "cautious-adam", dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, max_scale=10.0),
     "Adam with the update masked where it disagrees in sign with the gradient (Balanced R-D authors' optimizer)",
+    coordinate_state=ADAM_STATE,
 )(CautiousAdam)
 register_optimizer("adagrad", dict(eps=1e-10, weight_decay=0.0), "Adagrad")(torch.optim.Adagrad)
 # As in the LIC papers: a drop-in for Adam at Adam's learning rate, weight decay 0, basis refreshed every 10 steps.
@@ -40,6 +44,7 @@ register_optimizer(
     dict(betas=(0.95, 0.95), shampoo_beta=None, eps=1e-8, weight_decay=0.0, precondition_frequency=10,
          max_precond_dim=10000, merge_dims=False, precondition_1d=False),
     "SOAP (Shampoo eigenbasis + Adam), lictrain's own implementation",
+    preview="precondition", checks_finite=True,  # its moments live in a rotated basis: no coordinate state
 )(SOAP)
 register_optimizer(
     "shampoo",
@@ -51,6 +56,7 @@ register_optimizer(
     "muon",
     dict(momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8),
     "torch.optim.Muon on kernels viewed as out x (in*k*k), AdamW on the rest",
+    kernel_groups=True,
 )(MuonWithAdamW)
 # Wrappers (name -> function(optimizer, **options), options under optim.options.<name>)
 register_wrapper("sma")(SMA)  # CMD-LIC's sampling-then-moving-average: alpha 0.8, every 5 (Table 11)
@@ -74,10 +80,19 @@ def kernel_parameters(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if isinstance(m, kinds) and isinstance(m.weight, nn.Parameter)}
 
 
-def _groups(params: list, kernels: set[int] | None, weight_decay: float, muon: bool):
+def unwrap(optimizer) -> tuple[torch.optim.Optimizer, OptimizerSpec | None]:
+    """The optimizer under every wrapper (SMA, ...: each keeps the one it wraps as `.base`), and its registered
+    record (None for a class lictrain did not register)."""
+    while getattr(optimizer, "base", None) is not None:
+        optimizer = optimizer.base
+    spec = next((s for s in OPTIMIZERS.values() if type(optimizer) is s.cls), None)
+    return optimizer, spec
+
+
+def _groups(params: list, kernels: set[int] | None, weight_decay: float, kernel_groups: bool):
     """Parameter groups as timm builds them: decay (and, for Muon, orthogonalisation) on kernels only. Without
     `kernels`, or when nothing distinguishes the groups, one group (the layout of lictrain's earlier checkpoints)."""
-    if kernels is None or (weight_decay == 0 and not muon):
+    if kernels is None or (weight_decay == 0 and not kernel_groups):
         return params
     kern = [p for p in params if id(p) in kernels]
     rest = [p for p in params if id(p) not in kernels]
@@ -106,7 +121,7 @@ def build_optimizer(name: str, params: Iterable, lr: float, options: dict | None
             f"optimizer '{base}' has no option {', '.join(unknown)}; valid options: {', '.join(sorted(accepted - {'lr'}))}"
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}  # YAML lists -> betas tuples
-    params = _groups(list(params), kernels, float(kwargs.get("weight_decay", 0.0) or 0.0), base == "muon")
+    params = _groups(list(params), kernels, float(kwargs.get("weight_decay", 0.0) or 0.0), spec.kernel_groups)
     try:
         opt = spec.cls(params, lr=lr, **kwargs)
     except (ValueError, TypeError) as e:  # torch's own checks of option values (betas, eps, ...)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
 from ..comparison.figures import BDRateUnavailable, bd_rate
+from ..config import MethodConfig
 from ..data import EvalImages
 from ..evaluation import evaluate
 from ..io import strict_json, write_atomic
@@ -21,7 +22,7 @@ from .ptq import calibration_batch, quantize_checkpoint
 
 
 def _curve_label(cfg) -> str:
-    return cfg.optim.name if cfg.method.name == "standard" else f"{cfg.optim.name}+{cfg.method.name}"
+    return cfg.optim.name if cfg.method.name == MethodConfig.name else f"{cfg.optim.name}+{cfg.method.name}"
 
 
 def _point(summary: dict) -> tuple[float, float, float]:
