@@ -116,6 +116,19 @@ def validate(model, dataset: EvalImages, criterion: RateDistortionLoss, device, 
     return result
 
 
+@dataclass
+class StepResult:
+    """What one training step gives the loop."""
+
+    terms: object  # the R-D terms of the step's forward pass
+    logs: dict  # the method's logs
+    probe_logs: dict  # the hooks' measurements (already written to metrics.jsonl)
+    ok: torch.Tensor  # on the device: loss and gradient were finite (zero mode: on every rank)
+    skipped: bool  # no step was taken (skip mode; zero mode always steps, on a zeroed gradient if need be)
+    grad_norm: torch.Tensor  # before clipping; NaN where no backward ran
+    backoff: bool = False  # fp16: the loss scale backed off (not counted as a non-finite step)
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per line) and, optionally, TensorBoard. `enabled=False` (ranks other than
     0 under torchrun) writes nothing."""
@@ -605,9 +618,15 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * factor
 
-    def train_step(self, x: torch.Tensor) -> tuple[object, dict, bool]:
-        """One step on batch x: forward, hooks, method backward, finite check, clip, optimizer step, method and
-        auxiliary steps, EMA. Returns (R-D terms, the method's logs, skipped)."""
+    def train_step(self, x: torch.Tensor) -> StepResult:
+        """One step on batch x: forward, hooks, backward (the method's, or fp16's scaled loss), clip, the finiteness
+        decision, optimizer step, method and auxiliary steps, EMA.
+
+        Finiteness is decided once, on the device: loss and gradient norm finite. Skip mode (train.nonfinite) reads
+        that decision (one host synchronisation; a non-finite loss is caught before the backward pass, on every rank,
+        since DDP would hang on a partial one) and takes no step; zero mode multiplies the gradient by it and steps,
+        counting on the device (no synchronisation). fp16's GradScaler makes its own decision, which skip mode
+        reads."""
         model, state, dist = self.model, self.state, self.dist
         step = state["step"]
         self._set_lr(step)
@@ -622,89 +641,87 @@ class Trainer:
                                                                 self.cfg.train.precision,
                                                                 self.cfg.train.deterministic),
                           reduce_mean=dist.mean_, broadcast_=dist.broadcast_, batch=x, criterion=self.criterion)
-        logs: dict = {}
-        probe_logs: dict = {}  # hooks' measurements: written at their own steps, not only at log steps
+        result = StepResult(terms, {}, {}, torch.zeros((), dtype=torch.bool, device=self.device), True,
+                            torch.full((), math.nan, device=self.device))
         for h in self.hooks:
-            probe_logs.update(h.before_backward(ctx) or {})
-        clip = self.cfg.train.clip_max_norm if self.cfg.train.clip_max_norm > 0 else math.inf
-        if self.nonfinite == "zero":
-            self._step_on_device(ctx, terms, clip)
-            skipped = False
-        else:
-            # A non-finite loss on any rank skips the step on every rank (DDP would hang on a partial backward).
-            skipped = dist.any([not _is_finite(terms.loss.detach())], self.device)[0]
-            backoff = False
-            if not skipped:
-                if self.scaler is not None:  # fp16 (standard method only: config.validate)
-                    self.scaler.scale(terms.loss).backward()
-                    self.scaler.unscale_(self.optimizer)
-                else:
-                    logs.update(self.method.backward(ctx))
-                self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-                skipped = not _is_finite(self.grad_norm)
+            result.probe_logs.update(h.before_backward(ctx) or {})
+        zero_mode = self.nonfinite == "zero"
+        if zero_mode or not dist.any([not _is_finite(terms.loss.detach())], self.device)[0]:
+            result.logs.update(self._backward(ctx))
+            clip = self.cfg.train.clip_max_norm if self.cfg.train.clip_max_norm > 0 else math.inf
+            result.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+            # (skip mode: every rank agreed on the loss above, and the averaged gradient's norm is the same on all)
+            ok = torch.isfinite(terms.loss.detach()) & torch.isfinite(result.grad_norm)
+            result.ok = dist.all_on_device(ok) if zero_mode else ok
+            if zero_mode:
+                _zero_unless(result.ok, self.params)
+                self.optimizer.step()
+                result.skipped = False  # counted on the device
+                bad = (~result.ok).to(torch.int64)
+                self.device_skips += bad
+                self.device_consecutive.add_(1).mul_(bad)
+            else:
+                result.skipped = not bool(result.ok)  # skip mode's one read
                 if self.scaler is not None:
                     scale = self.scaler.get_scale()
-                    self.scaler.step(self.optimizer)  # steps only if the unscaled gradients are finite (as skipped)
+                    self.scaler.step(self.optimizer)  # steps only if the unscaled gradients are finite (as ok)
                     self.scaler.update()  # a smaller loss scale after an overflow
                     # A finite loss whose scaled gradients overflowed while the scale was above 1 is the scaler
                     # finding its scale (the first steps at high lambda, or a back-off after the scale has grown):
                     # not taken, but not a non-finite step. Below a scale of 1, or after MAX_BACKOFFS back-offs in a
                     # row (enough to bring any scale a run reaches down to 1), the gradients themselves overflow:
                     # counted, so a stuck run still stops.
-                    backoff = skipped and scale > 1 and state["consecutive_backoffs"] < MAX_BACKOFFS
-                elif not skipped:
+                    result.backoff = (result.skipped and scale > 1
+                                      and state["consecutive_backoffs"] < MAX_BACKOFFS)
+                elif not result.skipped:
                     self.optimizer.step()
-            state["consecutive_backoffs"] = state["consecutive_backoffs"] + 1 if backoff else 0
-            if backoff:
-                state["scale_backoffs"] += 1
-            elif skipped:
-                state["skipped_steps"] += 1
-                state["consecutive_skips"] += 1
-            if not skipped:
-                state["consecutive_skips"] = 0
-                logs.update(self.method.after_step(ctx))
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.aux_optimizer is not None:
-                aux_loss = model.aux_loss()
-                if _is_finite(aux_loss.detach()):
-                    aux_loss.backward()
-                    self.aux_optimizer.step()
-                self.aux_optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None and not skipped:
+            if not result.skipped:  # zero mode: a zeroed step is still a step (its after_step runs)
+                result.logs.update(self.method.after_step(ctx))
+        self._count(result)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._aux_step()
+        if self.ema is not None and not result.skipped:
             self.ema.update(model)
         for h in self.hooks:
-            probe_logs.update(h.after_step(ctx) or {})
+            result.probe_logs.update(h.after_step(ctx) or {})
         state["step"] += 1
-        if probe_logs:
-            self.metrics.write({"kind": "probe", "step": state["step"], **probe_logs})
+        if result.probe_logs:
+            self.metrics.write({"kind": "probe", "step": state["step"], **result.probe_logs})
         state["images_seen"] += x.shape[0] * dist.world
-        return terms, logs, skipped
+        return result
 
-    def _step_on_device(self, ctx: StepContext, terms, clip: float) -> None:
-        """train.nonfinite=zero: the step without host synchronisations. Whether loss and gradient are finite is
-        decided on the device (and AND-ed over ranks there); a non-finite step's gradient is zeroed, so the
-        optimizer steps on a zero gradient (Adam's moments decay and the weights move by the momentum alone: unlike
-        skip mode this is not a no-op, but no NaN/Inf reaches weights, moments or factors), and the step is counted
-        in device counters that _read_device_skips brings to the host at log, validation and checkpoint steps."""
-        model = self.model
-        self.method.backward(ctx)  # the standard method (config validation): no logs
-        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        ok = self.dist.all_on_device(torch.isfinite(terms.loss.detach()) & torch.isfinite(self.grad_norm))
-        _zero_unless(ok, self.params)
-        self.optimizer.step()
-        self.method.after_step(ctx)
-        self.optimizer.zero_grad(set_to_none=True)
-        bad = (~ok).to(torch.int64)
-        self.device_skips += bad
-        self.device_consecutive.add_(1).mul_(bad)
-        self.step_ok = ok
-        if self.aux_optimizer is not None:
-            aux_loss = model.aux_loss()
-            aux_loss.backward()
-            aux_params = [p for g in self.aux_optimizer.param_groups for p in g["params"]]
-            _zero_unless(torch.isfinite(aux_loss.detach()), aux_params)
-            self.aux_optimizer.step()
-            self.aux_optimizer.zero_grad(set_to_none=True)
+    def _backward(self, ctx: StepContext) -> dict:
+        """The update direction into .grad: fp16's scaled loss (methods that support loss scaling: one loss), else
+        the method's backward."""
+        if self.scaler is not None:
+            self.scaler.scale(ctx.terms.loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            return {}
+        return self.method.backward(ctx)
+
+    def _count(self, result: "StepResult") -> None:
+        """Skip mode's host counters (zero mode counts on the device, read by _read_device_skips)."""
+        state = self.state
+        state["consecutive_backoffs"] = state["consecutive_backoffs"] + 1 if result.backoff else 0
+        if result.backoff:
+            state["scale_backoffs"] += 1
+        elif result.skipped:
+            state["skipped_steps"] += 1
+            state["consecutive_skips"] += 1
+        else:
+            state["consecutive_skips"] = 0 if self.nonfinite != "zero" else state["consecutive_skips"]
+
+    def _aux_step(self) -> None:
+        """CompressAI's auxiliary step on the entropy bottlenecks' quantiles, in every mode; a non-finite auxiliary
+        loss's gradient is zeroed on the device (no synchronisation), so its Adam step only decays the moments."""
+        if self.aux_optimizer is None:
+            return
+        aux_loss = self.model.aux_loss()
+        aux_loss.backward()
+        aux_params = [p for g in self.aux_optimizer.param_groups for p in g["params"]]
+        _zero_unless(torch.isfinite(aux_loss.detach()), aux_params)
+        self.aux_optimizer.step()
+        self.aux_optimizer.zero_grad(set_to_none=True)
 
     def _read_device_skips(self) -> None:
         """zero mode: the device's counts of non-finite steps into self.state (one synchronisation)."""
@@ -725,12 +742,12 @@ class Trainer:
                 f"stopped at step {state['step']}: {state['consecutive_skips']} consecutive steps with a non-finite "
                 f"loss or gradient ({kept}); try a lower optim.lr or train.clip_max_norm")
 
-    def _write_train_log(self, window: dict, logs: dict, bar) -> None:
+    def _write_train_log(self, window: dict, logs: dict, bar, grad_norm: torch.Tensor) -> None:
         # skipped steps are the same on every rank, so the windows have equal lengths
         means = self.dist.mean(torch.stack([torch.stack(v).nanmean() for v in window.values()]))
         mean = dict(zip(window, means.tolist()))
         record = {"kind": "train", "step": self.state["step"], "loss": mean["loss"], "bpp": mean["bpp"],
-                  "psnr": psnr_from_mse(mean["mse"]), "grad_norm": float(self.grad_norm),
+                  "psnr": psnr_from_mse(mean["mse"]), "grad_norm": float(grad_norm),
                   "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": self.state["skipped_steps"], **logs}
         if self.scaler is not None:
             record.update(loss_scale=self.scaler.get_scale(), scale_backoffs=self.state["scale_backoffs"])
@@ -761,20 +778,22 @@ class Trainer:
         # The method's logs since the last train line: an event between log steps (CMD-LIC's decomposition, an
         # embedding) reaches the next line; per-step values (Balanced R-D's weights) are the latest step's.
         pending: dict = {}
-        self.grad_norm = torch.zeros(())
+        grad_norm = torch.zeros(())  # the last step's, for the train log
         self.device_consecutive.fill_(state["consecutive_skips"])  # zero mode continues a resumed run's count
         tick = time.perf_counter()
         try:
             with _graceful_interrupt() as interrupt:
                 while state["step"] < total:
-                    terms, logs, skipped = self.train_step(next(batches).to(device, non_blocking=True))
-                    pending.update(logs)
+                    result = self.train_step(next(batches).to(device, non_blocking=True))
+                    pending.update(result.logs)
+                    grad_norm = result.grad_norm
                     bar.update(1)
-                    if not skipped:
+                    if not result.skipped:
+                        terms = result.terms
                         for k, v in (("loss", terms.loss), ("bpp", terms.rate), ("mse", terms.mse)):
                             # zero mode: a non-finite step's terms are left out of the means (NaN, nanmean)
                             v = v.detach()
-                            window[k].append(v if self.nonfinite != "zero" else torch.where(self.step_ok, v, math.nan))
+                            window[k].append(v if self.nonfinite != "zero" else torch.where(result.ok, v, math.nan))
                     boundary = (state["step"] % cfg.train.log_every == 0 or state["step"] % cfg.train.val_every == 0
                                 or state["step"] % cfg.train.ckpt_every == 0 or state["step"] == total)
                     # A stop on any rank stops all, decided at boundaries (a collective every step would synchronise)
@@ -785,7 +804,7 @@ class Trainer:
                     self._stop_if_stuck()
                     at_end = state["step"] == total or stop_requested
                     if (state["step"] % cfg.train.log_every == 0 or at_end) and window["loss"]:
-                        self._write_train_log(window, pending, bar)
+                        self._write_train_log(window, pending, bar, grad_norm)
                         window, pending = {k: [] for k in window}, {}
                     regular_val = state["step"] % cfg.train.val_every == 0
                     regular_ckpt = state["step"] % cfg.train.ckpt_every == 0
