@@ -11,14 +11,13 @@ import torch.nn as nn
 from .config import RunConfig, config_from_saved
 from .errors import LictrainError
 from .models import build_model
+from .rundir import checkpoint_file
 
 CHECKPOINT_FORMAT = "lictrain-checkpoint-v1"
 
 
 def _read(path: str | Path, map_location) -> tuple[Path, object]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
+    path = checkpoint_file(path)
     if not path.is_file():
         raise LictrainError(f"checkpoint not found: {path}")
     try:

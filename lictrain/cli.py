@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import rundir
 from .errors import LictrainError
 
 log = logging.getLogger("lictrain")
@@ -291,11 +292,11 @@ def cmd_train(args) -> int:
         if args.config or args.optimizer or args.run_dir or args.recipe or args.init_from:
             raise LictrainError("--resume continues the run with its saved config: --config, --optimizer, --recipe, "
                                 "--init-from and --run-dir do not go with it (change e.g. train.steps with --set)")
-        if not (Path(args.resume) / "checkpoint.pt").exists():
+        if not rundir.has_checkpoint(args.resume):
             from .trainer import nothing_to_resume
 
             raise LictrainError(nothing_to_resume(Path(args.resume)))
-        ckpt = load_checkpoint(Path(args.resume) / "checkpoint.pt")
+        ckpt = load_checkpoint(rundir.checkpoint_file(args.resume))
         cfg = checkpoint_config(ckpt)
         cfg.run_dir = str(args.resume)
         for o in args.overrides:
@@ -315,21 +316,21 @@ def cmd_train(args) -> int:
             overrides.append(f"optim.name={args.optimizer}")
         cfg = load_config(args.config, overrides)
     result = train(cfg, resume=bool(args.resume))
-    curves = Path(result.run_dir) / "loss_curve.png"
+    curves = Path(result.run_dir) / rundir.CURVES
     try:  # the run's curves (loss against steps and time, bpp, PSNR), interrupted or not; a plot never fails a run
         from .comparison.plots import plot_run
 
-        plot_run(Path(result.run_dir) / "metrics.jsonl", curves,
+        plot_run(rundir.metrics_file(result.run_dir), curves,
                  title=f"{cfg.model.name}/{cfg.model.preset}, {cfg.optim.name}, λ={cfg.loss.lmbda:g}")
     except (OSError, ValueError, KeyError) as e:
         log.warning("no loss-curve plot: %s", e)
         curves = None
     if result.interrupted:  # a script's `lictrain train ... && lictrain eval ...` must not go on
         log.warning("interrupted at step %d of %d (checkpoint %s); continue with: lictrain train --resume %s",
-                    result.step, cfg.train.steps, Path(result.run_dir) / "checkpoint.pt", result.run_dir)
+                    result.step, cfg.train.steps, rundir.checkpoint_file(result.run_dir), result.run_dir)
         return 128 + result.interrupted
     log.info("done: %d steps, %.1f s training time, checkpoint %s%s", result.step, result.train_time,
-             Path(result.run_dir) / "checkpoint.pt", f", curves {curves}" if curves else "")
+             rundir.checkpoint_file(result.run_dir), f", curves {curves}" if curves else "")
     return 0
 
 
@@ -337,8 +338,7 @@ def cmd_eval(args) -> int:
     from .data import set_name
     from .evaluation import evaluate, timing_line
 
-    name = "checkpoint_best.pt" if args.pick == "best" else "checkpoint.pt"
-    files = [str(Path(c) / name) if Path(c).is_dir() else c for c in args.checkpoints]  # rows name the file
+    files = [str(rundir.checkpoint_file(c, best=args.pick == "best")) for c in args.checkpoints]  # rows name the file
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise LictrainError(f"checkpoint not found: {missing[0]}" + (

@@ -97,8 +97,3 @@ def number(value, spec: str) -> str:
     """A measurement for a table; 'n/a' where it does not exist (null in strict JSON, NaN in memory)."""
     return "n/a" if value is None or value != value else format(value, spec)
 
-
-def metrics_record(line: str) -> dict:
-    """One line of a run's metrics.jsonl: null (how strict JSON writes a non-finite number: a NaN loss) read back
-    as NaN, so that readers compute with it as they did with the NaN literal older files hold."""
-    return {k: math.nan if v is None else v for k, v in json.loads(line).items()}

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from .checkpoint import CHECKPOINT_FORMAT, checkpoint_config, load_checkpoint, load_state_dict_checked, load_weights
 from .io import remove_stale_temporaries, save_atomic, strict_json, write_atomic
+from . import rundir
 from .config import RunConfig, check_resume, dump_config
 from . import distributed
 from .data import EvalImages, ImageList, crop_to, pad_to_multiple, train_loader
@@ -41,6 +42,7 @@ from .methods import StepContext, StepHook, build_method
 from .models import build_model, check_compression_model, downsampling, downsampling_of
 from .models.numerics import keep_in_fp32, prepare_entropy_models
 from .optim import build_optimizer, kernel_parameters, split_parameters, unwrap
+from .rundir import MetricsLog
 from .precision import compile_model, grad_scaler, numeric_flags, training_forward
 from .schedule import lr_factor
 
@@ -63,10 +65,10 @@ class RunResult:
 def nothing_to_resume(run_dir: Path) -> str:
     """The message for --resume of a folder without a checkpoint (a run stopped before its first one)."""
     run_dir = Path(run_dir)
-    if (run_dir / "config.yaml").exists():
+    if (run_dir / rundir.CONFIG).exists():
         return (f"nothing to resume: {run_dir} has no checkpoint yet (the run stopped before its first one); start "
-                f"it again with: lictrain train --config {run_dir / 'config.yaml'}")
-    return f"nothing to resume: {run_dir} holds no run (no checkpoint.pt)"
+                f"it again with: lictrain train --config {run_dir / rundir.CONFIG}")
+    return f"nothing to resume: {run_dir} holds no run (no {rundir.CHECKPOINT})"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,54 +129,6 @@ class StepResult:
     skipped: bool  # no step was taken (skip mode; zero mode always steps, on a zeroed gradient if need be)
     grad_norm: torch.Tensor  # before clipping; NaN where no backward ran
     backoff: bool = False  # fp16: the loss scale backed off (not counted as a non-finite step)
-
-
-class MetricsLog:
-    """metrics.jsonl (one JSON object per line) and, optionally, TensorBoard. `enabled=False` (ranks other than
-    0 under torchrun) writes nothing."""
-
-    def __init__(self, path: Path, tensorboard_dir: Path | None, enabled: bool = True, purge_step: int | None = None):
-        self.path = path
-        self.file = open(path, "a", buffering=1) if enabled else None
-        self.tb = None
-        if tensorboard_dir is not None and enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(tensorboard_dir), purge_step=purge_step)
-
-    @property
-    def closed(self) -> bool:
-        return self.file is None or self.file.closed
-
-    def write(self, record: dict) -> None:
-        if self.file is None:
-            return
-        self.file.write(strict_json(record, indent=None) + "\n")  # a NaN loss as null: strict JSON Lines
-        if self.tb is not None:
-            kind = record["kind"]
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "kind"):
-                    self.tb.add_scalar(f"{kind}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-    @staticmethod
-    def truncate_after(path: Path, step: int) -> None:
-        """Drop lines logged after `step` (written after the checkpoint a run resumes from)."""
-        if not path.exists():
-            return
-        keep = []
-        for ln in path.read_text().splitlines():
-            try:
-                if json.loads(ln)["step"] <= step:
-                    keep.append(ln)
-            except (ValueError, KeyError, TypeError):  # a line cut short by a crash
-                continue
-        write_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
 @contextmanager
@@ -378,9 +332,9 @@ class Trainer:
         if model is not None:  # the checkpoint's config says it was not a registered model (eval cannot rebuild it)
             cfg.model.name, cfg.model.preset = "custom", type(model).__name__
         self.run_dir = Path(cfg.run_dir)
-        self.ckpt_path = self.run_dir / "checkpoint.pt"
-        self.best_path = self.run_dir / "checkpoint_best.pt"  # the weights of the best validation so far
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.ckpt_path = self.run_dir / rundir.CHECKPOINT
+        self.best_path = self.run_dir / rundir.BEST  # the weights of the best validation so far
+        self.metrics_path = self.run_dir / rundir.METRICS
         if resume and not self.ckpt_path.exists():
             raise LictrainError(nothing_to_resume(self.run_dir))
         if not resume and self.ckpt_path.exists():
@@ -404,7 +358,7 @@ class Trainer:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 self.metrics_path.unlink(missing_ok=True)
             if dist.is_main:
-                dump_config(cfg, self.run_dir / "config.yaml")
+                dump_config(cfg, self.run_dir / rundir.CONFIG)
             # TensorBoard drops the events a crashed run logged after the checkpoint it resumes from (metrics.jsonl
             # is rewound by _restore); a fresh run starts its event file afresh too
             self.metrics = MetricsLog(self.metrics_path, self.run_dir / "tb" if cfg.train.tensorboard else None,
@@ -839,14 +793,14 @@ class Trainer:
         state, total = self.state, self.cfg.train.steps
         if not self.saved_any and not (self.resume and state["step"] >= total):  # train.steps = 0: initial weights
             self.save()
-        if not last_val and (self.run_dir / "summary.json").exists():  # a finished run resumed: nothing new
-            last_val = json.loads((self.run_dir / "summary.json").read_text()).get("last_val", {})
+        if not last_val and (self.run_dir / rundir.SUMMARY).exists():  # a finished run resumed: nothing new
+            last_val = json.loads((self.run_dir / rundir.SUMMARY).read_text()).get("last_val", {})
         result = RunResult(self.run_dir, state["step"], state["train_time"], state["skipped_steps"],
                            len(self.train_images.skipped), last_val, self.interrupted)
         summary = {"step": result.step, "train_time": result.train_time, "skipped_steps": result.skipped_steps,
                    "skipped_images": [str(p) for p, _ in self.train_images.skipped + self.val_set.skipped],
                    "last_val": last_val}
         if self.dist.is_main:
-            write_atomic(self.run_dir / "summary.json", strict_json(summary, indent=2))
+            write_atomic(self.run_dir / rundir.SUMMARY, strict_json(summary, indent=2))
         self.dist.barrier()  # no rank leaves before rank 0 has written the run's last files
         return result

@@ -144,8 +144,7 @@ def test_nan_loss_skips_the_step_and_never_reaches_weights(tmp_path, monkeypatch
 
 def test_a_non_finite_metric_is_logged_as_null_and_read_back_as_nan(tmp_path):
     from lictrain.comparison.figures import read_val_curve
-    from lictrain.io import metrics_record
-    from lictrain.trainer import MetricsLog
+    from lictrain.rundir import MetricsLog, parse_record as metrics_record
 
     def refuse(name):
         raise ValueError(name)

@@ -9,7 +9,8 @@ import statistics
 from pathlib import Path
 
 from ..checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
-from ..io import metrics_record, strict_json, write_atomic
+from .. import rundir
+from ..io import strict_json, write_atomic
 from ..config import set_key, validate
 from ..data import EvalImages
 from ..errors import LictrainError
@@ -25,18 +26,9 @@ def _name(path: str | Path) -> str:
 
 
 def read_probes(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise LictrainError(f"no metrics.jsonl in {run_dir}")
-    rows = []
-    for ln in path.read_text().splitlines():
-        try:
-            r = metrics_record(ln)
-        except ValueError:
-            continue
-        if r.get("kind") == "probe":
-            rows.append(r)
-    return rows
+    if not rundir.metrics_file(run_dir).exists():
+        raise LictrainError(f"no {rundir.METRICS} in {run_dir}")
+    return rundir.read_records(run_dir, "probe", skip_broken=True)
 
 
 def conflicts(checkpoint: str, optimizers: list[str], out: Path, steps: int = 200, lr: float = 1e-5,
@@ -65,8 +57,8 @@ def conflicts(checkpoint: str, optimizers: list[str], out: Path, steps: int = 20
             set_key(cfg, *parse_override(o))
         validate(cfg)
         run_dir = Path(cfg.run_dir)
-        if not (run_dir / "summary.json").exists():
-            train(cfg, resume=(run_dir / "checkpoint.pt").exists())
+        if not (run_dir / rundir.SUMMARY).exists():
+            train(cfg, resume=rundir.has_checkpoint(run_dir))
         rows = read_probes(run_dir)
         series[opt] = {"steps": [r["step"] for r in rows if "intra_cos" in r],
                        "intra": [r["intra_cos"] for r in rows if "intra_cos" in r],

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import rundir
 from ..checkpoint import load_checkpoint
 from ..config import POLICIES, RunConfig, config_from_dict, get_key, identity_hash, set_key, validate
 from ..data import active_spec, canonical_split_spelling, resolve_image_files, set_name
@@ -109,7 +110,7 @@ def init_source(pattern: str | None, lmbda: float, seed: int) -> str | None:
         raise LictrainError(f"train.init_from '{pattern}': only {{lmbda}} and {{seed}} can be filled in ({e})") from None
     if not glob.has_magic(text):
         return text
-    matches = [m for m in sorted(glob.glob(text)) if Path(m).is_file() or (Path(m) / "checkpoint.pt").is_file()]
+    matches = [m for m in sorted(glob.glob(text)) if Path(m).is_file() or rundir.has_checkpoint(m)]
     if len(matches) != 1:
         raise LictrainError(f"train.init_from '{pattern}' gives {len(matches)} checkpoints for lambda {lmbda:g}, "
                             f"seed {seed} ({text}); it must give exactly one")
@@ -143,7 +144,7 @@ def plan_runs(base: RunConfig, out_dir: Path) -> list[Run]:
 
 
 def train_or_reuse(run: Run) -> None:
-    ckpt = run.run_dir / "checkpoint.pt"
+    ckpt = run.run_dir / rundir.CHECKPOINT
     if ckpt.exists():
         step = load_checkpoint(ckpt)["state"]["step"]
         if step >= run.cfg.train.steps:
@@ -164,7 +165,7 @@ def evaluate_or_reuse(run: Run, spec: str, max_images: int | None) -> dict:
     key = hashlib.sha256(f"{active_spec(spec)}|{max_images}".encode()).hexdigest()[:6]
     out = run.run_dir / f"eval-{set_name(spec)}-{key}"
     results = out / "results.json"
-    step = load_checkpoint(run.run_dir / "checkpoint.pt")["state"]["step"]
+    step = load_checkpoint(run.run_dir / rundir.CHECKPOINT)["state"]["step"]
     stamp = {"spec": active_spec(spec), "max_images": max_images, "step": step}
     if results.exists():
         try:
@@ -173,7 +174,7 @@ def evaluate_or_reuse(run: Run, spec: str, max_images: int | None) -> dict:
                 return data
         except ValueError:
             pass
-    data = evaluate([run.run_dir / "checkpoint.pt"], spec, out, name=run.recipe, max_images=max_images)
+    data = evaluate([run.run_dir / rundir.CHECKPOINT], spec, out, name=run.recipe, max_images=max_images)
     data["lictrain"] = stamp
     write_atomic(results, strict_json(data, indent=2))
     return data
@@ -242,7 +243,7 @@ def data_roles(cfg: RunConfig) -> dict:
 
 def _finish(run: Run) -> str:
     t = run.cfg.train
-    return str(finish_state(read_val_records(run.run_dir / "metrics.jsonl"), t.schedule, t.steps, run.cfg.optim.lr))
+    return str(finish_state(read_val_records(run.run_dir), t.schedule, t.steps, run.cfg.optim.lr))
 
 
 def _bd_rate(anchor: list, test: list, method: str) -> float:
@@ -254,7 +255,7 @@ def _bd_rate(anchor: list, test: list, method: str) -> float:
 def summarize(runs: list[Run], points: dict, recipes: list[str], eval_sets: list[str], method: str) -> dict:
     anchor = recipes[0]
     seeds = sorted({r.seed for r in runs})
-    curves = {(r.recipe, r.lmbda, r.seed): read_val_curve(r.run_dir / "metrics.jsonl") for r in runs}
+    curves = {(r.recipe, r.lmbda, r.seed): read_val_curve(r.run_dir) for r in runs}
     rows = []
     for name in recipes:
         per_point = []

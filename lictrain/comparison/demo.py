@@ -10,6 +10,7 @@ from pathlib import Path
 from .compare import compare, evaluate_or_reuse, plan_runs, summary_markdown
 from ..config import load_config
 from .plots import plot_run
+from .. import rundir
 from ..io import number
 
 log = logging.getLogger("lictrain")
@@ -25,7 +26,7 @@ def run_demo(config: str, overrides: list[str], out_dir: str) -> dict:
     t0 = time.perf_counter()
     summary = compare(cfg, out)
     for run in plan_runs(cfg, out):  # one curve plot per run, beside its logs
-        plot_run(run.run_dir / "metrics.jsonl", run.run_dir / "loss_curve.png",
+        plot_run(run.run_dir / rundir.METRICS, run.run_dir / rundir.CURVES,
                  title=f"{run.recipe}, {cfg.model.name}/{cfg.model.preset}, λ={run.lmbda:g}")
     print()
     print(summary_markdown(summary))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import metrics_record
+from ..rundir import read_records
 
 
 @dataclass(frozen=True)
@@ -36,15 +36,10 @@ class CurvePoint:
     loss: float
 
 
-def read_val_records(metrics_jsonl: str | Path) -> list[dict]:
-    """The validation lines of a metrics.jsonl (step, train_time, lr, loss, bpp, psnr, ...), less Ctrl-C extras."""
-    records = []
-    for line in Path(metrics_jsonl).read_text().splitlines():
-        if line.strip():
-            r = metrics_record(line)
-            if r.get("kind") == "val" and not r.get("interrupted"):
-                records.append(r)
-    return records
+def read_val_records(run: str | Path) -> list[dict]:
+    """The validation lines of a run's metrics.jsonl (step, train_time, lr, loss, bpp, psnr, ...), less Ctrl-C
+    extras; `run`: the run folder or the file."""
+    return [r for r in read_records(run, "val") if not r.get("interrupted")]
 
 
 def read_val_curve(metrics_jsonl: str | Path) -> list[CurvePoint]:

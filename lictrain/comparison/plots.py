@@ -9,20 +9,16 @@ import numpy as np
 
 from ..anchors.curves import Curve
 from ..data import set_name
-from ..io import metrics_record
+from ..rundir import read_records
 from .figures import converged_loss, read_val_curve
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    return [metrics_record(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
-
-
 def plot_run(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path:
     """Four panels: R-D loss against steps and against training time, bpp and PSNR against steps."""
-    recs = read_metrics(metrics_path)
+    recs = read_records(metrics_path)
     val = [r for r in recs if r["kind"] == "val"]
     tr = [r for r in recs if r["kind"] == "train"]
     fig, ax = plt.subplots(2, 2, figsize=(11, 7.5))
@@ -131,12 +127,12 @@ def plot_compare(runs, points: dict, eval_sets: list[str], out_dir: Path, qualit
             for r in runs:
                 if r.lmbda != lmbda:
                     continue
-                curve = [p for p in read_val_curve(r.run_dir / "metrics.jsonl") if p.step > 0]
+                curve = [p for p in read_val_curve(r.run_dir) if p.step > 0]
                 label = r.recipe if r.seed == min(x.seed for x in runs) else None
                 ax.plot([getattr(p, axis_key) for p in curve], [p.loss for p in curve], "-", color=colors[r.recipe],
                         lw=1.6, alpha=0.9, label=label)
                 if r.recipe == recipes[0] and label:
-                    ax.axhline(converged_loss(read_val_curve(r.run_dir / "metrics.jsonl")), color="0.4", ls="--",
+                    ax.axhline(converged_loss(read_val_curve(r.run_dir)), color="0.4", ls="--",
                                lw=1, label=f"target ({recipes[0]} converged)")
             ax.set(xlabel=xlabel, ylabel="validation R-D loss", title=f"λ = {lmbda:g}")
             ax.set_yscale("log")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
 from ..comparison.figures import BDRateUnavailable, bd_rate
+from .. import rundir
 from ..config import MethodConfig
 from ..data import EvalImages
 from ..evaluation import evaluate
@@ -53,7 +54,7 @@ def ptq_report(checkpoints: list[str], calib: str, eval_data: str, out_dir: str 
     for i, path in enumerate(checkpoints):
         path = Path(path)
         if path.is_dir():
-            path = path / "checkpoint.pt"
+            path = path / rundir.CHECKPOINT
         ckpt = load_checkpoint(path)
         cfg = checkpoint_config(ckpt)
         label = _curve_label(cfg)
