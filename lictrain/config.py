@@ -125,9 +125,9 @@ class TrainConfig:
 class ProbeConfig:
     """Read-only measurements during training, logged as `kind: probe` lines of metrics.jsonl (0 = off)."""
 
-    conflicts_every: int = 0  # intra/inter-step cosines of the optimizer's updates (lictrain.analysis.conflicts)
+    conflicts_every: int = 0  # intra/inter-step cosines of the optimizer's updates (lictrain.probes.conflicts)
     conflicts_per_layer: bool = False
-    outliers_every: int = 0  # Kurt / MaxMed of the latent on a fixed validation batch (lictrain.analysis.outliers)
+    outliers_every: int = 0  # Kurt / MaxMed of the latent on a fixed validation batch (lictrain.probes.outliers)
     outliers_images: int = 4  # the first N validation images (centre-cropped to data.val_crop when set)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from .checkpoint import (
 from .io import WritingThrough, strict_json, write_atomic
 from .data import EvalImages, crop_to, load_rgb, pad_to_multiple, to_tensor
 from .errors import LictrainError
-from .losses import MS_SSIM_MIN_SIDE, bpp_from_likelihoods, ms_ssim_value
+from .losses import MS_SSIM_MIN_SIDE, bpp_from_likelihoods, ms_ssim_value, psnr_8bit, quantize_8bit
 from .models import canonical_name, downsampling
 
 
@@ -51,15 +50,6 @@ class ImageResult:
     decoding_time: float
     encoding_time_coder: float  # of encoding_time, inside the rANS coder (the rest: networks, symbol preparation)
     decoding_time_coder: float
-
-
-def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp(0, 1).mul(255).round()
-
-
-def psnr_8bit(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    mse = torch.mean((quantize_8bit(x) - quantize_8bit(x_hat)) ** 2).item()
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 class Codec:

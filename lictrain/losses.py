@@ -99,6 +99,17 @@ def ms_ssim_value(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.prod(levels ** weights.view(-1, 1, 1), dim=0).mean()
 
 
+def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as the 8-bit values a decoder writes (0-255, as floats)."""
+    return x.clamp(0, 1).mul(255).round()
+
+
+def psnr_8bit(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """PSNR (dB) of two images in [0, 1] after both are rounded to 8 bits, as evaluation measures every codec."""
+    mse = torch.mean((quantize_8bit(x) - quantize_8bit(x_hat)) ** 2).item()
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
 def ms_ssim_db(value: float) -> float:
     """MS-SSIM on the decibel scale LIC papers plot, -10 log10(1 - MS-SSIM) (infinite for a perfect match)."""
     return float("inf") if value >= 1 else -10 * math.log10(1 - value)

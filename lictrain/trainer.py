@@ -211,12 +211,12 @@ def _probes(cfg: RunConfig, model, main_named, val_set: EvalImages, multiple: in
     """The measurement hooks the config's probe section asks for."""
     probes: list[StepHook] = []
     if cfg.probe.conflicts_every:
-        from .analysis.conflicts import ConflictProbe
+        from .probes.conflicts import ConflictProbe
 
         probes.append(ConflictProbe(cfg.probe.conflicts_every, cfg.train.clip_max_norm, cfg.probe.conflicts_per_layer,
                                     names=[n for n, _ in main_named]))
     if cfg.probe.outliers_every:
-        from .analysis.outliers import OutlierProbe
+        from .probes.outliers import OutlierProbe
 
         n = min(cfg.probe.outliers_images, len(val_set))
         images = [pad_to_multiple(val_set[i].unsqueeze(0), multiple)[0] for i in range(n)]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from lictrain.analysis.conflicts import ConflictProbe, preview_update
-from lictrain.analysis.outliers import deviation_map, image_features
-from lictrain.analysis.stats import channels_last_matrix, cosine, kurtosis, max_median
+from lictrain.probes.conflicts import ConflictProbe, preview_update
+from lictrain.probes.outliers import deviation_map, image_features
+from lictrain.probes.stats import channels_last_matrix, cosine, kurtosis, max_median
 from lictrain.checkpoint import load_checkpoint, model_from_checkpoint
 from lictrain.cli import main
 from lictrain.errors import LictrainError

@@ -113,7 +113,7 @@ def _renamed_model():
 
 
 def test_analyses_find_the_transforms_a_model_declares():
-    from lictrain.analysis.outliers import image_features
+    from lictrain.probes.outliers import image_features
     from lictrain.methods.cmd_modes import sensitive_layers
     from lictrain.models import transforms
 

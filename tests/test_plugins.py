@@ -35,7 +35,7 @@ def heavy_ball():
 
 
 def test_a_new_optimizer_is_a_class_and_a_record(tmp_path, heavy_ball):
-    from lictrain.analysis.conflicts import preview_update
+    from lictrain.probes.conflicts import preview_update
     from lictrain.methods.cmd import _zero_moments
     from lictrain.optim import build_optimizer, unwrap
 

@@ -1,3 +1,2 @@
-"""Measurements behind the SOAP-for-LIC paper's explanations: gradient conflicts (Section 4.1, Figure 3) and latent /
-activation outliers (Section 5.1, Eq. 8, Figures 4 and 14, Table 2). Usable as training hooks and standalone
-(`lictrain analyze conflicts|outliers|plot`)."""
+"""`lictrain analyze conflicts|outliers|plot`: the probes of lictrain/probes run standalone on checkpoints, and
+their logged measurements plotted across runs."""

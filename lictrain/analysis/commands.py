@@ -15,7 +15,7 @@ from ..config import set_key, validate
 from ..data import EvalImages
 from ..errors import LictrainError
 from ..models import downsampling
-from .outliers import DEFAULT_LAYER, outlier_stats, save_deviation_figure
+from ..probes.outliers import DEFAULT_LAYER, outlier_stats, save_deviation_figure
 
 log = logging.getLogger("lictrain")
 

@@ -21,9 +21,8 @@ import torch
 
 from ..data import EvalImages, active_spec
 from ..errors import LictrainError
-from ..evaluation import psnr_8bit
 from ..io import strict_json, write_atomic
-from ..losses import MS_SSIM_MIN_SIDE, ms_ssim_value
+from ..losses import MS_SSIM_MIN_SIDE, ms_ssim_value, psnr_8bit
 from .codecs import ClassicalCodec
 
 

@@ -77,7 +77,7 @@ def ptq_report(checkpoints: list[str], calib: str, eval_data: str, out_dir: str 
         for variant, summary in variants.items():
             curves.setdefault(label, {}).setdefault(variant, []).append(_point(summary))
         if outliers:
-            from ..analysis.outliers import outlier_stats
+            from ..probes.outliers import outlier_stats
 
             stats = outlier_stats(model_from_checkpoint(ckpt), EvalImages(eval_data, None, max_images), multiple)
             curves[label].setdefault("outliers", []).append(stats)
