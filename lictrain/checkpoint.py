@@ -26,6 +26,40 @@ def _read(path: str | Path, map_location) -> tuple[Path, object]:
         raise LictrainError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
 
 
+def checkpoint_dict(config: RunConfig | dict, model: dict, ema: dict | None = None, state: dict | None = None,
+                    **training) -> dict:
+    """The layout of a lictrain-checkpoint-v1 file, built in one place: the config, the model's weights, the EMA's
+    state (or None), the loop's counters, and what else a writer keeps (a resumable checkpoint's optimizers,
+    scheduler, scaler, method state and RNG; a W8A8 checkpoint's `ptq` record; an import's source)."""
+    return {"format": CHECKPOINT_FORMAT, "config": config.to_dict() if isinstance(config, RunConfig) else config,
+            "model": model, "ema": ema, "state": dict(state or {"step": 0}), **training}
+
+
+class Checkpoint:
+    """A lictrain checkpoint read once (a file or a run folder's last one): its config, its training state and
+    its model, with the EMA weights or the raw ones. Pipelines that need several of these take one object instead
+    of reading the file again for each."""
+
+    def __init__(self, data: dict, path: Path | None = None):
+        self.data, self.path = data, path
+        self.config = checkpoint_config(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Checkpoint":
+        return cls(load_checkpoint(path), checkpoint_file(path))
+
+    @property
+    def step(self) -> int:
+        return int(self.data.get("state", {}).get("step", 0))
+
+    @property
+    def ptq(self) -> dict | None:
+        return self.data.get("ptq")
+
+    def model(self, use_ema: bool = True) -> nn.Module:
+        return model_from_checkpoint(self.data, use_ema)
+
+
 def is_lictrain_checkpoint(obj) -> bool:
     return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
 
@@ -129,8 +163,7 @@ def import_weights(weights: str | Path, model: str, preset: str, out: str | Path
                                   "loss": {"lmbda": float(lmbda), "metric": metric}, "run_dir": str(Path(out).parent)})
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_atomic({"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "model": built.state_dict(), "ema": None,
-                 "state": {"step": 0}, "imported_from": str(weights)}, out)
+    save_atomic(checkpoint_dict(cfg, built.state_dict(), imported_from=str(weights)), out)
     return out
 
 
@@ -143,12 +176,12 @@ def export_weights(checkpoint: str | Path, out: str | Path, use_ema: bool = True
     from .io import save_atomic
     from .models import get_spec, is_import_path
 
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt.get("ptq"):
+    ckpt = Checkpoint.load(checkpoint)
+    if ckpt.ptq:
         raise LictrainError(f"{checkpoint} is a W8A8 checkpoint (lictrain ptq): its activation quantizers are not "
                             "part of a state dict; export the float checkpoint")
-    cfg = checkpoint_config(ckpt)
-    model = model_from_checkpoint(ckpt, use_ema=use_ema)
+    cfg = ckpt.config
+    model = ckpt.model(use_ema)
     with coding_numerics(torch.device("cpu")):
         model.update(force=True)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -157,4 +190,4 @@ def export_weights(checkpoint: str | Path, out: str | Path, use_ema: bool = True
     arguments = dict(cfg.model.kwargs) if is_import_path(cfg.model.name) else {
         **get_spec(cfg.model.name).presets[cfg.model.preset], **cfg.model.kwargs}
     return {"class": f"{cls.__module__}.{cls.__qualname__}", "arguments": arguments, "tensors": len(state),
-            "weights": "EMA" if use_ema and ckpt.get("ema") else "raw", "lmbda": cfg.loss.lmbda}
+            "weights": "EMA" if use_ema and ckpt.data.get("ema") else "raw", "lmbda": cfg.loss.lmbda}

@@ -22,7 +22,7 @@ from PIL import Image
 from . import bitstream
 from .coding import NUMERIC_MODE, CodingDigest, coding_numerics, device_name, tables_fingerprint
 from .checkpoint import (
-    checkpoint_config, load_checkpoint, model_from_checkpoint, weights_fingerprint,
+    Checkpoint, checkpoint_config, load_checkpoint, model_from_checkpoint, weights_fingerprint,
 )
 from .io import WritingThrough, strict_json, write_atomic
 from .data import EvalImages, crop_to, load_rgb, pad_to_multiple, to_tensor
@@ -191,15 +191,18 @@ def timing_line(summary: dict) -> str:
 
 
 def evaluate(
-    checkpoints: list[str | Path], data: str, out_dir: str | Path, use_ema: bool = True, name: str | None = None,
+    checkpoints: list, data: str, out_dir: str | Path, use_ema: bool = True, name: str | None = None,
     progress: bool = True, max_images: int | None = None, device: str = "cpu",
 ) -> dict:
-    """Evaluate one checkpoint per R-D point on an image folder; write per_image.csv and results.json."""
+    """Evaluate one checkpoint per R-D point (paths, or Checkpoint objects already read) on an image folder; write
+    per_image.csv and results.json."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     dataset = EvalImages(data, max_images=max_images)
-    pairs = sorted(((str(c), Codec.from_checkpoint(load_checkpoint(c), use_ema, device)) for c in checkpoints),
+    # paths (each row names it as given) or checkpoints already read (named by their file)
+    loaded = [(str(c.path), c) if isinstance(c, Checkpoint) else (str(c), Checkpoint.load(c)) for c in checkpoints]
+    pairs = sorted(((label, Codec.from_checkpoint(c.data, use_ema, device)) for label, c in loaded),
                    key=lambda pc: pc[1].lmbda)
     labels, codecs = [label for label, _ in pairs], [codec for _, codec in pairs]
     rows: list[ImageResult] = []

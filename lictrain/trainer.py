@@ -29,7 +29,7 @@ from compressai.layers import GDN
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm import tqdm
 
-from .checkpoint import CHECKPOINT_FORMAT, checkpoint_config, load_checkpoint, load_state_dict_checked, load_weights
+from .checkpoint import checkpoint_config, checkpoint_dict, load_checkpoint, load_state_dict_checked, load_weights
 from .io import remove_stale_temporaries, save_atomic, strict_json, write_atomic
 from . import rundir
 from .config import RunConfig, check_resume, dump_config
@@ -380,76 +380,96 @@ class Trainer:
         self._flags.close()
 
     def _build(self) -> None:
-        cfg, device, dist = self.cfg, self.device, self.dist
+        """The run's parts, in the order that keeps a run a function of its seed: the initial weights are drawn
+        first, then the optimizers, the method and the forward path, then each rank's own noise stream and the
+        data."""
+        cfg, dist = self.cfg, self.dist
         torch.manual_seed(cfg.seed)
         # TF32, cuDNN autotuning, determinism: process-global, restored by close() (fit() ends with it)
-        self._flags = numeric_flags(device, cfg.train.tf32, cfg.train.deterministic)
+        self._flags = numeric_flags(self.device, cfg.train.tf32, cfg.train.deterministic)
+        source = self._setup_model(cfg.model, cfg.train, cfg.data.crop)
+        self._setup_optimizers(cfg.optim, cfg.train, source)
+        self._setup_method(cfg.method, cfg.train)
+        if dist.enabled:  # same initial weights everywhere (seeded above), but each rank its own quantization noise
+            torch.manual_seed(cfg.seed + 1_000_003 * (dist.rank + 1))
+        self._setup_data(cfg.data, cfg.loss)
+
+    def _setup_model(self, mc, tc, crop: int):
+        """The model (built, or the user's), prepared for the run's precision, with its initial weights; returns
+        the checkpoint those came from (fine-tuning), if any."""
+        device = self.device
         if self.user_model is not None:
             self.model = model = self.user_model.to(device)
         else:
-            self.model = model = build_model(cfg.model.name, cfg.model.preset, cfg.model.kwargs).to(device)
+            self.model = model = build_model(mc.name, mc.preset, mc.kwargs).to(device)
         # before the EMA copies the model: the entropy models in fp32 and their bottlenecks without host reads
         prepare_entropy_models(model)
-        if cfg.train.precision == "fp16":  # GDN's x^2 overflows fp16 once |x| >= 256
+        if tc.precision == "fp16":  # GDN's x^2 overflows fp16 once |x| >= 256
             keep_in_fp32(model, (GDN,))
-        self.scaler = grad_scaler(device, cfg.train.precision)
-        source = _load_initial_weights(model, cfg) if cfg.train.init_from and not self.resume else None
+        self.scaler = grad_scaler(device, tc.precision)
+        source = _load_initial_weights(model, self.cfg) if tc.init_from and not self.resume else None
         # a user's model: its own `downsampling_factor` if it has one, else 64 (the largest total stride of
         # CompressAI's models; padding to a multiple of it is safe for all of them)
-        self.multiple = (downsampling_of(model) if self.user_model is not None
-                         else downsampling(cfg.model.name))
-        if cfg.data.crop % self.multiple:
-            raise LictrainError(f"data.crop must be a multiple of {self.multiple} for {cfg.model.name}, "
-                                f"got {cfg.data.crop}")
-        self.main_named, aux_named = split_parameters(model)
+        self.multiple = downsampling_of(model) if self.user_model is not None else downsampling(mc.name)
+        if crop % self.multiple:
+            raise LictrainError(f"data.crop must be a multiple of {self.multiple} for {mc.name}, got {crop}")
+        self.main_named, self.aux_named = split_parameters(model)
         self.params = [p for _, p in self.main_named]
-        self.optimizer = build_optimizer(cfg.optim.name, self.params, cfg.optim.lr, cfg.optim.options,
-                                         kernels=kernel_parameters(model))
-        self.aux_optimizer = torch.optim.Adam([p for _, p in aux_named], lr=cfg.optim.aux_lr) if aux_named else None
+        return source
+
+    def _setup_optimizers(self, oc, tc, source) -> None:
+        """The main optimizer (its record's capabilities applied), CompressAI's auxiliary Adam on the quantiles,
+        the LR scheduler and the EMA of the weights."""
+        self.optimizer = build_optimizer(oc.name, self.params, oc.lr, oc.options, kernels=kernel_parameters(self.model))
+        aux = [p for _, p in self.aux_named]
+        self.aux_optimizer = torch.optim.Adam(aux, lr=oc.aux_lr) if aux else None
         _disable_optimizer_finite_checks(self.optimizer)
         for g in self.optimizer.param_groups:
             g["initial_lr"] = g["lr"]
-        if source is not None and cfg.train.init_state == "weights+optimizer":
+        if source is not None and tc.init_state == "weights+optimizer":
             _load_initial_optimizer(self, source)
-        self.scheduler = ReduceLROnPlateau(self.optimizer, mode="min", factor=cfg.train.plateau_factor,
-                                           patience=cfg.train.plateau_patience, min_lr=cfg.train.min_lr)
-        self.fixed_schedule = cfg.train.schedule != "plateau"  # lr a function of the step alone (schedule.py)
-        self.ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-        self.method = build_method(cfg.method.name, cfg.method.options)
+        self.scheduler = ReduceLROnPlateau(self.optimizer, mode="min", factor=tc.plateau_factor,
+                                           patience=tc.plateau_patience, min_lr=tc.min_lr)
+        self.fixed_schedule = tc.schedule != "plateau"  # lr a function of the step alone (schedule.py)
+        self.ema = EMA(self.model, tc.ema_decay) if tc.ema_decay > 0 else None
+
+    def _setup_method(self, mc, tc) -> None:
+        """The method, checked against what the run asks of it (its flags), attached; the forward path (DDP,
+        compile); how non-finite steps are handled."""
+        device, dist = self.device, self.dist
+        self.method = build_method(mc.name, mc.options)
         if self.scaler is not None and not self.method.supports_loss_scaling:
             raise LictrainError(f"train.precision=fp16 needs loss scaling, which the standard method supports and the "
-                                f"{cfg.method.name} method does not (its update is not the backward of one loss): use "
-                                "bf16")
-        self.method.attach(model, self.optimizer, self.params, total_steps=cfg.train.steps)
+                                f"{mc.name} method does not (its update is not the backward of one loss): use bf16")
+        self.method.attach(self.model, self.optimizer, self.params, total_steps=tc.steps)
         # Under torchrun the forward pass goes through DistributedDataParallel, which averages gradients during the
         # backward pass; methods that need each objective's gradient separately run the plain module and average
         # their gradients themselves (StepContext.reduce_mean). The quantiles stay out of DDP: their auxiliary loss
         # depends only on parameters that are identical on every rank, so every rank computes the same update.
-        self.forward_model = model
+        self.forward_model = self.model
         if dist.enabled and not self.method.reduces_gradients:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, _ in aux_named])
-            self.forward_model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
+            DDP._set_params_and_buffers_to_ignore_for_model(self.model, [n for n, _ in self.aux_named])
+            self.forward_model = DDP(self.model, device_ids=[device] if device.type == "cuda" else None,
                                      broadcast_buffers=False)
-        self.forward_model = compile_model(self.forward_model, cfg.train.compile,
-                                           eager_random=self.method.needs_reevaluation)
-        mode = cfg.train.nonfinite
+        self.forward_model = compile_model(self.forward_model, tc.compile, eager_random=self.method.needs_reevaluation)
+        mode = tc.nonfinite
         if mode == "auto":
             mode = "zero" if device.type == "cuda" and self.method.host_sync_free else "skip"
         if mode == "zero" and not self.method.host_sync_free:
             raise LictrainError(f"train.nonfinite=zero needs the standard method or another host-synchronisation-free "
-                                f"one (the {cfg.method.name} method reads this step's losses after the update): use "
-                                "skip")
+                                f"one (the {mc.name} method reads this step's losses after the update): use skip")
         self.nonfinite = "skip" if self.scaler is not None else mode  # fp16: the GradScaler decides, on the host
         # zero mode's counts live on the device and reach self.state at log, validation and checkpoint steps
         self.device_skips = torch.zeros((), dtype=torch.int64, device=device)
         self.device_consecutive = torch.zeros((), dtype=torch.int64, device=device)
-        if dist.enabled:  # same initial weights everywhere (seeded above), but each rank its own quantization noise
-            torch.manual_seed(cfg.seed + 1_000_003 * (dist.rank + 1))
-        self.criterion = RateDistortionLoss(cfg.loss.lmbda, cfg.loss.metric)
-        self.train_images = ImageList.scan(cfg.data.train, cfg.data.cache_mb)
-        self.val_set = EvalImages(cfg.data.val, cfg.data.val_crop, cfg.data.val_max_images)
+
+    def _setup_data(self, dc, lc) -> None:
+        """The R-D loss, the training images and the validation set."""
+        self.criterion = RateDistortionLoss(lc.lmbda, lc.metric)
+        self.train_images = ImageList.scan(dc.train, dc.cache_mb)
+        self.val_set = EvalImages(dc.val, dc.val_crop, dc.val_max_images)
 
     def _describe(self) -> None:
         """What this run trains, on what, where: one line, and a warning for an image in both data sets."""
@@ -524,26 +544,22 @@ class Trainer:
         self.saved_any = True
         if not dist.is_main:
             return
-        save_atomic({
-            "format": CHECKPOINT_FORMAT,
-            "config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "aux_optimizer": self.aux_optimizer.state_dict() if self.aux_optimizer is not None else None,
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,  # fp16's loss scale
-            "method": self.method.state_dict(),
-            "state": dict(self.state),
-            "rng": {**rng, "ranks": ranks},
-        }, self.ckpt_path)
+        save_atomic(checkpoint_dict(
+            self.cfg, self.model.state_dict(), self.ema.state_dict() if self.ema is not None else None, self.state,
+            optimizer=self.optimizer.state_dict(),
+            aux_optimizer=self.aux_optimizer.state_dict() if self.aux_optimizer is not None else None,
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,  # fp16's loss scale
+            method=self.method.state_dict(),
+            rng={**rng, "ranks": ranks},
+        ), self.ckpt_path)
 
     def save_best(self) -> None:
         """The weights (and EMA) of the best regular validation so far, for `lictrain eval` and fine-tuning; not
         for resuming (no optimizer or RNG state)."""
         if self.dist.is_main:
-            save_atomic({"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
-                         "ema": self.ema.state_dict() if self.ema is not None else None, "state": dict(self.state)},
+            save_atomic(checkpoint_dict(self.cfg, self.model.state_dict(),
+                                        self.ema.state_dict() if self.ema is not None else None, self.state),
                         self.best_path)
 
     def validate(self, step_scheduler: bool, track_best: bool = False, extra: dict | None = None) -> dict:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CHECKPOINT_FORMAT, checkpoint_config, load_checkpoint, model_from_checkpoint
+from ..checkpoint import Checkpoint, checkpoint_dict
 from ..data import EvalImages
 from ..errors import LictrainError
 from ..io import save_atomic
@@ -123,21 +123,23 @@ def calibration_batch(spec: str, images: int, crop: int, multiple: int) -> torch
     return torch.stack(xs)
 
 
-def quantize_checkpoint(path: str | Path, calib: torch.Tensor, out: str | Path, weights: str = "adaround",
-                        iters: int = 1000, batch: int = 4, keep_float: tuple[str, ...] = (), calib_spec: str = "",
-                        progress: bool = True, min_targets_per_weight: float = 10.0) -> Path:
-    """Quantize the checkpoint at `path` (its EMA weights, as evaluated) and save it as a lictrain checkpoint."""
-    ckpt = load_checkpoint(path)
-    if ckpt.get("ptq"):
+def quantize_checkpoint(path: str | Path | Checkpoint, calib: torch.Tensor, out: str | Path,
+                        weights: str = "adaround", iters: int = 1000, batch: int = 4, keep_float: tuple[str, ...] = (),
+                        calib_spec: str = "", progress: bool = True, min_targets_per_weight: float = 10.0) -> Path:
+    """Quantize a checkpoint (a path, or one already read) with its EMA weights, as evaluated, and save it as a
+    lictrain checkpoint."""
+    ckpt = path if isinstance(path, Checkpoint) else Checkpoint.load(path)
+    path = ckpt.path
+    if ckpt.ptq:
         raise LictrainError(f"{path} is already quantized")
-    model = model_from_checkpoint(ckpt)
+    model = ckpt.model()
     record = quantize_model(model, calib, weights, iters, batch, keep_float, progress, min_targets_per_weight)
     record.update(source=str(path), calib=calib_spec, calib_images=int(calib.shape[0]),
                   calib_crop=int(calib.shape[-1]))
     out = Path(out)
-    save_atomic({"format": CHECKPOINT_FORMAT, "config": ckpt["config"], "model": model.state_dict(), "ema": None,
-                 "state": ckpt.get("state", {}), "ptq": record}, out)
-    cfg = checkpoint_config(ckpt)
+    save_atomic(checkpoint_dict(ckpt.data["config"], model.state_dict(), None, ckpt.data.get("state", {}),
+                                ptq=record), out)
+    cfg = ckpt.config
     ada = sum(r == "adaround" for r in record["rounding"].values())
     log.info("quantized %s (%s, lambda %g, %d layers, weights %s: %d by AdaRound) -> %s", path, cfg.model.name,
              cfg.loss.lmbda, len(record["layers"]), weights, ada, out)

@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
+from ..checkpoint import Checkpoint, load_checkpoint
 from ..comparison.figures import BDRateUnavailable, bd_rate
-from .. import rundir
 from ..config import MethodConfig
 from ..data import EvalImages
 from ..evaluation import evaluate
@@ -31,7 +30,7 @@ def _point(summary: dict) -> tuple[float, float, float]:
     return r["lmbda"][0], r["bpp"][0], r["psnr-rgb"][0]
 
 
-def _evaluate_once(ckpt: Path, data: str, out: Path, max_images: int | None, progress: bool) -> dict:
+def _evaluate_once(ckpt, data: str, out: Path, max_images: int | None, progress: bool) -> dict:
     done = out / "results.json"
     if done.exists():  # reruns only do what is missing
         return json.loads(done.read_text())
@@ -52,22 +51,19 @@ def ptq_report(checkpoints: list[str], calib: str, eval_data: str, out_dir: str 
     adarounded: dict[str, list[str]] = {}
     batches: dict[int, object] = {}
     for i, path in enumerate(checkpoints):
-        path = Path(path)
-        if path.is_dir():
-            path = path / rundir.CHECKPOINT
-        ckpt = load_checkpoint(path)
-        cfg = checkpoint_config(ckpt)
+        ckpt = Checkpoint.load(path)  # read once: quantized, evaluated and measured from this object
+        path, cfg = ckpt.path, ckpt.config
         label = _curve_label(cfg)
         stem = f"{i:02d}-{path.parent.name}"
         multiple = downsampling(cfg.model.name)
         if multiple not in batches:
             batches[multiple] = calibration_batch(calib, calib_images, calib_crop, multiple)
-        variants = {"float": _evaluate_once(path, eval_data, out_dir / "eval" / f"{stem}-float", max_images,
+        variants = {"float": _evaluate_once(ckpt, eval_data, out_dir / "eval" / f"{stem}-float", max_images,
                                             progress)}
         for mode in modes:
             qpath = out_dir / f"{stem}-w8a8-{mode}.pt"
             if not qpath.exists():
-                quantize_checkpoint(path, batches[multiple], qpath, mode, iters, batch, keep_float, calib, progress,
+                quantize_checkpoint(ckpt, batches[multiple], qpath, mode, iters, batch, keep_float, calib, progress,
                                     min_targets_per_weight)
             if mode == "adaround":
                 rounding = load_checkpoint(qpath)["ptq"].get("rounding", {})  # absent in files of earlier versions
@@ -79,7 +75,7 @@ def ptq_report(checkpoints: list[str], calib: str, eval_data: str, out_dir: str 
         if outliers:
             from ..probes.outliers import outlier_stats
 
-            stats = outlier_stats(model_from_checkpoint(ckpt), EvalImages(eval_data, None, max_images), multiple)
+            stats = outlier_stats(ckpt.model(), EvalImages(eval_data, None, max_images), multiple)
             curves[label].setdefault("outliers", []).append(stats)
     rows, table2 = [], {}
     for label, by_variant in curves.items():
