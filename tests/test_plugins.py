@@ -74,3 +74,21 @@ def test_a_new_method_is_asked_for_its_flags_not_its_name(tmp_path):
         assert res.step == 2
     finally:
         del METHODS["test-plain"], METHODS["test-sync-free"]
+
+
+def test_a_new_metrics_field_is_written_by_its_plug_in_and_read_back_with_no_other_edit(tmp_path):
+    """A hook's measurement lands in metrics.jsonl as a probe record and comes back through the run folder's one
+    reader (rundir.read_records), NaN included."""
+    import math
+
+    from lictrain import rundir
+    from lictrain.methods.base import StepHook
+
+    class Sharpness(StepHook):
+        def after_step(self, ctx):
+            return {"test_field": float(ctx.step), "test_nan": math.nan}
+
+    train(tiny_config(tmp_path, "train.steps=3", "train.val_every=3"), hooks=(Sharpness(),))
+    probes = rundir.read_records(tmp_path / "run", "probe")
+    assert [r["test_field"] for r in probes] == [0.0, 1.0, 2.0] and [r["step"] for r in probes] == [1, 2, 3]
+    assert all(math.isnan(r["test_nan"]) for r in probes)
