@@ -16,6 +16,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def save_figure(fig, out_png: str | Path) -> Path:
+    """Lay out, write (the folder made if need be) and close a figure."""
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
 def plot_run(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path:
     """Four panels: R-D loss against steps and against training time, bpp and PSNR against steps."""
     recs = read_records(metrics_path)
@@ -41,12 +51,7 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, title: str = "") -> 
         axis.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 REFERENCE_STYLES = [dict(color="0.25", ls="--", marker="x"), dict(color="0.5", ls=":", marker="+"),
@@ -100,12 +105,7 @@ def plot_curves(curves: list[Curve], out_png: str | Path, metric: str = "psnr", 
     ax.set(xlabel="bpp", ylabel="PSNR-RGB (dB)" if metric == "psnr" else "MS-SSIM-RGB (dB)", title=title)
     ax.grid(alpha=0.3)
     legend_beside(ax, crowded=bool(refs))
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def plot_compare(runs, points: dict, eval_sets: list[str], out_dir: Path, quality: str = "PSNR-RGB (dB)",
