@@ -11,6 +11,7 @@ import torch.nn as nn
 from .config import RunConfig, config_from_saved
 from .errors import LictrainError
 from .models import build_model
+from .models.quantized_activations import attach_activation_quantizers
 from .rundir import checkpoint_file
 
 CHECKPOINT_FORMAT = "lictrain-checkpoint-v1"
@@ -121,8 +122,6 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> nn.Module:
     state = ckpt["ema"]["model"] if (use_ema and ckpt.get("ema")) else ckpt["model"]
     model.load_state_dict(state)
     if ckpt.get("ptq"):  # a W8A8 checkpoint (lictrain ptq): its weights are int8 x scale; quantize the activations
-        from .quantization.activations import attach_activation_quantizers
-
         attach_activation_quantizers(model, ckpt["ptq"]["layers"])
     return model.eval()
 

@@ -30,7 +30,7 @@ from ..checkpoint import Checkpoint, checkpoint_dict
 from ..data import EvalImages
 from ..errors import LictrainError
 from ..io import save_atomic
-from .activations import attach_activation_quantizers
+from ..models.quantized_activations import attach_activation_quantizers
 from .weights import adaround, channel_axis, quantize_nearest, weight_scales
 
 log = logging.getLogger("lictrain")
