@@ -348,7 +348,8 @@ def cmd_eval(args) -> int:
     summary = evaluate(files, args.data, out, use_ema=not args.raw, name=args.name,
                        max_images=args.max_images, device=args.device)
     print(format_results_table(summary))
-    print(timing_line(summary))
+    if timing_line(summary):
+        print(timing_line(summary))
     if args.anchor:
         from .anchors.curves import curve_from_results, resolve
 
@@ -411,7 +412,7 @@ def cmd_decompress(args) -> int:
 
 def _csv(text: str, kind):
     try:
-        return [kind(x) for x in text.split(",") if x.strip()]
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
     except ValueError:
         raise LictrainError(f"cannot read '{text}' as a comma-separated list of {kind.__name__}") from None
 
@@ -537,7 +538,10 @@ def _kwargs(text: str) -> dict:
         key, sep, value = part.partition("=")
         if not sep or not key.strip():
             raise LictrainError(f"--kwargs takes KEY=VALUE pairs separated by commas, got '{part}'")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise LictrainError(f"--kwargs: cannot read the value of {key.strip()}: '{value}'") from None
     return out
 
 

@@ -22,7 +22,7 @@ LAMBDAS_MSE = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483)  # CompressAI's s
 
 
 def setting(default: Any = dataclasses.MISSING, *, factory: Any = None, identity: bool = True, resume: bool = False,
-            absent: Any = dataclasses.MISSING) -> Any:
+            absent: Any = dataclasses.MISSING, unused_if: Any = None) -> Any:
     """A config field that carries its own policy (read by identity() and check_resume()):
     - identity: the value changes what a run computes, so it is part of the run's identity (compare reuses a stored
       run only when its identity matches);
@@ -30,9 +30,11 @@ def setting(default: Any = dataclasses.MISSING, *, factory: Any = None, identity
       computes);
     - absent: what a config written before this key existed meant (a saved checkpoint's config without it). By
       default the default; a key whose default changes must pin its old default here, so that stored runs keep
-      their meaning and their identity (tests/test_config.py checks the pins against tests/data/config_baselines.json).
+      their meaning and their identity (tests/test_config.py checks the pins against tests/data/config_baselines.json);
+    - unused_if: a function of the config saying when the key has no effect (a fixed schedule's shape under the
+      plateau scheduler): then it is neither identity nor a reason to refuse a resume.
     A section (a dataclass field of RunConfig) may carry identity/resume for all its keys."""
-    meta = {"identity": identity, "resume": resume}
+    meta = {"identity": identity, "resume": resume, "unused_if": unused_if}
     if absent is not dataclasses.MISSING:
         meta["absent"] = absent
     if factory is not None:
@@ -99,8 +101,9 @@ class TrainConfig:
     ckpt_every: int = setting(500, resume=True)
     log_every: int = setting(10, resume=True)  # training-loss lines in metrics.jsonl
     schedule: str = "plateau"  # plateau | cosine | step (lictrain/schedule.py)
-    decay_start: float = 0.8  # cosine/step: the decay begins at this fraction of train.steps
-    final_lr_factor: float = 0.1  # cosine/step: the last step's lr is lr0 times this
+    # cosine/step: the decay begins at this fraction of train.steps; the last step's lr is lr0 times final_lr_factor
+    decay_start: float = setting(0.8, unused_if=lambda cfg: cfg.train.schedule == "plateau")
+    final_lr_factor: float = setting(0.1, unused_if=lambda cfg: cfg.train.schedule == "plateau")
     plateau_patience: int = 10  # ReduceLROnPlateau on the validation loss, counted in validations
     plateau_factor: float = 0.5
     min_lr: float = 0.0
@@ -186,8 +189,8 @@ def _policies(cls: type = RunConfig, prefix: str = "", inherited: dict | None = 
     out = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        meta = {"identity": True, "resume": False, **(inherited or {}),
-                **{k: v for k, v in f.metadata.items() if k in ("identity", "resume")}}
+        meta = {"identity": True, "resume": False, "unused_if": None, **(inherited or {}),
+                **{k: v for k, v in f.metadata.items() if k in ("identity", "resume", "unused_if")}}
         t = hints[f.name]
         if dataclasses.is_dataclass(t):
             out.update(_policies(t, prefix + f.name + ".", meta))
@@ -221,7 +224,7 @@ def identity(cfg: RunConfig) -> dict:
     at its default, leaves every stored run's identity as it was)."""
     out = {}
     for key, policy in POLICIES.items():
-        if not policy["identity"]:
+        if not policy["identity"] or (policy["unused_if"] and policy["unused_if"](cfg)):
             continue
         value = _canonical(key, get_key(cfg, key))
         if value != _canonical(key, policy["baseline"]):
@@ -242,13 +245,18 @@ def resumable_keys() -> list[str]:
 
 def check_resume(saved: RunConfig, new: RunConfig) -> None:
     """A resumed run continues the computation its checkpoint began: only keys marked resume may differ."""
+    import json
+
+    same = lambda a, b: json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)  # noqa: E731
     for key, policy in POLICIES.items():
-        if policy["resume"]:
+        unused = policy["unused_if"] and policy["unused_if"](saved) and policy["unused_if"](new)
+        if policy["resume"] or unused:
             continue
         before, after = _canonical(key, get_key(saved, key)), _canonical(key, get_key(new, key))
-        if before != after:
+        if not same(before, after):  # a tuple and the list YAML gives for it are the same value
             raise LictrainError(f"'{key}' cannot change when resuming (the checkpoint was made with {before!r}, "
-                                f"asked {after!r}); keys that can: {', '.join(resumable_keys())} (and probe.*)")
+                                f"asked {after!r}); keys that can: {', '.join(resumable_keys())} (and probe.*, "
+                                "compare.*)")
 
 
 def config_from_saved(d: dict) -> RunConfig:
@@ -425,9 +433,19 @@ def _codec_names() -> list[str]:
     return list(CODECS)
 
 
+def _supports_loss_scaling(method: str) -> bool:
+    """The method's own flag (methods/base.py); an unknown name passes here and fails where the method is built."""
+    from .methods import METHODS
+
+    return getattr(METHODS.get(method), "supports_loss_scaling", True)
+
+
 def validate(cfg: RunConfig) -> None:
     """Range checks that types alone cannot express."""
     checks = [
+        (cfg.train.precision != "fp16" or _supports_loss_scaling(cfg.method.name),
+         f"train.precision=fp16 needs loss scaling, which the standard method supports and the {cfg.method.name} "
+         "method does not (its update is not the backward of one loss): use bf16"),
         (cfg.data.crop >= 16, "data.crop must be at least 16"),
         (cfg.data.batch_size >= 1, "data.batch_size must be at least 1"),
         (cfg.data.workers is None or cfg.data.workers >= 0, "data.workers must be >= 0"),

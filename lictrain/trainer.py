@@ -682,8 +682,9 @@ class Trainer:
             state["consecutive_skips"] = 0 if self.nonfinite != "zero" else state["consecutive_skips"]
 
     def _aux_step(self) -> None:
-        """CompressAI's auxiliary step on the entropy bottlenecks' quantiles, in every mode; a non-finite auxiliary
-        loss's gradient is zeroed on the device (no synchronisation), so its Adam step only decays the moments."""
+        """CompressAI's auxiliary step on the entropy bottlenecks' quantiles, in every mode. A non-finite auxiliary
+        loss's gradient is zeroed on the device (no synchronisation): its Adam step then runs on a zero gradient,
+        so the moments decay and the quantiles move by the momentum alone (before, skip mode took no step)."""
         if self.aux_optimizer is None:
             return
         aux_loss = self.model.aux_loss()

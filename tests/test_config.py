@@ -200,3 +200,22 @@ def test_compare_finds_a_run_stored_under_the_legacy_hash(tmp_path):
     stored.mkdir(parents=True)
     (run,) = plan_runs(cfg, tmp_path)
     assert run.run_dir == stored
+
+
+def test_a_fixed_schedules_shape_is_no_part_of_a_plateau_runs_identity_or_resume():
+    from lictrain.config import check_resume, identity_hash, load_config
+
+    a = load_config(None, ["train.schedule=plateau"])
+    b = load_config(None, ["train.schedule=plateau", "train.decay_start=0.5", "optim.options={betas: [0.9, 0.99]}"])
+    a.optim.options = {"betas": (0.9, 0.99)}  # a tuple, as code writes it, and the list YAML gives: one value
+    assert identity_hash(a) == identity_hash(b)
+    check_resume(a, b)  # no error
+    c = load_config(None, ["train.schedule=cosine", "train.decay_start=0.5"])
+    assert identity_hash(c) != identity_hash(load_config(None, ["train.schedule=cosine"]))
+    with pytest.raises(LictrainError, match="'train.decay_start' cannot change"):
+        check_resume(load_config(None, ["train.schedule=cosine"]), c)
+
+
+def test_fp16_with_a_method_that_cannot_scale_its_loss_is_refused_at_load():
+    with pytest.raises(LictrainError, match="fp16 needs loss scaling"):
+        load_config(None, ["train.precision=fp16", "method.name=balanced-rd"])

@@ -224,3 +224,32 @@ def test_every_registered_codec_has_a_rising_sweep():
     for codec in CODECS.values():
         q = list(codec.qualities)
         assert q == sorted(q, reverse=not codec.rising) and codec.limits[0] <= min(q) <= max(q) <= codec.limits[1]
+
+
+def test_missing_measurements_make_bd_rate_unavailable_not_a_crash(tmp_path):
+    from lictrain.comparison.compare import rd_table
+    from lictrain.comparison.figures import BDRateUnavailable
+
+    pts = ([0.1, 0.2, 0.4, 0.8], [28.0, 30.0, None, 34.0])
+    with pytest.raises(BDRateUnavailable, match="not measured"):
+        bd_rate(pts, pts)
+    summary = {"rows": [{"recipe": "adam"}], "eval_sets": ["s"], "lambdas": [0.01], "seeds": [0],
+               "rd_points": [{"recipe": "adam", "seed": 0, "set": "s", "lmbda": 0.01, "bpp": 0.3, "quality": None}]}
+    assert "| 0.01 | 0 | 0.3000 / n/a |" in rd_table(summary)
+    doc = {"name": "x", "results": {"bpp": [0.1, 0.2], "psnr-rgb": [30.0, None], "ms-ssim-rgb": [None, None]}}
+    (tmp_path / "x.json").write_text(json.dumps(doc))
+    assert load_results(tmp_path / "x.json").points() == ([0.1], [30.0])  # null read as not measured
+
+
+def test_a_bad_reference_is_refused_before_any_training(tmp_path, monkeypatch):
+    import lictrain.comparison.compare as cmp_mod
+    from lictrain.config import load_config
+
+    def fail(*a, **k):
+        raise AssertionError("trained before checking the references")
+
+    monkeypatch.setattr(cmp_mod, "train", fail)
+    with pytest.raises(LictrainError, match="unknown reference curve 'vvc'"):
+        cmp_mod.compare(load_config(None, ["compare.references=[vvc]"]), tmp_path)
+    with pytest.raises(LictrainError, match="results file not found"):
+        cmp_mod.compare(load_config(None, [f"compare.references=[{tmp_path / 'none.json'}]"]), tmp_path)

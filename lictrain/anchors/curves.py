@@ -41,7 +41,8 @@ class Curve:
 
     def points(self, metric: str = "psnr") -> tuple[list[float], list[float]]:
         """(bpp, quality) of the points where the quality exists, by rate."""
-        pairs = sorted((b, q) for b, q in zip(self.bpp, self.quality(metric)) if q is not None and math.isfinite(q))
+        pairs = sorted((b, q) for b, q in zip(self.bpp, self.quality(metric))
+                       if q is not None and math.isfinite(q) and math.isfinite(b))
         return [b for b, _ in pairs], [q for _, q in pairs]
 
 
@@ -56,7 +57,8 @@ def curve_from_results(doc: dict, label: str, source: str, dataset: str | None =
     ms = r.get("ms-ssim-rgb") or [None] * n
     if not (len(r["psnr-rgb"]) == len(ms) == n):
         raise LictrainError(f"{source}: results.bpp, psnr-rgb and ms-ssim-rgb differ in length")
-    return Curve(label, tuple(map(float, r["bpp"])), tuple(map(float, r["psnr-rgb"])),
+    num = lambda v: math.nan if v is None else float(v)  # noqa: E731  (null: not measured, or infinite)
+    return Curve(label, tuple(map(num, r["bpp"])), tuple(map(num, r["psnr-rgb"])),
                  tuple(None if v is None else float(v) for v in ms), source, dataset, published, images)
 
 

@@ -24,14 +24,14 @@ from ..config import POLICIES, RunConfig, config_from_dict, get_key, identity_ha
 from ..data import active_spec, canonical_split_spelling, resolve_image_files, set_name
 from ..errors import LictrainError
 from ..evaluation import evaluate
-from ..io import strict_json, write_atomic
+from ..io import number, strict_json, write_atomic
 from ..losses import ms_ssim_db
 from ..recipes import RECIPES
 from ..schedule import finish_state
 from ..trainer import train
 from .figures import (TIME_SPREAD_FLAG, BDRateUnavailable, bd_rate, converged_loss, mean_and_spread, read_val_curve,
                       read_val_records, time_spread, to_anchor)
-from .field import bd_against, field_markdown, reference_curves
+from .field import bd_against, check_references, field_markdown, reference_curves
 from .plots import plot_compare
 
 log = logging.getLogger("lictrain")
@@ -182,6 +182,7 @@ def evaluate_or_reuse(run: Run, spec: str, max_images: int | None) -> dict:
 
 def compare(base: RunConfig, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
+    check_references(base.compare.references)  # before any training: a typo must not cost hours
     runs = plan_runs(base, out_dir)
     settings = base.compare
     for run in runs:
@@ -305,11 +306,11 @@ def rd_table(summary: dict) -> list[str]:
         at = {(p["recipe"], p["lmbda"], p["seed"]): p for p in summary.get("rd_points", []) if p["set"] == spec}
         if not at:
             continue
-        lines += ["", f"Real bitstreams on {set_name(spec)} (bpp / {quality}):", "",
+        lines += ["", f"Real bitstreams on {set_name(spec)} (bpp / {quality}; n/a: not measured):", "",
                   "| λ | seed | " + " | ".join(recipes) + " |", "|---:|---:|" + "---|" * len(recipes)]
         for lmbda in summary["lambdas"]:
             for seed in summary["seeds"]:
-                cells = [f"{at[(r, lmbda, seed)]['bpp']:.4f} / {at[(r, lmbda, seed)]['quality']:.3f}"
+                cells = [f"{at[(r, lmbda, seed)]['bpp']:.4f} / {number(at[(r, lmbda, seed)]['quality'], '.3f')}"
                          if (r, lmbda, seed) in at else "-" for r in recipes]
                 lines.append(f"| {lmbda:g} | {seed} | " + " | ".join(cells) + " |")
     return lines

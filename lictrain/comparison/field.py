@@ -15,13 +15,27 @@ from pathlib import Path
 import numpy as np
 
 from ..anchors.codecs import split_available, unavailable_line
-from ..anchors.curves import curve_from_results, resolve
+from ..anchors.curves import curve_from_results, load_results, published_names, published_sets, resolve
 from ..anchors.measure import measure_or_reuse
 from ..data import set_name
 from ..errors import LictrainError
 from .figures import BDRateUnavailable, bd_rate
 
 log = logging.getLogger("lictrain")
+
+
+def check_references(references: list[str]) -> None:
+    """Refuse, before any training, a reference that cannot be read: a results file that is missing or not one, or
+    a name published on no set."""
+    known = {name for dataset in published_sets() for name in published_names(dataset)}
+    for ref in references:
+        if ref.endswith(".json") or Path(ref).is_file():
+            load_results(ref)
+        elif ref.partition("@")[0] not in known:
+            raise LictrainError(f"unknown reference curve '{ref}'; published: {', '.join(sorted(known))} (or a "
+                                "results .json)")
+        elif "@" in ref:
+            resolve(ref)
 
 
 def reference_curves(codecs: list[str], references: list[str], eval_sets: list[str], out_dir: Path,

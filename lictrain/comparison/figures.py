@@ -131,6 +131,8 @@ def bd_rate(anchor: tuple[list[float], list[float]], test: tuple[list[float], li
     (ra, da), (rt, dt) = anchor, test
     if min(len(ra), len(rt)) < 4:
         raise BDRateUnavailable("<4 λ")
+    if any(v is None or not math.isfinite(v) for v in (*ra, *da, *rt, *dt)):
+        raise BDRateUnavailable("a point's rate or quality was not measured")
     curves = []
     for rate, psnr in ((ra, da), (rt, dt)):
         order = np.argsort(psnr)
