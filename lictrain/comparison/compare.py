@@ -306,7 +306,7 @@ def rd_table(summary: dict) -> list[str]:
         at = {(p["recipe"], p["lmbda"], p["seed"]): p for p in summary.get("rd_points", []) if p["set"] == spec}
         if not at:
             continue
-        lines += ["", f"Real bitstreams on {set_name(spec)} (bpp / {quality}; n/a: not measured):", "",
+        lines += ["", f"Real bitstreams on {set_name(spec)} (bpp / {quality}):", "",
                   "| λ | seed | " + " | ".join(recipes) + " |", "|---:|---:|" + "---|" * len(recipes)]
         for lmbda in summary["lambdas"]:
             for seed in summary["seeds"]:
