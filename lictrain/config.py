@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -233,9 +235,6 @@ def identity(cfg: RunConfig) -> dict:
 
 
 def identity_hash(cfg: RunConfig) -> str:
-    import hashlib
-    import json
-
     return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
@@ -245,8 +244,6 @@ def resumable_keys() -> list[str]:
 
 def check_resume(saved: RunConfig, new: RunConfig) -> None:
     """A resumed run continues the computation its checkpoint began: only keys marked resume may differ."""
-    import json
-
     same = lambda a, b: json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)  # noqa: E731
     for key, policy in POLICIES.items():
         unused = policy["unused_if"] and policy["unused_if"](saved) and policy["unused_if"](new)

@@ -464,6 +464,9 @@ class Trainer:
         # zero mode's counts live on the device and reach self.state at log, validation and checkpoint steps
         self.device_skips = torch.zeros((), dtype=torch.int64, device=device)
         self.device_consecutive = torch.zeros((), dtype=torch.int64, device=device)
+        # a step's result before its backward (a non-finite loss in skip mode): made once, not in every step
+        self._not_ok = torch.zeros((), dtype=torch.bool, device=device)
+        self._no_norm = torch.full((), math.nan, device=device)
 
     def _setup_data(self, dc, lc) -> None:
         """The R-D loss, the training images and the validation set."""
@@ -611,8 +614,7 @@ class Trainer:
                                                                 self.cfg.train.precision,
                                                                 self.cfg.train.deterministic),
                           reduce_mean=dist.mean_, broadcast_=dist.broadcast_, batch=x, criterion=self.criterion)
-        result = StepResult(terms, {}, {}, torch.zeros((), dtype=torch.bool, device=self.device), True,
-                            torch.full((), math.nan, device=self.device))
+        result = StepResult(terms, {}, {}, self._not_ok, True, self._no_norm)  # until a backward runs
         for h in self.hooks:
             result.probe_logs.update(h.before_backward(ctx) or {})
         zero_mode = self.nonfinite == "zero"
@@ -678,8 +680,8 @@ class Trainer:
         elif result.skipped:
             state["skipped_steps"] += 1
             state["consecutive_skips"] += 1
-        else:
-            state["consecutive_skips"] = 0 if self.nonfinite != "zero" else state["consecutive_skips"]
+        elif self.nonfinite != "zero":  # zero mode's run of skips is counted on the device
+            state["consecutive_skips"] = 0
 
     def _aux_step(self) -> None:
         """CompressAI's auxiliary step on the entropy bottlenecks' quantiles, in every mode. A non-finite auxiliary
