@@ -576,7 +576,7 @@ def cmd_list(args) -> int:
         print("optimizer wrappers (name+wrapper): " + ", ".join(WRAPPERS))
     print("methods: " + ", ".join(METHODS))
     from .config import CONFIG_DIR, valid_keys
-    from .registry import RECIPES
+    from .recipes import RECIPES  # (importing recipes registers them)
 
     print("recipes (compare, train --recipe): " + ", ".join(RECIPES))
     print("built-in configs (--config NAME): " + ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))))

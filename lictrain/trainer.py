@@ -38,7 +38,7 @@ from .data import EvalImages, ImageList, crop_to, pad_to_multiple, train_loader
 from .ema import EMA
 from .errors import LictrainError
 from .losses import MS_SSIM_MIN_SIDE, RateDistortionLoss, ms_ssim_db, ms_ssim_value, psnr_from_mse
-from .methods import StepContext, StepHook, build_method
+from .methods import RunContext, StepContext, StepHook, build_method
 from .models import build_model, check_compression_model, downsampling, downsampling_of
 from .models.numerics import keep_in_fp32, prepare_entropy_models
 from .optim import build_optimizer, kernel_parameters, split_parameters, unwrap
@@ -364,6 +364,8 @@ class Trainer:
             self.metrics = MetricsLog(self.metrics_path, self.run_dir / "tb" if cfg.train.tensorboard else None,
                                       enabled=dist.is_main, purge_step=self.state["step"] + 1)
             self.hooks = tuple(hooks) + _probes(cfg, self.model, self.main_named, self.val_set, self.multiple)
+            for h in self.hooks:
+                h.attach(self.run_context)
         except BaseException:
             self.close()
             raise
@@ -389,10 +391,10 @@ class Trainer:
         self._flags = numeric_flags(self.device, cfg.train.tf32, cfg.train.deterministic)
         source = self._setup_model(cfg.model, cfg.train, cfg.data.crop)
         self._setup_optimizers(cfg.optim, cfg.train, source)
-        self._setup_method(cfg.method, cfg.train)
+        self._setup_method(cfg.method, cfg.train, cfg.loss)
         if dist.enabled:  # same initial weights everywhere (seeded above), but each rank its own quantization noise
             torch.manual_seed(cfg.seed + 1_000_003 * (dist.rank + 1))
-        self._setup_data(cfg.data, cfg.loss)
+        self._setup_data(cfg.data)
 
     def _setup_model(self, mc, tc, crop: int):
         """The model (built, or the user's), prepared for the run's precision, with its initial weights; returns
@@ -433,18 +435,21 @@ class Trainer:
         self.fixed_schedule = tc.schedule != "plateau"  # lr a function of the step alone (schedule.py)
         self.ema = EMA(self.model, tc.ema_decay) if tc.ema_decay > 0 else None
 
-    def _setup_method(self, mc, tc) -> None:
-        """The method, checked against what the run asks of it (its flags), attached; the forward path (DDP,
-        compile); how non-finite steps are handled."""
+    def _setup_method(self, mc, tc, lc) -> None:
+        """The R-D loss; the method, checked against what the run asks of it (its flags), attached; the forward path
+        (DDP, compile); how non-finite steps are handled."""
         device, dist = self.device, self.dist
+        self.criterion = RateDistortionLoss(lc.lmbda, lc.metric)
         self.method = build_method(mc.name, mc.options)
         if self.scaler is not None and not self.method.supports_loss_scaling:
             raise LictrainError(f"train.precision=fp16 needs loss scaling, which the standard method supports and the "
                                 f"{mc.name} method does not (its update is not the backward of one loss): use bf16")
-        self.method.attach(self.model, self.optimizer, self.params, total_steps=tc.steps)
+        self.run_context = RunContext(self.model, self.optimizer, self.params, tc.steps, self.criterion,
+                                      reduce_mean=dist.mean_, broadcast_=dist.broadcast_)
+        self.method.attach(self.run_context)
         # Under torchrun the forward pass goes through DistributedDataParallel, which averages gradients during the
         # backward pass; methods that need each objective's gradient separately run the plain module and average
-        # their gradients themselves (StepContext.reduce_mean). The quantiles stay out of DDP: their auxiliary loss
+        # their gradients themselves (RunContext.reduce_mean). The quantiles stay out of DDP: their auxiliary loss
         # depends only on parameters that are identical on every rank, so every rank computes the same update.
         self.forward_model = self.model
         if dist.enabled and not self.method.reduces_gradients:
@@ -468,9 +473,8 @@ class Trainer:
         self._not_ok = torch.zeros((), dtype=torch.bool, device=device)
         self._no_norm = torch.full((), math.nan, device=device)
 
-    def _setup_data(self, dc, lc) -> None:
-        """The R-D loss, the training images and the validation set."""
-        self.criterion = RateDistortionLoss(lc.lmbda, lc.metric)
+    def _setup_data(self, dc) -> None:
+        """The training images and the validation set."""
         self.train_images = ImageList.scan(dc.train, dc.cache_mb)
         self.val_set = EvalImages(dc.val, dc.val_crop, dc.val_max_images)
 
@@ -609,11 +613,9 @@ class Trainer:
             out = self.forward_model(x)
         terms = self.criterion(out, x)  # in fp32: the entropy models' likelihoods are fp32, x_hat is cast
         will_log = (step + 1) % self.cfg.train.log_every == 0 or step + 1 == self.cfg.train.steps
-        ctx = StepContext(step=step, model=model, optimizer=self.optimizer, params=self.params, terms=terms,
-                          will_log=will_log, reevaluate=_reevaluator(model, self.criterion, x, rng, self.device,
-                                                                self.cfg.train.precision,
-                                                                self.cfg.train.deterministic),
-                          reduce_mean=dist.mean_, broadcast_=dist.broadcast_, batch=x, criterion=self.criterion)
+        ctx = StepContext(step, terms, x, will_log,
+                          _reevaluator(model, self.criterion, x, rng, self.device, self.cfg.train.precision,
+                                       self.cfg.train.deterministic))
         result = StepResult(terms, {}, {}, self._not_ok, True, self._no_norm)  # until a backward runs
         for h in self.hooks:
             result.probe_logs.update(h.before_backward(ctx) or {})

@@ -109,13 +109,13 @@ class _CheckApplied(ConflictProbe):
 
     def before_backward(self, ctx):
         self.want = self.vectors(ctx)[2]
-        self.before = [p.detach().clone() for p in ctx.params]
+        self.before = [p.detach().clone() for p in self.run.params]
         return {}
 
     def after_step(self, ctx):
         # p - b rounds to the ulp of p, and autograd.grad and the loop's backward may sum in another order (which
         # Adam's normalisation amplifies on near-zero gradients): compare whole tensors in norm
-        for p, b, w in zip(ctx.params, self.before, self.want):
+        for p, b, w in zip(self.run.params, self.before, self.want):
             assert float((p.detach() - b - w).norm()) <= 1e-4 * float(w.norm()) + 1e-6 * float(b.norm())
         self.checked = getattr(self, "checked", 0) + 1
 

@@ -12,7 +12,7 @@ from scipy.optimize import minimize_scalar
 from tests.conftest import tiny_config
 from lictrain.checkpoint import load_checkpoint
 from lictrain.losses import RDTerms
-from lictrain.methods import StepContext
+from lictrain.methods import RunContext, StepContext
 from lictrain.methods.balanced_rd import (BalancedRD, BalancedRDQP, cosine_decay, effective_weights,
                                           log_improvement, qp_weight_rate)
 from lictrain.methods.standard import Standard
@@ -218,9 +218,9 @@ def _toy_run(method, steps=3000, lr=0.004):
     def reevaluate():
         return terms()
 
-    method.attach(None, opt, [theta], total_steps=steps)
+    method.attach(RunContext(None, opt, [theta], total_steps=steps))
     for step in range(steps):
-        ctx = StepContext(step=step, model=None, optimizer=opt, params=[theta], terms=terms(), reevaluate=reevaluate)
+        ctx = StepContext(step=step, terms=terms(), reevaluate=reevaluate)
         method.backward(ctx)
         opt.step()
         method.after_step(ctx)
@@ -276,7 +276,9 @@ def test_qp_with_neutral_weights_gives_the_standard_gradient():
         def weights_for(self, losses, rr, dd, rd):
             return torch.tensor([0.5, 0.5]), torch.ones(2)
 
-    NeutralQP().backward(StepContext(0, model, None, params, forward()))
+    qp = NeutralQP()
+    qp.attach(RunContext(model, None, params))
+    qp.backward(StepContext(0, forward()))
     for p, r in zip(params, ref):
         torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-8)
 
@@ -331,7 +333,8 @@ def test_logged_gradient_norms_and_cosine_match_separate_backward_passes():
     m = BalancedRD()
     with torch.no_grad():
         m.logits.copy_(torch.tensor([0.3, -0.1], dtype=torch.float64))
-    logs = m.backward(StepContext(0, None, None, [theta, other], terms(), will_log=True))
+    m.attach(RunContext(None, None, [theta, other]))
+    logs = m.backward(StepContext(0, terms(), will_log=True))
     rr, dd = float(g_r @ g_r), float(g_d[0] @ g_d[0] + g_d[1] @ g_d[1])
     assert logs["grad_norm_R"] == pytest.approx(math.sqrt(rr), rel=1e-12)
     assert logs["grad_norm_D"] == pytest.approx(math.sqrt(dd), rel=1e-12)
@@ -354,9 +357,10 @@ def test_a_model_regulariser_is_added_outside_the_balancing(method):
 
     g_reg = 0.2 * theta.detach() ** 3  # d/dtheta of 0.05 theta^4
     m = method()
-    plain = m.backward(StepContext(0, None, None, [theta], terms(False), will_log=True))
+    m.attach(RunContext(None, None, [theta]))
+    plain = m.backward(StepContext(0, terms(False), will_log=True))
     grad_plain, theta.grad = theta.grad.clone(), None
-    logs = m.backward(StepContext(0, None, None, [theta], terms(True), will_log=True))
+    logs = m.backward(StepContext(0, terms(True), will_log=True))
     torch.testing.assert_close(theta.grad, grad_plain + g_reg, rtol=1e-12, atol=1e-15)
     assert logs["grad_norm_D"] == pytest.approx(plain["grad_norm_D"], rel=1e-12)
     assert logs["eff_R"] == pytest.approx(plain["eff_R"], rel=1e-12)

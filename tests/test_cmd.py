@@ -193,6 +193,28 @@ def test_sma_options_are_checked(tmp_path):
         train(tiny_config(tmp_path, "method.name=cmd-lic", "method.options={modes: 30}"))
 
 
+def test_schedule_options_go_to_their_own_family():
+    """A schedule family's options set that family; one of the other family's is refused by name (before, an
+    epochs-schedule option under the budget schedule was silently ignored), an unknown one lists the valid ones."""
+    from lictrain.errors import LictrainError
+    from lictrain.methods import build_method
+    from lictrain.methods.cmd import BudgetSchedule, EpochSchedule
+
+    m = build_method("cmd-lic", {"schedule": "epochs", "epoch_steps": 5, "head_epochs": 3})
+    assert m.schedule == EpochSchedule(epoch_steps=5, head_epochs=3, period=1)
+    assert [e.step for e in m.schedule.events(30)] == [5, 10, 15, 20, 25, 30]
+    m = build_method("cmd-lic", {"preset": "finetune", "dummy": False})
+    assert m.schedule == BudgetSchedule(preset="finetune") and m.dummy is False
+    with pytest.raises(LictrainError, match="'epoch_steps' belongs to schedule: epochs, and this run's schedule is budget"):
+        build_method("cmd-lic", {"epoch_steps": 5})
+    with pytest.raises(LictrainError, match="'preset' belongs to schedule: budget"):
+        build_method("cmd-lic", {"schedule": "epochs", "preset": "scratch"})
+    with pytest.raises(LictrainError, match="has no option head_snapshot; valid options: .*head_snapshots"):
+        build_method("cmd-lic", {"head_snapshot": 5})
+    with pytest.raises(LictrainError, match="head_epochs >= 2"):
+        build_method("cmd-lic", {"schedule": "epochs", "head_epochs": 1})
+
+
 def test_budget_schedule_event_steps_by_hand():
     from lictrain.methods.cmd import budget_schedule, epoch_schedule
 
@@ -218,11 +240,12 @@ def test_budget_schedule_event_steps_by_hand():
 
 def _installed(n_embeddable: int, n: int = 1000):
     """A CMD-LIC state after Step 1 on a flat 1000-parameter vector: `n_embeddable` candidates, stabilities c_i."""
+    from lictrain.methods import RunContext
     from lictrain.methods.cmd import CMDLIC
 
     m = CMDLIC(embed_percent=1.0, dummy_cap=25.0)
     p = torch.nn.Parameter(torch.randn(n, dtype=torch.float64))
-    m.attach(torch.nn.Module(), torch.optim.SGD([p], lr=0.1), [p], total_steps=700)
+    m.attach(RunContext(torch.nn.Module(), torch.optim.SGD([p], lr=0.1), [p], total_steps=700))
     m.refs = torch.tensor([0])
     m.mode = torch.zeros(n, dtype=torch.long)
     m.k, m.d = torch.rand(n, dtype=torch.float64), torch.rand(n, dtype=torch.float64)
@@ -237,19 +260,19 @@ def _installed(n_embeddable: int, n: int = 1000):
 
 def test_embedding_counts_and_the_dummy_cap():
     m, p = _installed(600)
-    logs = m.embed_step(None, epoch=21)
+    logs = m.embed_step(epoch=21)
     # P = 1% of 1000 embedded; dummy min(21 x 1% / 2, 25%) = 10.5% -> 105, below half of the 590 left
     assert logs["embedded_now"] == 10 and logs["dummy_reset"] == 105
-    logs = m.embed_step(None, epoch=60)  # min(30%, 25%) = 250 resets, below half of the 580 left (290)
+    logs = m.embed_step(epoch=60)  # min(30%, 25%) = 250 resets, below half of the 580 left (290)
     assert logs["dummy_reset"] == 250
     m2, _ = _installed(100)  # late in a run: 100 candidates, 10 embedded now, 90 left
-    logs = m2.embed_step(None, epoch=60)
+    logs = m2.embed_step(epoch=60)
     assert logs["embedded_now"] == 10 and logs["dummy_reset"] == 45  # capped at half of what is left, not 90
 
 
 def test_imposition_puts_embedded_coordinates_exactly_on_their_affine_values():
     m, p = _installed(600)
-    m.embed_step(None, epoch=21)
+    m.embed_step(epoch=21)
     with torch.no_grad():
         p.add_(torch.randn_like(p))  # an optimizer step moves everything, the reference included
     m.impose()

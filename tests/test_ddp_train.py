@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from lictrain.checkpoint import load_checkpoint
 from lictrain.config import config_from_dict
+from lictrain.methods import StepHook
 from lictrain.models import build_model
 from tests.conftest import tiny_config
 
@@ -38,18 +39,15 @@ def _noise_free_quantization():
     return original
 
 
-class _DumpWeights:
+class _DumpWeights(StepHook):
     """A read-only hook that saves this rank's live weights after its last step (only rank 0 checkpoints)."""
 
     def __init__(self, path, last_step):
         self.path, self.last_step = path, last_step
 
-    def before_backward(self, ctx):
-        return None
-
     def after_step(self, ctx):
         if ctx.step == self.last_step:
-            torch.save({k: v.detach().clone() for k, v in ctx.model.state_dict().items()}, self.path)
+            torch.save({k: v.detach().clone() for k, v in self.run.model.state_dict().items()}, self.path)
 
 
 def _poison_rate_once(rank_and_call):

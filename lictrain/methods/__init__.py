@@ -10,19 +10,21 @@ import inspect
 
 from ..errors import LictrainError
 from ..registry import METHODS
-from .base import Method, StepContext, StepHook
+from .base import Method, RunContext, StepContext, StepHook
 from . import standard, balanced_rd, cmd  # noqa: F401,E402  (registration; order = listing order)
 
 
 def build_method(name: str, options: dict | None = None) -> Method:
     cls = METHODS.lookup(name)
     options = options or {}
-    accepted = set(inspect.signature(cls).parameters)
+    parameters = inspect.signature(cls).parameters
+    accepted = {n for n, p in parameters.items() if p.kind != p.VAR_KEYWORD}
     unknown = sorted(set(options) - accepted)
-    if unknown:
+    # a method taking **options names its own unknown ones (CMD-LIC: which schedule family an option belongs to)
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
         valid = ", ".join(sorted(accepted)) or "none"
         raise LictrainError(f"method '{name}' has no option {', '.join(unknown)}; valid options: {valid}")
     return cls(**options)
 
 
-__all__ = ["METHODS", "Method", "StepContext", "StepHook", "build_method"]
+__all__ = ["METHODS", "Method", "RunContext", "StepContext", "StepHook", "build_method"]

@@ -49,18 +49,17 @@ import torch.nn as nn
 
 from ..errors import LictrainError
 from ..registry import register_method
-from .base import Method, StepContext
+from .base import Method, RunContext, StepContext
 
 N_OBJECTIVES = 2
 SPACE_OFFSETS = {"log1p": 1.0, "log": 0.0, "loss": None}  # L_i + offset in the logs; None: the losses themselves
 
 
-def objective_values(ctx: StepContext, terms=None) -> torch.Tensor:
+def objective_values(terms, reduce_mean) -> torch.Tensor:
     """(L_R, L_D) = (R, lmbda * D), averaged over processes (so every rank derives the same weights), as a float64
     CPU tensor (the weights are computed there: 2 numbers)."""
-    terms = terms or ctx.terms
     values = torch.stack([terms.rate.detach(), terms.weighted_distortion.detach()]).float()
-    return ctx.reduce_mean([values])[0].double().cpu()
+    return reduce_mean([values])[0].double().cpu()
 
 
 def shifted(losses: torch.Tensor, space: str, floor: float) -> torch.Tensor:
@@ -156,8 +155,9 @@ class BalancedRD(Method):
         self.total_steps = schedule_steps or 0
         self._before: torch.Tensor | None = None
 
-    def attach(self, model, optimizer, params, total_steps: int = 0) -> None:
-        self.total_steps = self.schedule_steps or total_steps
+    def attach(self, run: RunContext) -> None:
+        super().attach(run)
+        self.total_steps = self.schedule_steps or run.total_steps
 
     @property
     def weights(self) -> torch.Tensor:
@@ -167,7 +167,7 @@ class BalancedRD(Method):
         return effective_weights(self.weights, losses, self.loss_floor, self.space)
 
     def backward(self, ctx: StepContext) -> dict[str, float]:
-        losses = objective_values(ctx)
+        losses = objective_values(ctx.terms, self.run.reduce_mean)
         w, eff = self.weights, self.effective(losses)
         logs = _weight_logs(w, eff)
         rate, dist = ctx.terms.rate, ctx.terms.weighted_distortion
@@ -175,17 +175,17 @@ class BalancedRD(Method):
         # grad R, which stops at the encoder and entropy model; grad lmbda*D then follows from the combined gradient
         # the update needs anyway. Under DDP that combined gradient is averaged over processes, so grad R is too
         # (will_log is the same on every process: the collective is safe).
-        g_r = ctx.reduce_mean(_grads(rate, ctx.params, True)) if ctx.will_log else None
+        g_r = self.run.reduce_mean(_grads(rate, self.run.params, True)) if ctx.will_log else None
         e_r, e_d = float(eff[0]), float(eff[1])
         # a model's own training penalty (AuxT): added as is, outside the balancing; it depends on the weights alone,
         # so its gradient is the same on every process and needs no averaging
         reg = ctx.terms.regularizer
-        g_reg = _grads(reg, ctx.params, True) if g_r is not None and reg is not None else None
+        g_reg = _grads(reg, self.run.params, True) if g_r is not None and reg is not None else None
         (e_r * rate + e_d * dist + (0 if reg is None else reg)).backward()
         if g_r is not None and e_d > 0:
             g_reg = g_reg or [0.0] * len(g_r)
             g_d = [((p.grad if p.grad is not None else torch.zeros_like(p)) - e_r * a - c) / e_d
-                   for p, a, c in zip(ctx.params, g_r, g_reg)]
+                   for p, a, c in zip(self.run.params, g_r, g_reg)]
             logs.update(_gradient_logs(_dot(g_r, g_r), _dot(g_d, g_d), _dot(g_r, g_d)))
         self._before = losses
         return logs
@@ -193,7 +193,7 @@ class BalancedRD(Method):
     def after_step(self, ctx: StepContext) -> dict[str, float]:
         if self._before is None or ctx.reevaluate is None:
             return {}
-        after = objective_values(ctx, ctx.reevaluate())
+        after = objective_values(ctx.reevaluate(), self.run.reduce_mean)
         delta = log_improvement(self._before, after, self.space, self.loss_floor)
         self._before = None
         if not bool(torch.isfinite(delta).all()):
@@ -240,15 +240,15 @@ class BalancedRDQP(Method):
         self.parallel_tol, self.loss_floor, self.space = parallel_tol, loss_floor, space
 
     def backward(self, ctx: StepContext) -> dict[str, float]:
-        losses = objective_values(ctx)
-        g_r = _grads(ctx.terms.rate, ctx.params, True)
-        g_d = _grads(ctx.terms.weighted_distortion, ctx.params, False)
-        ctx.reduce_mean(g_r)
-        ctx.reduce_mean(g_d)
+        losses = objective_values(ctx.terms, self.run.reduce_mean)
+        g_r = _grads(ctx.terms.rate, self.run.params, True)
+        g_d = _grads(ctx.terms.weighted_distortion, self.run.params, False)
+        self.run.reduce_mean(g_r)
+        self.run.reduce_mean(g_d)
         rr, dd, rd = _dot(g_r, g_r), _dot(g_d, g_d), _dot(g_r, g_d)
         w, eff = self.weights_for(losses, rr, dd, rd)
         e_r, e_d = float(eff[0]), float(eff[1])
-        for p, a, b in zip(ctx.params, g_r, g_d):
+        for p, a, b in zip(self.run.params, g_r, g_d):
             p.grad = e_r * a + e_d * b
         if ctx.terms.regularizer is not None:  # a model's own training penalty (AuxT), outside the balancing
             ctx.terms.regularizer.backward()

@@ -54,9 +54,10 @@ tensors, so it removes no optimizer work until a whole tensor is embedded: such 
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ import torch
 from ..errors import LictrainError
 from ..optim import unwrap
 from ..registry import register_method
-from .base import Method, StepContext
+from .base import Method, RunContext, StepContext
 from .cmd_modes import (decompose, gram, layer_sensitivity, main_prefixes, parameter_saliency, rls_update,
                         sample_loss, sensitive_layers, tensors_by_layer)
 
@@ -112,6 +113,84 @@ def epoch_schedule(total: int, epoch_steps: int, head_epochs: int, period: int) 
     return events
 
 
+@dataclass(frozen=True)
+class BudgetSchedule:
+    """`schedule: budget` (the default): events as fractions of the run's budget in the preset's proportions."""
+    preset: str = "scratch"
+    head_snapshots: int = 20
+    embed_end: float = 0.9
+    head_fraction: float | None = None  # None: the preset's
+    embed_events: int | None = None  # None: the preset's
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise LictrainError(f"cmd-lic: preset must be one of {', '.join(PRESETS)}, got '{self.preset}'")
+        if self.head_snapshots < 2 or not 0 < self.embed_end <= 1 or \
+                (self.embed_events is not None and self.embed_events < 1) or \
+                (self.head_fraction is not None and not 0 < self.head_fraction < 1):
+            raise LictrainError("cmd-lic needs head_snapshots >= 2, embed_end in (0, 1], embed_events >= 1 and "
+                                "head_fraction in (0, 1)")
+
+    @property
+    def values(self) -> dict:
+        """The preset's proportions with this run's overrides."""
+        v = dict(PRESETS[self.preset])
+        if self.head_fraction is not None:
+            v["head_fraction"] = self.head_fraction
+        if self.embed_events is not None:
+            v["embed_events"] = self.embed_events
+        return v
+
+    def events(self, total: int) -> list[Event]:
+        v = self.values
+        return budget_schedule(total, v["head_fraction"], self.head_snapshots, v["embed_events"], self.embed_end,
+                               v["paper_head_epochs"])
+
+    def too_short(self, total: int) -> str:
+        return (f"cmd-lic: {total} steps are too few for its schedule ({self.head_snapshots} head-stage samples and "
+                f"{self.values['embed_events']} embedding events need distinct steps): train longer, or lower "
+                "head_snapshots / embed_events")
+
+
+@dataclass(frozen=True)
+class EpochSchedule:
+    """`schedule: epochs`: lictrain's first version, fixed epochs of `epoch_steps`."""
+    epoch_steps: int = 100
+    head_epochs: int = 10
+    period: int = 1
+
+    def __post_init__(self):
+        if self.epoch_steps < 1 or self.head_epochs < 2 or self.period < 1:
+            raise LictrainError("cmd-lic's epochs schedule needs epoch_steps >= 1, head_epochs >= 2 (a trajectory "
+                                "needs two points) and period >= 1")
+
+    def events(self, total: int) -> list[Event]:
+        return epoch_schedule(total, self.epoch_steps, self.head_epochs, self.period)
+
+    def too_short(self, total: int) -> str:
+        return f"cmd-lic: {total} steps are too few for its epochs schedule: lower epoch_steps"
+
+
+SCHEDULES = {"budget": BudgetSchedule, "epochs": EpochSchedule}
+
+
+def build_schedule(name: str, options: dict) -> BudgetSchedule | EpochSchedule:
+    """The schedule family `name` from its own options; an option of the other family is named as such."""
+    if name not in SCHEDULES:
+        raise LictrainError(f"cmd-lic: schedule must be {' or '.join(SCHEDULES)}, got '{name}'")
+    cls = SCHEDULES[name]
+    own = {f.name for f in fields(cls)}
+    for key in options:
+        if key not in own:
+            other = [n for n, c in SCHEDULES.items() if key in {f.name for f in fields(c)}]
+            if not other:
+                valid = sorted(set(inspect.signature(CMDLIC).parameters) - {"schedule_options"} | own)
+                raise LictrainError(f"method 'cmd-lic' has no option {key}; valid options: {', '.join(valid)}")
+            raise LictrainError(f"cmd-lic: '{key}' belongs to schedule: {other[0]}, and this run's schedule is {name} "
+                                f"(its options: {', '.join(sorted(own))})")
+    return cls(**options)
+
+
 # ---- the method -------------------------------------------------------------------------------------------------
 
 def _zero_moments(optimizer, p: torch.Tensor, idx: torch.Tensor) -> None:
@@ -134,41 +213,28 @@ class CMDLIC(Method):
 
     name = "cmd-lic"
 
-    def __init__(self, schedule: str = "budget", preset: str = "scratch", budget_steps: int | None = None,
-                 head_snapshots: int = 20, embed_end: float = 0.9, head_fraction: float | None = None,
-                 embed_events: int | None = None,
-                 epoch_steps: int = 100, head_epochs: int = 10, period: int = 1,
+    def __init__(self, schedule: str = "budget", budget_steps: int | None = None,
                  modes: list | tuple = (10, 30, 50, 100), samples_per_mode: int = 200, max_samples: int = 10000,
                  embed_percent: float = 1.0, dummy: bool = True, dummy_cap: float = 25.0,
                  dummy_left_fraction: float = 0.5, max_instant_gap: float = 0.1, perturb_std: float = 0.1,
-                 sensitivity_images: int = 16, saturation: float = 0.01, trajectory_mb: int = 2048, seed: int = 0):
-        if schedule not in ("budget", "epochs"):
-            raise LictrainError(f"cmd-lic: schedule must be budget or epochs, got '{schedule}'")
-        if preset not in PRESETS:
-            raise LictrainError(f"cmd-lic: preset must be one of {', '.join(PRESETS)}, got '{preset}'")
+                 sensitivity_images: int = 16, saturation: float = 0.01, trajectory_mb: int = 2048, seed: int = 0,
+                 **schedule_options):
+        """Options of STDET itself by name; `schedule` names the family (BudgetSchedule or EpochSchedule) whose
+        fields the remaining options set, e.g. {schedule: budget, preset: finetune} or {schedule: epochs,
+        epoch_steps: 50}."""
+        self.schedule = build_schedule(schedule, schedule_options)
         if not isinstance(modes, (list, tuple)) or not all(isinstance(m, int) and m >= 1 for m in modes):
             raise LictrainError(f"cmd-lic: modes must be a list of positive integers, e.g. [10, 30, 50], got {modes!r}")
-        if epoch_steps < 1 or head_epochs < 2 or period < 1 or not modes or samples_per_mode < 1 or max_samples < 2:
-            raise LictrainError("cmd-lic needs epoch_steps >= 1, head_epochs >= 2 (a trajectory needs two points), "
-                                "period >= 1, samples_per_mode >= 1, max_samples >= 2 and at least one value in modes")
-        if head_snapshots < 2 or not 0 < embed_end <= 1 or (embed_events is not None and embed_events < 1) or \
-                (head_fraction is not None and not 0 < head_fraction < 1):
-            raise LictrainError("cmd-lic needs head_snapshots >= 2, embed_end in (0, 1], embed_events >= 1 and "
-                                "head_fraction in (0, 1)")
+        if not modes or samples_per_mode < 1 or max_samples < 2:
+            raise LictrainError("cmd-lic needs samples_per_mode >= 1, max_samples >= 2 and at least one value in "
+                                "modes")
         if not 0 <= embed_percent <= 100 or not 0 <= dummy_cap <= 100 or perturb_std <= 0 or sensitivity_images < 1 \
                 or not 0 <= dummy_left_fraction <= 1 or max_instant_gap < 0:
             raise LictrainError("cmd-lic needs embed_percent and dummy_cap in [0, 100], dummy_left_fraction in [0, 1], "
                                 "max_instant_gap >= 0, perturb_std > 0, sensitivity_images >= 1")
-        preset_values = dict(PRESETS[preset])
-        if head_fraction is not None:
-            preset_values["head_fraction"] = head_fraction
-        if embed_events is not None:
-            preset_values["embed_events"] = embed_events
         if budget_steps is not None and budget_steps < 1:
             raise LictrainError("cmd-lic needs budget_steps >= 1 (or unset: the run's train.steps)")
-        self.schedule, self.preset_values, self.budget_steps = schedule, preset_values, budget_steps
-        self.head_snapshots, self.embed_end = head_snapshots, embed_end
-        self.epoch_steps, self.head_epochs, self.period = epoch_steps, head_epochs, period
+        self.budget_steps = budget_steps
         self.modes = sorted(int(m) for m in modes)
         self.samples_per_mode, self.max_samples = samples_per_mode, max_samples
         self.embed_percent, self.dummy, self.dummy_cap = embed_percent, dummy, dummy_cap
@@ -185,27 +251,19 @@ class CMDLIC(Method):
         self.overhead = 0.0
         self.chosen_modes = 0
 
-    def schedule_for(self, total_steps: int) -> list[Event]:
-        if self.schedule == "epochs":
-            return epoch_schedule(total_steps, self.epoch_steps, self.head_epochs, self.period)
-        v = self.preset_values
-        return budget_schedule(total_steps, v["head_fraction"], self.head_snapshots, v["embed_events"],
-                               self.embed_end, v["paper_head_epochs"])
-
     # -- bookkeeping over the flat parameter vector --
-    def attach(self, model, optimizer, params, total_steps: int = 0) -> None:
-        self.model, self.optimizer, self.params = model, optimizer, list(params)
+    def attach(self, run: RunContext) -> None:
+        super().attach(run)
+        model, self.model, self.optimizer, self.params = run.model, run.model, run.optimizer, list(run.params)
         self.named = [(n, p) for n, p in model.named_parameters() if any(p is q for q in self.params)]
         self.offsets = np.cumsum([0] + [p.numel() for p in self.params])
         self.n = int(self.offsets[-1])
-        total_steps = self.budget_steps or total_steps
-        self.events = self.schedule_for(total_steps)
+        total_steps = self.budget_steps or run.total_steps
+        self.events = self.schedule.events(total_steps)
         self.n_records = sum(e.kind == "record" for e in self.events)
         steps = [e.step for e in self.events]
         if total_steps and len(set(steps)) < len(steps):
-            raise LictrainError(f"cmd-lic: {total_steps} steps are too few for its schedule ({self.head_snapshots} "
-                                f"head-stage samples and {self.preset_values['embed_events']} embedding events need "
-                                "distinct steps): train longer, or lower head_snapshots / embed_events")
+            raise LictrainError(self.schedule.too_short(total_steps))
 
     def flat(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.params])
@@ -245,9 +303,9 @@ class CMDLIC(Method):
             if event.kind == "record":
                 self.record()
                 if len(self.trajectories) == self.n_records:
-                    logs.update(self.decompose_and_rank(ctx))
+                    logs.update(self.decompose_and_rank())
             elif self.decomposed and not self.embedding_off:
-                logs.update(self.coefficient_update(ctx, event))
+                logs.update(self.coefficient_update(event))
         self.overhead += time.perf_counter() - tick
         return logs
 
@@ -256,8 +314,8 @@ class CMDLIC(Method):
         dtype = torch.float32 if bytes32 <= self.trajectory_mb * 2**20 else torch.float16
         self.trajectories.append(self.flat().to("cpu", dtype))
 
-    def decompose_and_rank(self, ctx: StepContext) -> dict[str, float]:
-        ctx.broadcast_(self.images)  # every process decides on rank 0's images: the same decisions everywhere
+    def decompose_and_rank(self) -> dict[str, float]:
+        self.run.broadcast_(self.images)  # every process decides on rank 0's images: the same decisions everywhere
         traj = torch.stack(self.trajectories, 1)  # (N, F)
         if not self.images:
             raise LictrainError("cmd-lic: no training images were kept for the sensitivity analysis")
@@ -266,16 +324,16 @@ class CMDLIC(Method):
         prev, best = 10_000.0, None
         for m in self.modes:
             refs, mode, k, d = decompose(traj, m, min(self.samples_per_mode * m, self.max_samples), gen)
-            loss = self.instant_loss(refs, mode, k, d, traj[:, -1], images, ctx.criterion)
+            loss = self.instant_loss(refs, mode, k, d, traj[:, -1], images, self.run.criterion)
             best = (refs, mode, k, d, m, loss)
             if abs(loss - prev) / prev < self.saturation:
                 break
             prev = loss
         refs, mode, k, d, m, loss = best
-        true_loss, _ = sample_loss(self.model, images, ctx.criterion, self.seed)
+        true_loss, _ = sample_loss(self.model, images, self.run.criterion, self.seed)
         # Every process must take rank 0's decision (M, embed or not), or install()'s broadcast would not match
         decision = torch.tensor([float(m), loss, true_loss], dtype=torch.float64, device=self.params[0].device)
-        ctx.broadcast_([decision])
+        self.run.broadcast_([decision])
         if int(decision[0]) != m:  # this rank's kernels chose another M: decompose at rank 0's (install() then
             # broadcasts rank 0's references, modes and coefficients, which only need the same shapes here)
             m = int(decision[0])
@@ -289,9 +347,9 @@ class CMDLIC(Method):
             self.trajectories = []
             return {**logs, "cmd_embedding_off": 1.0}
         # Step 2 on the final weights
-        scores = layer_sensitivity(self.model, self.named, images, ctx.criterion, self.perturb_std, self.seed)
+        scores = layer_sensitivity(self.model, self.named, images, self.run.criterion, self.perturb_std, self.seed)
         sensitive = set(sensitive_layers(scores, main_prefixes(self.model)))
-        saliency = parameter_saliency(self.model, self.named, images, ctx.criterion, self.seed)
+        saliency = parameter_saliency(self.model, self.named, images, self.run.criterion, self.seed)
         layers = tensors_by_layer(self.named)
         blocked = torch.zeros(self.n, dtype=torch.bool)
         for layer in sensitive:
@@ -303,7 +361,7 @@ class CMDLIC(Method):
         embeddable = ~blocked
         embeddable[refs] = False
         embeddable &= traj.double().var(1) > 0  # a coordinate that never moved (e.g. a masked weight) stays as it is
-        self.install(refs, mode, k, d, embeddable, gram(traj[refs]), ctx)
+        self.install(refs, mode, k, d, embeddable, gram(traj[refs]))
         self.trajectories = []  # the head-stage memory goes
         return {**logs, "cmd_embedding_off": 0.0, "embeddable_fraction": float(embeddable.float().mean())}
 
@@ -323,12 +381,12 @@ class CMDLIC(Method):
                     p.copy_(s)
         return loss
 
-    def install(self, refs, mode, k, d, embeddable, g, ctx: StepContext) -> None:
+    def install(self, refs, mode, k, d, embeddable, g) -> None:
         """Broadcast rank 0's decomposition (so all processes agree) and set up the embedding state."""
         dev = self.params[0].device
         refs, mode, k, d, g = refs.to(dev), mode.to(dev), k.to(dev), d.to(dev), g.to(dev)
         emb = embeddable.to(dev).to(torch.uint8)
-        ctx.broadcast_([refs, mode, k, d, emb, g])
+        self.run.broadcast_([refs, mode, k, d, emb, g])
         self.refs, self.mode, self.k, self.d = refs, mode, k, d
         self.embeddable = emb.bool()
         self.embedded = torch.zeros(self.n, dtype=torch.bool, device=dev)
@@ -348,16 +406,16 @@ class CMDLIC(Method):
         self.embedded_by_tensor = self._split(torch.nonzero(self.embedded).flatten())
         self._impose_plan = self._plan_imposition(self.embedded_by_tensor)
 
-    def coefficient_update(self, ctx: StepContext, event: Event) -> dict[str, float]:
+    def coefficient_update(self, event: Event) -> dict[str, float]:
         w_now = self.flat().double()
         k, d, self.g = rls_update(self.k, self.d, self.mode, self.g, w_now, w_now[self.refs])
         keep = self.embedded
         self.k = torch.where(keep, self.k, k)
         self.d = torch.where(keep, self.d, d)
         self.k[self.refs], self.d[self.refs] = 1.0, 0.0
-        return self.embed_step(ctx, event.epoch) if event.kind == "embed" else {}
+        return self.embed_step(event.epoch) if event.kind == "embed" else {}
 
-    def embed_step(self, ctx: StepContext, epoch: float) -> dict[str, float]:
+    def embed_step(self, epoch: float) -> dict[str, float]:
         c = ((self.k - self.k_prev) ** 2 + (self.d - self.d_prev) ** 2).sqrt()
         self.k_prev, self.d_prev = self.k.clone(), self.d.clone()
         candidates = self.embeddable & ~self.embedded
@@ -432,13 +490,14 @@ class CMDLIC(Method):
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if self.schedule == "epochs" and "events_done" in state:
+        epochs = isinstance(self.schedule, EpochSchedule)
+        if epochs and "events_done" in state:
             self.done = state["events_done"]  # fixed-length epochs: a longer run only appends events (attach)
         elif "events" in state:  # the budget schedule the run started with: a resume that changes train.steps keeps it
             self.events = [Event(int(st), kind, ep) for st, kind, ep in state["events"]]
             self.n_records = sum(e.kind == "record" for e in self.events)
             self.done = state["events_done"]
-        elif self.schedule != "epochs":
+        elif not epochs:
             raise LictrainError("this checkpoint is from cmd-lic's first version (fixed epochs): resume it with "
                                 "method.options.schedule=epochs")
         else:  # the first version: one event per epoch

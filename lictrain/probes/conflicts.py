@@ -120,7 +120,7 @@ class ConflictProbe(StepHook):
 
     The inter-step score needs the previous step's p as well: the probe also runs one step before each probed
     step (keeping p for the next step only). With `per_layer`, intra/<parameter name> and inter/<parameter name>
-    are logged too. `names` are the parameter names in ctx.params order.
+    are logged too. `names` are the parameter names in self.run.params order.
     """
 
     def __init__(self, every: int = 1, clip_max_norm: float = 0.0, per_layer: bool = False,
@@ -136,19 +136,19 @@ class ConflictProbe(StepHook):
 
     def vectors(self, ctx: StepContext):
         """(p_R, p_D, p) for this step's batch."""
-        g_r = _grads(ctx.terms.rate, ctx.params)
-        g_d = _grads(ctx.terms.weighted_distortion, ctx.params)
+        g_r = _grads(ctx.terms.rate, self.run.params)
+        g_d = _grads(ctx.terms.weighted_distortion, self.run.params)
         # The total gradient by its own backward pass, not as g_R + g_D: CompressAI's LowerBound (GDN, entropy
         # bottleneck) passes a gradient depending on its sign, so at a bound grad(R + D) != grad R + grad D.
-        g = _grads(ctx.terms.loss, ctx.params)
+        g = _grads(ctx.terms.loss, self.run.params)
         for grads in (g_r, g_d, g):  # under torchrun: the averaged gradients the step uses (every rank probes)
-            ctx.reduce_mean(grads)
+            self.run.reduce_mean(grads)
         if self.clip > 0:  # the factor torch.nn.utils.clip_grad_norm_ applies to the total gradient
             norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in g))
             factor = min(1.0, self.clip / (norm + 1e-6))
             if factor < 1.0:
                 g_r, g_d, g = ([t * factor for t in ts] for ts in (g_r, g_d, g))
-        p, (p_r, p_d) = preview_update(ctx.optimizer, g, parts=[g_r, g_d])
+        p, (p_r, p_d) = preview_update(self.run.optimizer, g, parts=[g_r, g_d])
         return p_r, p_d, p
 
     def before_backward(self, ctx: StepContext):

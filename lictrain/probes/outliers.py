@@ -112,7 +112,7 @@ class OutlierProbe(StepHook):
     def after_step(self, ctx: StepContext):
         if (ctx.step + 1) % self.every:
             return None
-        model = ctx.model
+        model = self.run.model
         was_training = model.training
         logs = {"latent_kurt": 0.0, "latent_maxmed": 0.0}
         with torch.random.fork_rng(devices=[]):
