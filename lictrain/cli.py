@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--recipes", help="comma-separated, the first is the anchor (e.g. adam,soap)")
     p.add_argument("--lambdas", help="comma-separated lambdas (e.g. 0.0035,0.0067,0.013,0.025)")
+    p.add_argument("--lambdas-for", action="append", default=[], metavar="RECIPE=L1,L2,...",
+                   help="a recipe's own lambdas (repeatable), for recipes that move the rate-distortion balance: "
+                        "chosen so that its bpp range overlaps the anchor's (config compare.lambdas_for)")
     p.add_argument("--seeds", help="comma-separated seeds")
     p.add_argument("--eval-data", nargs="+", help="evaluation folders (or samples specs)")
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
@@ -428,6 +431,11 @@ def cmd_compare(args) -> int:
         cfg.compare.lambdas = _csv(args.lambdas, float)
     if args.seeds:
         cfg.compare.seeds = _csv(args.seeds, int)
+    for item in args.lambdas_for:
+        recipe, sep, values = item.partition("=")
+        if not sep or not recipe.strip():
+            raise LictrainError(f"--lambdas-for takes RECIPE=L1,L2,..., got '{item}'")
+        cfg.compare.lambdas_for = {**cfg.compare.lambdas_for, recipe.strip(): _csv(values, float)}
     if args.eval_data:
         cfg.compare.eval_data = list(args.eval_data)
     if args.codecs:

@@ -108,6 +108,9 @@ class TrainConfig:
     final_lr_factor: float = setting(0.1, unused_if=lambda cfg: cfg.train.schedule == "plateau")
     plateau_patience: int = 10  # ReduceLROnPlateau on the validation loss, counted in validations
     plateau_factor: float = 0.5
+    # the relative improvement of the validation loss that counts as one (torch's default 1e-4): a larger one cuts the
+    # LR once progress is slower than that per validation (configs/converge.yaml)
+    plateau_threshold: float = 1e-4
     min_lr: float = 0.0
     max_consecutive_skips: int = setting(10, resume=True)  # stop after this many non-finite steps in a row
     # GPU path (lictrain/precision.py). precision: fp32 | bf16 | fp16 (autocast for the transforms; parameters,
@@ -143,6 +146,10 @@ class CompareConfig:
     recipes: list = field(default_factory=lambda: ["adam", "soap"])  # the first one is the anchor
     recipe_sets: dict = field(default_factory=dict)  # custom recipes: name -> {config key: value}
     lambdas: list = field(default_factory=lambda: [0.0130])
+    # a recipe's own lambda grid, for recipes that move the rate-distortion balance (Balanced R-D): chosen so that its
+    # bpp range overlaps the anchor's; BD-rate is then reported over the overlap, Steps/Time-to-anchor only where the
+    # anchor ran the same lambda
+    lambdas_for: dict = field(default_factory=dict)
     seeds: list = field(default_factory=lambda: [0])
     eval_data: list = field(default_factory=lambda: ["samples:val"])  # folders (or samples specs) for BD-rate
     eval_max_images: int | None = None
@@ -439,6 +446,7 @@ def _supports_loss_scaling(method: str) -> bool:
 
 def validate(cfg: RunConfig) -> None:
     """Range checks that types alone cannot express."""
+    own_grid = cfg.compare.lambdas_for if isinstance(cfg.compare.lambdas_for, dict) else {}
     checks = [
         (cfg.train.precision != "fp16" or _supports_loss_scaling(cfg.method.name),
          f"train.precision=fp16 needs loss scaling, which the standard method supports and the {cfg.method.name} "
@@ -466,6 +474,7 @@ def validate(cfg: RunConfig) -> None:
         (0 <= cfg.train.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
         (cfg.train.clip_max_norm >= 0, "train.clip_max_norm must be >= 0"),
         (0 < cfg.train.plateau_factor < 1, "train.plateau_factor must be in (0, 1)"),
+        (0 <= cfg.train.plateau_threshold < 1, "train.plateau_threshold must be in [0, 1)"),
         (cfg.train.schedule in ("plateau", "cosine", "step"),
          f"train.schedule must be plateau, cosine or step, got '{cfg.train.schedule}'"),
         (0 <= cfg.train.decay_start < 1, "train.decay_start must be in [0, 1)"),
@@ -480,6 +489,15 @@ def validate(cfg: RunConfig) -> None:
         (len(cfg.compare.recipes) >= 1, "compare.recipes needs at least one recipe (the anchor)"),
         (all(isinstance(x, (int, float)) and x > 0 for x in cfg.compare.lambdas), "compare.lambdas must be positive"),
         (all(isinstance(x, int) for x in cfg.compare.seeds), "compare.seeds must be integers"),
+        (isinstance(cfg.compare.lambdas_for, dict) and all(
+            isinstance(v, list) and v and all(isinstance(x, (int, float)) and x > 0 for x in v)
+            for v in cfg.compare.lambdas_for.values()),
+         "compare.lambdas_for maps a recipe to a list of positive lambdas, e.g. {balanced-rd: [0.004, 0.008]}"),
+        (not set(own_grid) - set(cfg.compare.recipes),
+         f"compare.lambdas_for names recipes not in compare.recipes: "
+         f"{', '.join(sorted(set(own_grid) - set(cfg.compare.recipes)))}"),
+        (not cfg.compare.recipes or cfg.compare.recipes[0] not in own_grid,
+         "compare.lambdas_for cannot give the anchor (the first recipe) its own grid: set compare.lambdas"),
         (cfg.compare.bd_method in ("akima", "pchip"), "compare.bd_method must be akima or pchip"),
         (all(c in _codec_names() for c in cfg.compare.codecs),
          f"compare.codecs: unknown codec in {cfg.compare.codecs}; codecs: {', '.join(_codec_names())}"),

@@ -78,3 +78,14 @@ def finish_state(val_records: list[dict], schedule: str, total_steps: int, lr0: 
     if cuts >= CONVERGED_MIN_CUTS and move < CONVERGED_MAX_MOVE:
         return FinishState("converged", detail)
     return FinishState("not converged", detail)
+
+
+def converged_at(val_records: list[dict], lr0: float) -> dict | None:
+    """The first validation record at which the plateau rule above holds for the run up to it: when a plateau run
+    converged (its step and train_time), by the same rule that finish_state applies to the whole run; None if it
+    never did. Compares recipes' speed of convergence, not only their loss at a fixed step."""
+    for i in range(1, len(val_records) + 1):
+        prefix = val_records[:i]
+        if finish_state(prefix, "plateau", prefix[-1]["step"], lr0).state == "converged":
+            return prefix[-1]
+    return None

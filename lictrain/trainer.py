@@ -431,7 +431,8 @@ class Trainer:
         if source is not None and tc.init_state == "weights+optimizer":
             _load_initial_optimizer(self, source)
         self.scheduler = ReduceLROnPlateau(self.optimizer, mode="min", factor=tc.plateau_factor,
-                                           patience=tc.plateau_patience, min_lr=tc.min_lr)
+                                           patience=tc.plateau_patience, threshold=tc.plateau_threshold,
+                                           min_lr=tc.min_lr)
         self.fixed_schedule = tc.schedule != "plateau"  # lr a function of the step alone (schedule.py)
         self.ema = EMA(self.model, tc.ema_decay) if tc.ema_decay > 0 else None
 

@@ -238,3 +238,81 @@ def test_a_target_not_reached_names_its_largest_relative_gap_and_lambda():
                       {"final_gap": 0.3, "target": 2.0, "lmbda": 0.0018},  # +15%
                       {"final_gap": None, "target": 1.0, "lmbda": 0.025}]}
     assert _cell_ratio(row, "steps_to_anchor") == "not reached (1/3; largest gap +15.0% at λ 0.0018)"
+
+
+def test_a_recipe_on_its_own_lambda_grid_is_planned_there_and_checked(tmp_path, capsys):
+    """compare.lambdas_for (--lambdas-for) gives a recipe its own lambdas: its runs are there, the anchor's at
+    compare.lambdas; the anchor cannot have one, and a recipe not compared is named."""
+    from lictrain.cli import main
+
+    runs = plan_runs(compare_config(tmp_path, "compare.lambdas_for={soap: [0.002, 0.03]}"), tmp_path / "cmp")
+    assert [(r.recipe, r.lmbda) for r in runs] == [("soap", 0.002), ("adam", 0.0067), ("adam", 0.013), ("soap", 0.03)]
+    assert [r.cfg.loss.lmbda for r in runs] == [0.002, 0.0067, 0.013, 0.03]
+    with pytest.raises(LictrainError, match="cannot give the anchor"):
+        compare_config(tmp_path, "compare.lambdas_for={adam: [0.002]}")
+    with pytest.raises(LictrainError, match="names recipes not in compare.recipes: lion"):
+        compare_config(tmp_path, "compare.lambdas_for={lion: [0.002]}")
+    assert main(["compare", "--config", "bench", "--lambdas-for", "soap:0.1", "--out", str(tmp_path / "x")]) != 0
+    assert "--lambdas-for takes RECIPE=L1,L2,..., got 'soap:0.1'" in capsys.readouterr().err
+
+
+def _fake_run(tmp_path, recipe, lmbda, seed, losses, lrs=None, seconds_per_step=1.0):
+    """A finished run folder as summarize reads it: validation records every 100 steps."""
+    from lictrain.comparison.compare import Run
+
+    schedule = "plateau" if lrs else "cosine"
+    cfg = compare_config(tmp_path, f"run_dir={tmp_path / f'{recipe}-{lmbda}-{seed}'}", f"train.schedule={schedule}",
+                         "optim.lr=0.001")
+    cfg.loss.lmbda, cfg.seed = lmbda, seed
+    Path(cfg.run_dir).mkdir(parents=True)
+    lrs = lrs or [1e-3] * len(losses)
+    lines = [json.dumps({"kind": "val", "step": 100 * i, "train_time": 100.0 * i * seconds_per_step, "loss": loss,
+                         "lr": lr}) for i, (loss, lr) in enumerate(zip(losses, lrs))]
+    (Path(cfg.run_dir) / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return Run(recipe, lmbda, seed, cfg)
+
+
+def test_bd_rate_over_the_overlap_is_named_for_a_recipe_on_its_own_grid(tmp_path):
+    """Curves with log(bpp) linear in PSNR (every interpolation exact): the test recipe spends 0.9x the anchor's
+    rate at every PSNR, on its own lambdas, over 27.5-32 dB where the anchor spans 26-30.5: BD-rate -10% over the
+    overlap 27.5-30.5 dB, both stated; Steps-to-anchor has no anchor loss at its lambdas and says so."""
+    from lictrain.comparison.compare import summarize, summary_markdown
+
+    rate = lambda psnr: 0.1 * 2.718281828459045 ** (0.5 * (psnr - 26))  # noqa: E731
+    a_q, t_q = [26.0, 27.5, 29.0, 30.5], [27.5, 29.0, 30.5, 32.0]
+    a_l, t_l = [0.002, 0.004, 0.008, 0.016], [0.003, 0.006, 0.012, 0.024]
+    runs = [_fake_run(tmp_path, "adam", l, 0, [5.0, 2.0, 1.0]) for l in a_l]
+    runs += [_fake_run(tmp_path, "balanced-rd", l, 0, [5.0, 3.0, 2.0]) for l in t_l]
+    points = {("adam", 0, "k"): [(l, rate(q), q) for l, q in zip(a_l, a_q)],
+              ("balanced-rd", 0, "k"): [(l, 0.9 * rate(q), q) for l, q in zip(t_l, t_q)]}
+    summary = summarize(runs, points, ["adam", "balanced-rd"], ["k"], "akima")
+    row = summary["rows"][1]
+    assert row["bd_rate"]["k"] == pytest.approx(-10.0, abs=1e-6)
+    assert row["bd_rate_overlap"]["k"] == [27.5, 30.5]
+    assert row["own_lambdas"] and row["steps_to_anchor"] is None and all(p["target"] is None for p in row["points"])
+    md = summary_markdown(summary)
+    assert "| balanced-rd | n/a (own λ grid) | n/a (own λ grid) | -10.00% (over 27.50-30.50 dB) |" in md
+    assert "| balanced-rd | 0.003 | 0 | - | 2.0000 | - | - |" in md
+
+
+def test_steps_and_time_to_convergence_are_relative_to_the_anchor(tmp_path):
+    """Plateau runs: the anchor meets the converged rule at step 800, the recipe at step 400 with twice the seconds
+    per step: steps 0.50, time 1.00; a recipe that never converges has no ratio and says 0/1."""
+    from lictrain.comparison.compare import summarize, summary_markdown
+
+    flat = [10, 6, 4.5, 4.1, 4.02, 4.01, 4.0, 4.0, 4.0, 4.0, 4.0]
+    anchor = _fake_run(tmp_path, "adam", 0.01, 0, [10, 8, 6, 5, 4.5, 4.2, 4.1, 4.05, 4.02, 4.01, 4.0],
+                       [1e-3] * 5 + [5e-4] * 3 + [2.5e-4] * 3)
+    fast = _fake_run(tmp_path, "soap", 0.01, 0, flat, [1e-3, 1e-3, 5e-4, 5e-4] + [2.5e-4] * 7, seconds_per_step=2.0)
+    never = _fake_run(tmp_path, "sgd", 0.01, 0, [10 - 0.5 * i for i in range(11)], [1e-3] * 11)
+    points = {(r.recipe, 0, "k"): [(0.01, 1.0, 30.0)] for r in (anchor, fast, never)}
+    summary = summarize([anchor, fast, never], points, ["adam", "soap", "sgd"], ["k"], "akima")
+    rows = {r["recipe"]: r for r in summary["rows"]}
+    assert rows["adam"]["points"][0]["converged_at"]["step"] == 800
+    assert rows["soap"]["points"][0]["converged_at"]["step"] == 400
+    assert rows["soap"]["converge_ratio"]["steps"][0] == pytest.approx(0.5)
+    assert rows["soap"]["converge_ratio"]["time"][0] == pytest.approx(1.0)
+    assert rows["sgd"]["converge_ratio"] is None
+    md = summary_markdown(summary)
+    assert "- soap: steps 0.50 ± 0.00, time 1.00 ± 0.00 (1 pairs; its runs converged: 1/1)" in md
+    assert "; met at step 800 |" in md

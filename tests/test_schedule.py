@@ -73,3 +73,41 @@ def test_training_follows_the_cosine_schedule(tmp_path):
 def test_schedule_name_is_checked(tmp_path):
     with pytest.raises(LictrainError, match="train.schedule must be plateau, cosine or step"):
         tiny_config(tmp_path, "train.schedule=linear")
+
+
+def test_converged_at_is_the_first_validation_meeting_the_rule():
+    """Hand-made plateau run: LR cut at steps 500 and 800. At 700 only one cut; at 800 two cuts and the last fifth
+    (steps >= 640: 4.05 -> 4.02) moved 0.75% < 1%: converged there, though the run goes on to 1300."""
+    from lictrain.schedule import converged_at
+
+    lrs = [1e-3] * 5 + [5e-4] * 3 + [2.5e-4] * 6
+    losses = [10, 8, 6, 5, 4.5, 4.2, 4.1, 4.05, 4.02, 4.01, 4.0, 4.0, 4.0, 4.0]
+    recs = [{"step": 100 * i, "loss": l, "lr": lr, "train_time": 2.0 * i} for i, (l, lr) in enumerate(zip(losses, lrs))]
+    at = converged_at(recs, 1e-3)
+    assert at["step"] == 800 and at["train_time"] == 16.0
+    assert finish_state(recs, "plateau", 1300, 1e-3).state == "converged"
+    assert converged_at(recs[:8], 1e-3) is None  # one cut only
+    still_falling = [dict(r, loss=10 - 0.5 * i) for i, r in enumerate(recs)]  # 2 cuts, but never flat
+    assert converged_at(still_falling, 1e-3) is None
+
+
+def test_the_plateau_threshold_decides_what_counts_as_progress(tmp_path):
+    """ReduceLROnPlateau (patience 0) with the run's threshold, recomputed by hand from the validation losses: a
+    validation counts as progress only when it beats the best so far by the relative threshold; otherwise the LR
+    halves. With threshold 0.9 almost nothing is progress; with 1e-4 (the default) a falling loss is."""
+    for threshold in (0.9, 1e-4):
+        run = tmp_path / f"t{threshold}"
+        train(tiny_config(tmp_path, "train.steps=6", "train.val_every=1", "train.plateau_patience=0",
+                          f"train.plateau_threshold={threshold}", "data.val_max_images=1", f"run_dir={run}"))
+        vals = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        vals = [r for r in vals if r["kind"] == "val"]
+        best, lr, want = math.inf, 1e-3, []
+        for r in vals[1:]:  # the untrained step-0 validation does not step the scheduler
+            if r["loss"] < best * (1 - threshold):
+                best = r["loss"]
+            else:  # (the best stays: only progress by the threshold replaces it)
+                lr *= 0.5
+            want.append(lr)
+        assert [r["lr"] for r in vals[1:]] == pytest.approx(want), threshold
+        if threshold == 0.9:
+            assert want[-1] <= 1e-3 * 0.5 ** 4  # the first validation is progress over inf; none after it is

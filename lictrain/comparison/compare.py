@@ -27,7 +27,7 @@ from ..evaluation import evaluate
 from ..io import number, strict_json, write_atomic
 from ..losses import ms_ssim_db
 from ..recipes import RECIPES
-from ..schedule import finish_state
+from ..schedule import converged_at, finish_state
 from ..trainer import train
 from .figures import (TIME_SPREAD_FLAG, BDRateUnavailable, bd_rate, converged_loss, mean_and_spread, read_val_curve,
                       read_val_records, time_spread, to_anchor)
@@ -124,9 +124,12 @@ def plan_runs(base: RunConfig, out_dir: Path) -> list[Run]:
         if name not in recipes:
             raise LictrainError(f"unknown recipe '{name}'; valid recipes: {', '.join(recipes)} "
                                 "(or define it under compare.recipe_sets)")
-    for lmbda in base.compare.lambdas:
+    grid = lambda name: base.compare.lambdas_for.get(name, base.compare.lambdas)  # noqa: E731
+    for lmbda in sorted({float(v) for name in base.compare.recipes for v in grid(name)}):
         for seed in base.compare.seeds:
             for name in base.compare.recipes:
+                if lmbda not in {float(v) for v in grid(name)}:
+                    continue
                 cfg = config_from_dict(base.to_dict())
                 for key, value in recipes[name].items():
                     set_key(cfg, key, value)
@@ -242,15 +245,25 @@ def data_roles(cfg: RunConfig) -> dict:
             "images": {role: len(f) for role, f in files.items()}, "shared_images": shared}
 
 
-def _finish(run: Run) -> str:
-    t = run.cfg.train
-    return str(finish_state(read_val_records(run.run_dir), t.schedule, t.steps, run.cfg.optim.lr))
+def _finish(run: Run) -> tuple[str, dict | None]:
+    """The run's finish state, and for a plateau run the validation at which it first met the converged rule."""
+    t, records = run.cfg.train, read_val_records(run.run_dir)
+    state = str(finish_state(records, t.schedule, t.steps, run.cfg.optim.lr))
+    at = converged_at(records, run.cfg.optim.lr) if t.schedule == "plateau" else None
+    return state, ({"step": at["step"], "train_time": at["train_time"]} if at else None)
 
 
 def _bd_rate(anchor: list, test: list, method: str) -> float:
     """BD-rate between two curves given as lists of (lmbda, bpp, psnr) points."""
     return bd_rate(([p[1] for p in anchor], [p[2] for p in anchor]), ([p[1] for p in test], [p[2] for p in test]),
                    method)
+
+
+def quality_overlap(anchor: list, test: list) -> tuple[float, float]:
+    """The quality range (dB) two curves of (lmbda, bpp, quality) points share: where a BD-rate between them is an
+    average over."""
+    return max(min(p[2] for p in anchor), min(p[2] for p in test)), min(max(p[2] for p in anchor),
+                                                                       max(p[2] for p in test))
 
 
 def summarize(runs: list[Run], points: dict, recipes: list[str], eval_sets: list[str], method: str) -> dict:
@@ -263,38 +276,76 @@ def summarize(runs: list[Run], points: dict, recipes: list[str], eval_sets: list
         for r in runs:
             if r.recipe != name:
                 continue
-            ta = to_anchor(curves[(name, r.lmbda, r.seed)], curves[(anchor, r.lmbda, r.seed)])
-            per_point.append({"lmbda": r.lmbda, "seed": r.seed, "steps_to_anchor": ta.steps,
-                              "time_to_anchor": ta.time, "final_gap": ta.final_gap,
-                              "target": converged_loss(curves[(anchor, r.lmbda, r.seed)]),
-                              "final_val_loss": curves[(name, r.lmbda, r.seed)][-1].loss,
-                              "finish": _finish(r), "time_spread": time_spread(curves[(name, r.lmbda, r.seed)])})
-        row = {"recipe": name, "points": per_point}
+            finish, at = _finish(r)
+            point = {"lmbda": r.lmbda, "seed": r.seed, "steps_to_anchor": None, "time_to_anchor": None,
+                     "final_gap": None, "target": None, "final_val_loss": curves[(name, r.lmbda, r.seed)][-1].loss,
+                     "finish": finish, "converged_at": at,
+                     "time_spread": time_spread(curves[(name, r.lmbda, r.seed)])}
+            anchor_curve = curves.get((anchor, r.lmbda, r.seed))
+            if anchor_curve is not None:  # a recipe on its own lambda grid has no anchor loss to reach elsewhere
+                ta = to_anchor(curves[(name, r.lmbda, r.seed)], anchor_curve)
+                point.update(steps_to_anchor=ta.steps, time_to_anchor=ta.time, final_gap=ta.final_gap,
+                             target=converged_loss(anchor_curve))
+            per_point.append(point)
+        row = {"recipe": name, "points": per_point,
+               "own_lambdas": not any(p["target"] is not None for p in per_point) and name != anchor}
         for key in ("steps_to_anchor", "time_to_anchor"):
-            values = [p[key] for p in per_point]
-            row[key] = None if any(v is None for v in values) else dict(zip(("mean", "std"), mean_and_spread(values)))
+            values = [p[key] for p in per_point if p["target"] is not None]
+            row[key] = None if not values or any(v is None for v in values) else dict(
+                zip(("mean", "std"), mean_and_spread(values)))
             row[key + "_reached"] = f"{sum(v is not None for v in values)}/{len(values)}"
-        row["bd_rate"], row["bd_rate_unavailable"] = {}, {}
+        row["bd_rate"], row["bd_rate_unavailable"], row["bd_rate_overlap"] = {}, {}, {}
         for spec in eval_sets:
-            values = []
+            values, spans = [], []
             for seed in seeds:
                 a, t = points[(anchor, seed, spec)], points[(name, seed, spec)]
                 try:
                     values.append(_bd_rate(a, t, method))
+                    spans.append(quality_overlap(a, t))
                 except BDRateUnavailable as why:
                     row["bd_rate_unavailable"][spec] = str(why)
             ok = spec not in row["bd_rate_unavailable"]
             row["bd_rate"][spec] = float(np.mean(values)) if ok else None
+            # the quality range the BD-rate averages over (bjontegaard integrates over the curves' overlap): the
+            # narrowest over the seeds
+            row["bd_rate_overlap"][spec] = [max(s[0] for s in spans), min(s[1] for s in spans)] if ok else None
             row.setdefault("bd_rate_std", {})[spec] = mean_and_spread(values)[1] if ok and len(values) > 1 else None
         available = [v for v in row["bd_rate"].values() if v is not None]
         row["bd_rate_average"] = float(np.mean(available)) if len(available) == len(eval_sets) else None
         rows.append(row)
+    _converge_ratios(rows)
     rd_points = [{"recipe": name, "seed": seed, "set": spec, "lmbda": lmbda, "bpp": bpp, "quality": quality}
                  for name in recipes for seed in seeds for spec in eval_sets
                  for lmbda, bpp, quality in points[(name, seed, spec)]]
     return {"anchor": anchor, "eval_sets": eval_sets, "bd_method": method, "rows": rows,
             "lambdas": sorted({r.lmbda for r in runs}), "seeds": seeds, "rd_points": rd_points,
             "noise_floor": noise_floor(points, anchor, seeds, eval_sets, method)}
+
+
+def _converge_ratios(rows: list[dict]) -> None:
+    """Steps and time at which each recipe's plateau runs met the converged rule, over the anchor's (rows[0]) at the
+    same lambda and seed; row["converge_ratio"] is None where no run of the row or of the anchor converged."""
+    anchor_at = {(p["lmbda"], p["seed"]): p.get("converged_at") for p in rows[0]["points"]}
+    for row in rows:
+        pairs = [(p["converged_at"], anchor_at.get((p["lmbda"], p["seed"]))) for p in row["points"]]
+        both = [(c, a) for c, a in pairs if c and a and a["step"] and a["train_time"]]
+        row["converge_ratio"] = None if not both else {
+            "steps": mean_and_spread([c["step"] / a["step"] for c, a in both]),
+            "time": mean_and_spread([c["train_time"] / a["train_time"] for c, a in both]),
+            "converged": f"{sum(c is not None for c, _ in pairs)}/{len(pairs)}", "pairs": len(both)}
+
+
+def converge_lines(summary: dict) -> list[str]:
+    rows = [r for r in summary["rows"] if r.get("converge_ratio")]
+    if not rows:
+        return []
+    lines = ["", f"Converged by the rule (the first validation at which it holds), relative to {summary['anchor']} at "
+                 "the same λ and seed:"]
+    for row in rows:
+        c = row["converge_ratio"]
+        lines.append(f"- {row['recipe']}: steps {c['steps'][0]:.2f} ± {c['steps'][1]:.2f}, time {c['time'][0]:.2f} ± "
+                     f"{c['time'][1]:.2f} ({c['pairs']} pairs; its runs converged: {c['converged']})")
+    return lines
 
 
 def rd_table(summary: dict) -> list[str]:
@@ -335,6 +386,8 @@ def noise_floor(points: dict, anchor: str, seeds: list[int], eval_sets: list[str
 
 def _cell_ratio(row: dict, key: str) -> str:
     v = row[key]
+    if v is None and row.get("own_lambdas"):
+        return "n/a (own λ grid)"
     if v is None:  # the largest final gap to the target, relative to it, and where
         gaps = [(p["final_gap"] / p["target"], p["lmbda"]) for p in row["points"] if p["final_gap"] is not None]
         if not gaps:
@@ -359,13 +412,16 @@ def summary_markdown(summary: dict) -> str:
         if row["bd_rate"][s] is None:
             return f"unavailable ({row['bd_rate_unavailable'].get(s, '')})"
         std = (row.get("bd_rate_std") or {}).get(s)
-        return f"{row['bd_rate'][s]:+.2f}%" + (f" ± {std:.2f}" if std else "")
+        span = (row.get("bd_rate_overlap") or {}).get(s)
+        over = f" (over {span[0]:.2f}-{span[1]:.2f} dB)" if span and row["recipe"] != summary["anchor"] else ""
+        return f"{row['bd_rate'][s]:+.2f}%" + (f" ± {std:.2f}" if std else "") + over
 
     for row in summary["rows"]:
         bd_cells = [bd_cell(row, s) for s in sets]
         avg = row["bd_rate_average"]
         lines.append(f"| {row['recipe']} | {_cell_ratio(row, 'steps_to_anchor')} | {_cell_ratio(row, 'time_to_anchor')}"
                      f" | {' | '.join(bd_cells)} | {f'{avg:+.2f}%' if avg is not None else 'unavailable'} |")
+    lines += converge_lines(summary)
     lines += rd_table(summary)
     lines += field_markdown(summary.get("field") or {})
     for spec, values in (summary.get("noise_floor") or {}).items():
@@ -389,10 +445,13 @@ def summary_markdown(summary: dict) -> str:
               "|---|---:|---:|---:|---:|---:|---:|---|"]
     for row in summary["rows"]:
         for p in row["points"]:
-            fmt = lambda v: f"{v:.2f}" if v is not None else "not reached"
-            lines.append(f"| {row['recipe']} | {p['lmbda']:g} | {p['seed']} | {p['target']:.4f} | "
+            fmt = lambda v: f"{v:.2f}" if v is not None else ("not reached" if p["target"] is not None else "-")  # noqa: E731
+            target = f"{p['target']:.4f}" if p["target"] is not None else "-"
+            at = p.get("converged_at")
+            finish = p.get("finish", "") + (f"; met at step {at['step']}" if at else "")
+            lines.append(f"| {row['recipe']} | {p['lmbda']:g} | {p['seed']} | {target} | "
                          f"{p['final_val_loss']:.4f} | {fmt(p['steps_to_anchor'])} | {fmt(p['time_to_anchor'])} | "
-                         f"{p.get('finish', '')} |")
+                         f"{finish} |")
     loaded = [f"{row['recipe']} λ {p['lmbda']:g} seed {p['seed']} ({p['time_spread']:.1f}x)" for row in summary["rows"]
               for p in row["points"] if (p.get("time_spread") or 0) > TIME_SPREAD_FLAG]
     if loaded:
