@@ -219,3 +219,13 @@ def test_a_fixed_schedules_shape_is_no_part_of_a_plateau_runs_identity_or_resume
 def test_fp16_with_a_method_that_cannot_scale_its_loss_is_refused_at_load():
     with pytest.raises(LictrainError, match="fp16 needs loss scaling"):
         load_config(None, ["train.precision=fp16", "method.name=balanced-rd"])
+
+
+def test_every_built_in_config_loads_and_validates():
+    """A typo in a shipped config (an unknown key, a bad value) fails here, not hours into a benchmark."""
+    from lictrain.config import CONFIG_DIR, load_config, validate
+
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert {"bench", "converge", "demo"} <= set(names)
+    for name in names:
+        validate(load_config(name))

@@ -24,7 +24,7 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_holds_the_configs_and_the_licence(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    for cfg in ("demo", "mini", "bench", "bench-qp", "bench-cmd", "soap-lic"):
+    for cfg in ("demo", "mini", "bench", "bench-qp", "bench-cmd", "soap-lic", "converge"):
         assert f"lictrain/configs/{cfg}.yaml" in names, cfg
     assert any(n.endswith("LICENSE") for n in names)
     for dataset in ("kodak", "clic2020-professional", "clic2020-mobile"):  # the published curves
