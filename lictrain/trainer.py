@@ -308,6 +308,9 @@ def train(cfg: RunConfig, resume: bool = False, hooks: tuple[StepHook, ...] = ()
           model: torch.nn.Module | None = None) -> RunResult:
     """Train (or resume) the run `cfg` describes, or the given CompressAI `model` (trained in place) under cfg's
     settings. Under torchrun every process calls this; see distributed.py."""
+    for h in hooks:  # before anything is built or written: the loop gives hooks the run through StepHook.attach
+        if not isinstance(h, StepHook):
+            raise LictrainError(f"a training hook must subclass lictrain.methods.StepHook, got {type(h).__name__}")
     device = distributed.local_device(resolve_device(cfg.device))
     dist = distributed.setup(device)
     try:

@@ -92,3 +92,15 @@ def test_a_new_metrics_field_is_written_by_its_plug_in_and_read_back_with_no_oth
     probes = rundir.read_records(tmp_path / "run", "probe")
     assert [r["test_field"] for r in probes] == [0.0, 1.0, 2.0] and [r["step"] for r in probes] == [1, 2, 3]
     assert all(math.isnan(r["test_nan"]) for r in probes)
+
+
+def test_a_hook_that_is_not_a_step_hook_is_refused_before_anything_is_written(tmp_path):
+    """The loop hands hooks the run through StepHook.attach: an object that does not subclass it gets a one-line
+    error naming the type before the run folder is touched."""
+    class Duck:
+        def after_step(self, ctx):
+            return None
+
+    with pytest.raises(LictrainError, match="must subclass lictrain.methods.StepHook, got Duck"):
+        train(tiny_config(tmp_path, "train.steps=1"), hooks=(Duck(),))
+    assert not (tmp_path / "run").exists()

@@ -254,8 +254,8 @@ class CMDLIC(Method):
     # -- bookkeeping over the flat parameter vector --
     def attach(self, run: RunContext) -> None:
         super().attach(run)
-        model, self.model, self.optimizer, self.params = run.model, run.model, run.optimizer, list(run.params)
-        self.named = [(n, p) for n, p in model.named_parameters() if any(p is q for q in self.params)]
+        self.model, self.optimizer, self.params = run.model, run.optimizer, list(run.params)
+        self.named = [(n, p) for n, p in self.model.named_parameters() if any(p is q for q in self.params)]
         self.offsets = np.cumsum([0] + [p.numel() for p in self.params])
         self.n = int(self.offsets[-1])
         total_steps = self.budget_steps or run.total_steps
