@@ -12,6 +12,9 @@ seconds is left out), results in OUT/gpu_check.json and a verdict table in OUT/v
   coding    compress/decompress of briefly trained tiny models on CUDA (bit-exact, repeatable), a CUDA-encoded file
             on the CPU (refused), and whether the CPU's table choices would have matched (forced decode)
   eval      encode/decode time of a raster-scan autoregressive model (mbt2018) on CUDA against the CPU
+  refresh   SOAP's basis refresh on TCM-S's factor stacks, Householder QR against CholeskyQR2
+            (benchmarks/refresh_qr.py), the host synchronisations of the CholeskyQR2 path (none expected, fallback
+            included), and SOAP's whole step on ELIC with each (mean over steps holding a refresh)
   step      benchmarks/gpu_step.py at the papers' workload (ELIC and TCM-S paper presets, 256^2, batch 16 and
             64): bf16, TF32, true fp32 in that order; median and slowest step, peak memory; then LALIC (paper, bf16,
             batch 8: its WKV scan), within --step-budget seconds
@@ -283,6 +286,52 @@ def check_eval(args):
                                                           for d, v in out.items()))
 
 
+# ---- SOAP's basis refresh: Householder against CholeskyQR2 (issue 34) ----------------------------------------------
+@section("refresh")
+def check_refresh(args):
+    import refresh_qr
+    from lictrain.optim.common import power_step_basis
+
+    device = torch.device(args.device)
+    name, preset = args.refresh_model
+    res = refresh_qr.measure(name, preset, device, rounds=args.refresh_rounds)
+    print(refresh_qr.report(name, preset, res), flush=True)
+    syncs = None
+    if device.type == "cuda":  # the CholeskyQR2 path (its fallback included) must not synchronise
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(32, 64, 60, generator=gen)  # rank 60 < 64: every item fails the first Cholesky
+        fs = (x @ x.mT).to(device)
+        fs = fs / fs.abs().amax(dim=(1, 2), keepdim=True)
+        q = torch.linalg.qr(torch.randn(32, 64, 64, generator=gen))[0].to(device)
+        power_step_basis(fs, q, "cholesky")
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                _, failed = power_step_basis(fs, q, "cholesky")
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+        record("refresh cholesky syncs", syncs == 0 and not bool(failed.any()),
+               f"{syncs} host synchronisations in a CholeskyQR2 refresh whose every item took the fallback")
+    steps = []
+    for qr in ("householder", "cholesky"):  # SOAP's whole step, the refresh after step 10 inside the timed steps
+        r = gpu_step.measure(args.device, args.step_models[0], args.step_preset, args.batches[0], args.crop, "soap",
+                             args.precisions[0], args.warmup, args.steps,
+                             extra=(f"optim.options={{refresh_qr: {qr}}}",))
+        steps.append((qr, r.mean_ms, r.max_ms))
+    t = res["total_ms"]
+    RESULTS["refresh"] = dict(model=f"{name}:{preset}", factors=res["factors"], total_ms=t,
+                              per_d={str(d): v for d, v in res["per_d"].items()}, max_sign_diff=res["max_sign_diff"],
+                              syncs=syncs, soap_step=steps)
+    record(f"refresh {name} {preset}", res["max_sign_diff"] < 1e-2,
+           f"{res['factors']} factor QRs: householder {t['householder']:.1f} ms, cholesky {t['cholesky']:.1f} ms "
+           f"({t['householder'] / t['cholesky']:.2f}x), bases equal up to signs to {res['max_sign_diff']:.1e}; SOAP "
+           f"step on {args.step_models[0]} b{args.batches[0]} {args.precisions[0]} (mean with the refresh, slowest): "
+           + ", ".join(f"{qr} {m:.1f}/{x:.1f} ms" for qr, m, x in steps))
+
+
 # ---- step times at the papers' workload ---------------------------------------------------------------------------
 @section("step")
 def check_step(args):
@@ -349,7 +398,7 @@ def check_profile(args):
                f"{k} host {v['cpu_ms']} ms / device {v['device_ms']} ms" for k, v in sorted(parts.items())))
 
 
-SECTIONS = [check_sync, check_amp, check_determinism, check_coding, check_eval, check_step, check_profile]
+SECTIONS = [check_sync, check_amp, check_determinism, check_coding, check_eval, check_refresh, check_step, check_profile]
 
 
 def main() -> int:
@@ -369,6 +418,7 @@ def main() -> int:
         args.sync_models, args.coding_models, args.determinism_models = [], ["mbt2018-mean"], ["mbt2018-mean"]
         args.step_models, args.step_preset, args.batches, args.crop = ["mbt2018-mean"], "tiny", [2], 64
         args.precisions, args.warmup, args.steps, args.step_extra = ["fp32"], 1, 2, []
+        args.refresh_model, args.refresh_rounds = ("tcm", "tiny"), 1
     else:
         args.sync_models, args.coding_models = ["elic", "tcm", "lalic", "flic"], ["tcm", "elic", "flic", "mbt2018"]
         args.determinism_models = ["tcm", "flic"]
@@ -376,6 +426,7 @@ def main() -> int:
         # warm-up past SOAP's first eigh; the timed steps hold the refresh after step 10
         args.precisions, args.warmup, args.steps = ["bf16", "tf32", "fp32"], 4, 10
         args.step_extra = [("lalic", 8, "bf16", "adam"), ("lalic", 8, "bf16", "soap")]
+        args.refresh_model, args.refresh_rounds = ("tcm", "paper"), 3
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (dry run)"

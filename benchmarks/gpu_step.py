@@ -104,11 +104,11 @@ def time_steps(trainer: Trainer, batches, warmup: int, steps: int) -> list[float
 
 
 def measure(device: str, model: str, preset: str, batch: int, crop: int, optimizer: str, precision: str,
-            warmup: int, steps: int, data: str = "loader", nonfinite: str = "auto") -> StepTimes:
+            warmup: int, steps: int, data: str = "loader", nonfinite: str = "auto", extra: tuple = ()) -> StepTimes:
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         trainer = make_trainer(device, model, preset, batch, crop, optimizer, precision, warmup + steps, tmp,
-                               nonfinite=nonfinite)
+                               nonfinite=nonfinite, extra=extra)
         try:
             ms = time_steps(trainer, batch_source(trainer, data), warmup, steps)
             dev = trainer.device

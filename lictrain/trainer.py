@@ -552,12 +552,13 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         ranks = dist.all_gather_object(dict(rng)) if dist.enabled else None  # every rank calls
+        optimizer = self.optimizer.state_dict()  # every rank calls too: a sharded SOAP gathers its state here
         self.saved_any = True
         if not dist.is_main:
             return
         save_atomic(checkpoint_dict(
             self.cfg, self.model.state_dict(), self.ema.state_dict() if self.ema is not None else None, self.state,
-            optimizer=self.optimizer.state_dict(),
+            optimizer=optimizer,
             aux_optimizer=self.aux_optimizer.state_dict() if self.aux_optimizer is not None else None,
             scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler is not None else None,  # fp16's loss scale

@@ -163,3 +163,31 @@ def test_compiled_forward_on_cuda_gives_the_eager_losses(tmp_path):
         compiled = train(tiny_config(tmp_path, "train.steps=3", "device=cuda", "train.tf32=false",
                                      "train.compile=true", name="compiled"))
     assert _losses(eager.run_dir) == pytest.approx(_losses(compiled.run_dir), rel=1e-3)
+
+
+def test_cholesky_qr2_refresh_on_cuda_equals_householder_on_the_cpu_without_a_sync():
+    """SOAP's CUDA default refresh (CholeskyQR2 in fp64, the shifted redo chosen on the device) gives the CPU's
+    Householder basis up to column signs, for a stack where some items fail the first Cholesky, and synchronises
+    nothing (torch's sync debug mode would raise)."""
+    from lictrain.optim.common import CHOLESKY_SHIFT, power_step_basis
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 32, 40, generator=gen)
+    x[2, :4] = 0  # a singular factor: the redo's item
+    fs = x @ x.mT
+    fs = fs / fs.abs().amax(dim=(1, 2), keepdim=True)
+    q_old = torch.linalg.qr(torch.randn(6, 32, 32, generator=gen))[0]
+    fs_c, q_c = fs.cuda(), q_old.cuda()
+    power_step_basis(fs_c, q_c, "cholesky")  # (warm-up: cuSOLVER's handles)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        q, failed = power_step_basis(fs_c, q_c, "cholesky")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not failed.any().item()
+    reference = torch.linalg.qr(fs.double() @ q_old.double())[0]
+    reference[2] = torch.linalg.qr(fs[2].double() @ q_old[2].double() + CHOLESKY_SHIFT * q_old[2].double())[0]
+    q = q.double().cpu()
+    signs = torch.sign((q * reference).sum(-2, keepdim=True))
+    torch.testing.assert_close(q * signs, reference, rtol=0, atol=1e-4)

@@ -125,3 +125,80 @@ def test_parameter_state_is_views_of_the_stacks_and_a_replaced_entry_is_honoured
     assert torch.equal(ps[1], before)  # zero gradient and zero first moment: no step
     (rebuilt,) = opt._buckets[id(opt.param_groups[0])][1]
     assert rebuilt is not bucket and opt.state[ps[1]]["exp_avg"].data_ptr() == rebuilt.m[1].data_ptr()
+
+
+# ---- the refresh's QR: Householder (LAPACK) against CholeskyQR2 (issue 34) ----------------------------------------
+def _stack_with_condition(n, d, cond, gen):
+    """Matrices U diag(s) V^T with singular values spread log-uniformly over [1/cond, 1]."""
+    u = torch.linalg.qr(torch.randn(n, d, d, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, d, d, generator=gen, dtype=torch.float64))[0]
+    s = torch.logspace(0, -math.log10(cond), d, dtype=torch.float64)
+    return u @ torch.diag_embed(s.expand(n, d)) @ v.mT
+
+
+def _equal_up_to_column_signs(q, ref, tol):
+    signs = torch.sign((q * ref).sum(-2, keepdim=True))
+    torch.testing.assert_close(q * signs, ref, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("cond,tol", [(10.0, 1e-12), (1e5, 1e-9)])
+def test_cholesky_qr2_equals_householder_up_to_column_signs(cond, tol):
+    from lictrain.optim.common import cholesky_qr2
+
+    a = _stack_with_condition(6, 12, cond, torch.Generator().manual_seed(5))
+    q, failed = cholesky_qr2(a)
+    assert not failed.any()
+    _equal_up_to_column_signs(q, torch.linalg.qr(a)[0], tol)
+    torch.testing.assert_close(q.mT @ q, torch.eye(12, dtype=torch.float64).expand(6, 12, 12), rtol=0, atol=1e-13)
+
+
+def test_cholesky_fails_exactly_on_singular_items_and_the_shifted_redo_takes_them():
+    from lictrain.optim.common import CHOLESKY_SHIFT, cholesky_qr2, power_step_basis
+
+    gen = torch.Generator().manual_seed(6)
+    n, d = 5, 8
+    x = torch.randn(n, d, d + 3, generator=gen, dtype=torch.float64)
+    x[1, :3] = 0  # a factor with three dead rows (a dead channel's zero gradient): rank d - 3
+    x[3, -1] = 0
+    fs = x @ x.mT
+    fs = fs / fs.abs().amax(dim=(1, 2), keepdim=True)
+    q_old = torch.linalg.qr(torch.randn(n, d, d, generator=gen, dtype=torch.float64))[0]
+    _, failed = cholesky_qr2(fs @ q_old)
+    assert failed.tolist() == [False, True, False, True, False]
+    q, still = power_step_basis(fs, q_old, "cholesky")
+    assert not still.any()
+    torch.testing.assert_close(q.mT @ q, torch.eye(d, dtype=torch.float64).expand(n, d, d), rtol=0, atol=1e-12)
+    reference = torch.linalg.qr(fs @ q_old)[0]  # the unshifted product where Cholesky succeeded
+    shifted = torch.linalg.qr(fs @ q_old + CHOLESKY_SHIFT * q_old)[0]  # (F + shift I) Q_old where it failed
+    for j in range(n):
+        _equal_up_to_column_signs(q[j], (shifted if failed[j] else reference)[j], 1e-6 if failed[j] else 1e-10)
+    # the shift keeps the factor's eigenvectors: the redone basis still diagonalises the live part of the factor
+    # as well as Householder's does after one step from the same start
+    hq = torch.linalg.qr(fs[1] @ q_old[1])[0]
+    off = lambda m: float((m - torch.diag_embed(m.diagonal())).norm())  # noqa: E731
+    assert off(q[1].mT @ fs[1] @ q[1]) == pytest.approx(off(hq.mT @ fs[1] @ hq), rel=1e-3)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_soap_with_cholesky_qr2_follows_soap_with_householder(batched):
+    def run(qr):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GELU(), torch.nn.Conv2d(8, 8, 3),
+                                    torch.nn.GELU(), torch.nn.Conv2d(8, 3, 1))
+        opt = SOAP(model.parameters(), lr=3e-3, precondition_frequency=3, batched=batched, refresh_qr=qr)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(30):  # 10 refreshes
+            x = torch.randn(4, 3, 10, 10, generator=gen)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), x[:, :, 1:-1, 1:-1]).backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    (householder, _), (cholesky, opt) = run("householder"), run("cholesky")
+    for a, b in zip(householder, cholesky):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert SOAP._qr(opt.param_groups[0], torch.device("cpu")) == "cholesky"
+    assert SOAP._qr({"refresh_qr": "auto"}, torch.device("cuda")) == "cholesky"
+    assert SOAP._qr({}, torch.device("cpu")) == "householder"  # a checkpoint's group from before the option
+    with pytest.raises(ValueError, match="refresh_qr"):
+        SOAP(householder, refresh_qr="qr")

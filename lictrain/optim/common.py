@@ -96,3 +96,57 @@ def unpack_symmetric(packed: torch.Tensor) -> torch.Tensor:
     full.index_copy_(-1, triu_positions(d, packed.device).long(), packed)
     full = full.view(*lead, d, d)
     return full + full.triu(1).transpose(-1, -2)
+
+
+# ---- orthonormal bases from a power-iteration step ---------------------------------------------------------------
+REFRESH_QR = ("householder", "cholesky")
+# the fallback's shift, relative to the factor's largest entry (scaled to 1): (F + SHIFT I) Q has the eigenvectors
+# of F and singular values >= SHIFT for a PSD F, so its fp64 Cholesky succeeds (CholeskyQR2 holds to a condition
+# number of ~1e7 in fp64)
+CHOLESKY_SHIFT = 1e-6
+
+
+def cholesky_qr2(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Q factor of a stack of square matrices (n, d, d) by CholeskyQR2 in fp64, and which items failed.
+
+    Q = A R^-1 with R^T R = A^T A (Cholesky), done twice (the second pass restores orthogonality to rounding). Its
+    R has a positive diagonal, so Q equals Householder's (LAPACK's, whose R may have either sign) up to the signs of
+    its columns. Every item is a batched product, a batched Cholesky and a batched triangular solve: on a GPU no
+    per-matrix work (torch's Householder QR runs CUDA's orgqr one matrix at a time). An item whose Cholesky fails
+    (A rank-deficient or too ill-conditioned) or whose Q is not finite is flagged in `failed`, decided on the
+    device; its Q is not to be used."""
+    x = a.double()
+    failed = torch.zeros(a.shape[0], dtype=torch.bool, device=a.device)
+    for _ in range(2):
+        chol, info = torch.linalg.cholesky_ex(x.mT @ x)
+        failed |= info != 0
+        x = torch.linalg.solve_triangular(chol.mT, x, upper=True, left=False)  # X R^-1, R = chol^T
+    failed |= ~torch.isfinite(x).flatten(1).all(1)
+    return x.to(a.dtype), failed
+
+
+def power_step_basis(fs: torch.Tensor, q_old: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One power-iteration step towards the eigenvectors of the factors fs (n, d, d, scaled to a largest entry of 1,
+    symmetric PSD) from the bases q_old (n, d, d): the Q factor of fs @ q_old, and which items have no usable one.
+
+    householder: torch.linalg.qr (the reference; a failure of any item fails the batch). cholesky: CholeskyQR2 in
+    fp64; an item where it fails (a singular factor: a dead channel's zero rows) is redone from the shifted factor
+    (fs + CHOLESKY_SHIFT I) @ q_old, which has the same eigenvectors and is well enough conditioned, and keeps the old
+    basis's directions in the factor's null space where Householder would give arbitrary ones. The redo is chosen on
+    the device (a second batched pass, selected per item by torch.where), so a GPU is never synchronised; on the CPU
+    it runs only when an item failed (a host read is free there)."""
+    a = torch.bmm(fs, q_old)
+    if method == "householder":
+        try:
+            q = torch.linalg.qr(a)[0]
+        except RuntimeError:
+            return q_old, torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
+        return q, ~torch.isfinite(q).flatten(1).all(1)
+    if method != "cholesky":
+        raise ValueError(f"unknown QR method '{method}' (one of {', '.join(REFRESH_QR)})")
+    q, failed = cholesky_qr2(a)
+    if a.device.type == "cpu" and not bool(failed.any()):
+        return q, failed
+    shifted = torch.where(failed[:, None, None], a + CHOLESKY_SHIFT * q_old, a)
+    q2, failed2 = cholesky_qr2(shifted)
+    return torch.where(failed[:, None, None], q2, q), failed & failed2

@@ -46,6 +46,15 @@ Choices (all documented because they matter for LIC):
 - Numerics: factors, eigh and QR run in fp32 (fp64 for fp64 parameters) whatever the parameter dtype or autocast.
   If a factor is not finite or eigh/QR fail, the step retries in fp64 with jitter and otherwise keeps the last good
   basis; a non-finite gradient leaves factors and moments untouched and skips that parameter's step.
+- The refresh's QR (`refresh_qr`): Householder (torch.linalg.qr) or CholeskyQR2 in fp64 (common.cholesky_qr2:
+  batched products, Cholesky and triangular solves, where CUDA runs Householder's orgqr one matrix at a time; an
+  item whose Cholesky fails is redone from the shifted factor on the device, without a host synchronisation). The
+  two bases agree up to column signs, to which SOAP is invariant. auto: CholeskyQR2 on CUDA, Householder on the CPU.
+- Data parallel (`shard`, on by default): under torch.distributed with several ranks each rank owns a cost-balanced
+  share of the parameters, keeps only their state and computes only their step; one all-gather a step gives every
+  rank the updated parameters (soap_shard.py). state_dict() is then collective (every rank calls it; rank 0 gets
+  the full state), and a full state loads under any number of processes. It assumes every rank holds the same
+  parameters (checked once); shard=False replicates the work instead.
 """
 
 from __future__ import annotations
@@ -53,11 +62,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 from torch.profiler import record_function
 
 from ..precision import full_fp32_matmul
-from .common import closure_loss, eigh_descending, pack_symmetric, packed_size, unpack_symmetric
+from .common import (REFRESH_QR, closure_loss, eigh_descending, pack_symmetric, packed_size, power_step_basis,
+                     unpack_symmetric)
+from .soap_shard import Sharding, assign_owners, step_cost
 from .soap_buckets import Bucket, rotation_units
 
 
@@ -175,6 +187,8 @@ class SOAP(Optimizer):
         semantics: str = "adam",
         batched: bool = True,
         stagger_refresh: bool = False,
+        refresh_qr: str = "auto",
+        shard: bool = True,
     ):
         if lr <= 0 or eps < 0 or weight_decay < 0:
             raise ValueError("SOAP needs lr > 0, eps >= 0, weight_decay >= 0")
@@ -184,6 +198,8 @@ class SOAP(Optimizer):
             raise ValueError("precondition_frequency must be at least 1")
         if basis_refresh not in ("qr", "eigh"):
             raise ValueError("basis_refresh must be 'qr' (power iteration + QR, the default) or 'eigh' (exact)")
+        if refresh_qr not in ("auto", *REFRESH_QR):
+            raise ValueError(f"refresh_qr must be auto, {' or '.join(REFRESH_QR)}, got '{refresh_qr}'")
         if semantics not in ("adam", "authors"):
             raise ValueError("semantics must be 'adam' (torch.optim.Adam's first step and epsilon, the default) or "
                              "'authors' (the SOAP authors' code)")
@@ -191,13 +207,16 @@ class SOAP(Optimizer):
             lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
             precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim, merge_dims=merge_dims,
             precondition_1d=precondition_1d, bias_correction=bias_correction, basis_refresh=basis_refresh,
-            semantics=semantics, stagger_refresh=stagger_refresh,
+            semantics=semantics, stagger_refresh=stagger_refresh, refresh_qr=refresh_qr,
         )
         super().__init__(params, defaults)
         self.check_finite = True  # see step()
         self.batched = batched  # rotate and accumulate same-shape tensors together (same results to fp32 rounding)
         self._plans: dict = {}  # per-tensor rotation plans (batched=False)
         self._buckets: dict = {}  # per param group: (its parameters with a gradient, their buckets)
+        self.shard = shard  # share the work out over data-parallel ranks (soap_shard.py) when there are several
+        self._sharding: tuple | None = None  # (the parameters' ids it was built for, soap_shard.Sharding)
+        self._prune = False  # a loaded state dict holds every parameter's state: drop the other ranks' share
 
     # ---- shapes and state ----------------------------------------------------------------------------------------
     @staticmethod
@@ -237,7 +256,7 @@ class SOAP(Optimizer):
                 _factor_update(f, g, i, beta)
 
     @staticmethod
-    def _refresh_basis(state: dict, exact: bool) -> None:
+    def _refresh_basis(state: dict, exact: bool, qr: str = "householder") -> None:
         """New eigenbases: eigh (first time, or exact=True) or one power-iteration step + QR."""
         old = list(state["Q"])
         m_orig = project(state["exp_avg"], old, back=True) if any(q is not None for q in old) else state["exp_avg"]
@@ -256,14 +275,12 @@ class SOAP(Optimizer):
                     fs = f / scale  # as in eigh: keep fp32 away from underflow
                     est = (old[i] * (fs @ old[i])).sum(0)  # diag(Q^T F Q): current eigenvalue estimates
                     order = torch.argsort(est, descending=True)
-                    try:
-                        q, _ = torch.linalg.qr(fs @ old[i][:, order])
-                    except RuntimeError:
+                    q, failed = power_step_basis(fs[None], old[i][:, order][None], qr)
+                    if bool(failed[0]):
                         q = None
-                    if q is not None and torch.isfinite(q).all():
-                        v = v.index_select(i, order)
                     else:
-                        q = None
+                        q = q[0]
+                        v = v.index_select(i, order)
             if q is not None:
                 new[i] = q
         state["Q"] = new
@@ -284,11 +301,64 @@ class SOAP(Optimizer):
         # off (check_finite = False).
         if self.check_finite and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
             return loss
+        sharding = self._sharding_now()
         # Factors, bases and rotations in full precision even when the caller runs under autocast or enabled TF32.
         with torch.autocast(device_type=grads[0].device.type, enabled=False), full_fp32_matmul():
             for group in self.param_groups:
-                self._step_group(group)
+                self._step_group(group, sharding)
+        if sharding is not None:  # every rank gets every updated parameter from its owner
+            with record_function("soap.all_gather"):
+                sharding.share_({i: p for i, p in enumerate(sharding.params) if p.grad is not None})
         return loss
+
+    # ---- sharding over data-parallel ranks (soap_shard.py) -------------------------------------------------------
+    def _sharding_now(self) -> Sharding | None:
+        """The ranks' shares of the parameters, when torch.distributed runs with several ranks and `shard` is on.
+        Built once (every rank calls: it checks that the ranks hold the same parameters), rebuilt if the parameters
+        change; a state loaded since is pruned to this rank's share."""
+        if not self.shard or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+            return None
+        params = [p for group in self.param_groups for p in group["params"]]
+        key = tuple(id(p) for p in params)
+        if self._sharding is None or self._sharding[0] != key:
+            world, rank = dist.get_world_size(), dist.get_rank()
+            signature = [(tuple(p.shape), str(p.dtype)) for p in params]
+            gathered = [None] * world
+            dist.all_gather_object(gathered, signature)
+            if any(g != signature for g in gathered):
+                raise RuntimeError("sharded SOAP needs the same parameters on every rank (data parallel); pass "
+                                   "shard=False for other layouts")
+            units: dict = {}
+            i = 0
+            for gi, group in enumerate(self.param_groups):
+                for p in group["params"]:
+                    shape = self._work_shape(p, group)
+                    precondition = len(shape) > 1 or group["precondition_1d"]
+                    dims = tuple(d for d in shape if precondition and 1 < d <= group["max_precond_dim"])
+                    unit = units.setdefault((gi, shape, p.dtype, dims), ([], step_cost(
+                        shape, list(dims), group["precondition_frequency"])))
+                    unit[0].append(i)
+                    i += 1
+            owner = assign_owners(list(units.values()), world)
+            self._sharding = (key, Sharding(params, owner, rank, world))
+            self._prune = True
+            self._buckets.clear()
+        sharding = self._sharding[1]
+        if self._prune:
+            for p in params:
+                if not sharding.owns(p):
+                    self.state.pop(p, None)
+            self._prune = False
+        return sharding
+
+    def state_dict(self) -> dict:
+        """torch's state dict; sharded, every rank must call it and rank 0 gets every rank's state (a checkpoint
+        holds the full state whatever the number of processes, and loads under any other)."""
+        sd = super().state_dict()
+        sharding = self._sharding_now()
+        if sharding is not None:
+            sd["state"] = sharding.gather_state(sd["state"])
+        return sd
 
     def _plan(self, p: torch.Tensor, state: dict) -> list:
         """The rotation plan of p's current bases, cached until the bases change (not part of the state dict)."""
@@ -299,13 +369,13 @@ class SOAP(Optimizer):
             self._plans[id(p)] = plan
         return plan[1]
 
-    def _step_group(self, group: dict) -> None:
+    def _step_group(self, group: dict, sharding: Sharding | None = None) -> None:
         b1, b2 = group["betas"]
         shampoo_beta = b2 if group["shampoo_beta"] is None else group["shampoo_beta"]
         authors = group.get("semantics", "adam") == "authors"
         params, states = [], []
         for p in group["params"]:
-            if p.grad is None:
+            if p.grad is None or (sharding is not None and not sharding.owns(p)):
                 continue
             state = self.state[p]
             fresh = not state
@@ -366,7 +436,7 @@ class SOAP(Optimizer):
         with record_function("soap.refresh"):
             for b in buckets:
                 if b.preconditioned and self._refreshes(group, b.step, self.state[b.params[0]]):
-                    b.refresh(exact=group["basis_refresh"] == "eigh")
+                    b.refresh(exact=group["basis_refresh"] == "eigh", qr=self._qr(group, b.m.device))
 
     def _bucket_list(self, group: dict, params: list, states: list) -> list[Bucket]:
         """The group's buckets, rebuilt (stacking the per-parameter state) when the parameters with a gradient,
@@ -411,7 +481,17 @@ class SOAP(Optimizer):
             if st["step"] > 1 or authors:
                 self._accumulate_factors(st, g, shampoo_beta)
             if any(f is not None for f in st["GG"]) and self._refreshes(group, st["step"], st):
-                self._refresh_basis(st, exact=group["basis_refresh"] == "eigh")
+                self._refresh_basis(st, exact=group["basis_refresh"] == "eigh", qr=self._qr(group, g.device))
+
+    @staticmethod
+    def _qr(group: dict, device: torch.device) -> str:
+        """How the refresh orthonormalises (common.power_step_basis). auto: CholeskyQR2 on CUDA (batched kernels
+        where Householder QR runs one matrix at a time), Householder on the CPU (faster there: benchmarks/RESULTS.md,
+        "SOAP's basis refresh: Householder vs CholeskyQR2")."""
+        qr = group.get("refresh_qr", "auto")
+        if qr == "auto":
+            return "cholesky" if device.type == "cuda" else "householder"
+        return qr
 
     @staticmethod
     def _refreshes(group: dict, step: int, state: dict) -> bool:
@@ -475,10 +555,15 @@ class SOAP(Optimizer):
         if len(grads) != len(params):
             raise ValueError(f"precondition got {len(grads)} gradients for {len(params)} parameters")
         device_type = next((g.device.type for g in grads if g is not None), "cpu")
+        sharding = self._sharding_now()  # sharded: each rank its own parameters, then shared (every rank calls)
         with torch.autocast(device_type=device_type, enabled=False), full_fp32_matmul():  # as step()
-            return self._precondition(params, grads, parts)
+            result = self._precondition(params, grads, parts, sharding)
+        if sharding is not None:
+            for tensors in [result[0], *result[1]] if parts is not None else [result]:
+                sharding.share_({i: t for i, t in enumerate(tensors) if t is not None})
+        return result
 
-    def _precondition(self, params: list, grads: list, parts: list | None):
+    def _precondition(self, params: list, grads: list, parts: list | None, sharding: Sharding | None = None):
         groups = [group for group in self.param_groups for _ in group["params"]]
         out: list[torch.Tensor | None] = []
         shares: list[list[torch.Tensor | None]] = [[] for _ in (parts or [])]
@@ -487,6 +572,11 @@ class SOAP(Optimizer):
                 out.append(None)
                 for sh in shares:
                     sh.append(None)
+                continue
+            if sharding is not None and not sharding.owns(p):  # (its owner's values arrive afterwards)
+                out.append(torch.zeros_like(p))
+                for sh in shares:
+                    sh.append(torch.zeros_like(p))
                 continue
             b1, b2 = group["betas"]
             shampoo_beta = b2 if group["shampoo_beta"] is None else group["shampoo_beta"]
@@ -531,6 +621,7 @@ class SOAP(Optimizer):
         super().load_state_dict(state_dict)
         self._plans.clear()
         self._buckets.clear()
+        self._prune = True
         indices = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(indices, params):

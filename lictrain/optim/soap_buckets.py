@@ -32,7 +32,7 @@ import string
 
 import torch
 
-from .common import eigh_descending, triu_positions, unpack_symmetric
+from .common import eigh_descending, power_step_basis, triu_positions, unpack_symmetric
 
 KRON_MAX = 64  # trailing dimensions with at most this many elements together are rotated by one Kronecker matrix
 
@@ -175,11 +175,12 @@ class Bucket:
             out.append((self.gg[i], part.reshape(self.n, -1).index_select(1, self.upper[i])))
 
     # ---- the basis refresh ---------------------------------------------------------------------------------------
-    def refresh(self, exact: bool) -> None:
+    def refresh(self, exact: bool, qr: str = "householder") -> None:
         """New bases for every item: exact eigh (per item) or one power-iteration step + QR (batched), the columns
         sorted by their estimated eigenvalue with the second moment permuted to match. The first moment moves from
         the old bases to the new ones in one pass, by R_i = Q_new_i^T Q_old_i per dimension (equal to rotating it
-        back and in again, at half the cost). An item whose new basis cannot be had keeps its old one."""
+        back and in again, at half the cost). An item whose new basis cannot be had keeps its old one. `qr`: how the
+        power-iteration product is orthonormalised (common.power_step_basis: householder or cholesky)."""
         if not self.preconditioned:
             return
         old = [None if q is None else q.clone() for q in self.q]
@@ -193,7 +194,7 @@ class Bucket:
                     if q is not None:
                         self.q[i][j].copy_(q)
             else:
-                self._power_qr(i, f)
+                self._power_qr(i, f, qr)
         self._unit_mats()
         new_mats = self.mats
         self.q, new_q = old, self.q
@@ -205,7 +206,7 @@ class Bucket:
         self.m.copy_(self.rotate(self.m))
         self.mats = new_mats
 
-    def _power_qr(self, i: int, f: torch.Tensor) -> None:
+    def _power_qr(self, i: int, f: torch.Tensor, qr: str) -> None:
         n, d, old = self.n, self.shape[i], self.q[i]
         scale = f.abs().amax(dim=(1, 2))
         ok = torch.isfinite(scale) & (scale > 0)
@@ -215,11 +216,8 @@ class Bucket:
         est = (old * torch.bmm(fs, old)).sum(1)  # diag(Q^T F Q): the current eigenvalue estimates
         order = torch.argsort(est, dim=1, descending=True)
         sorted_old = torch.gather(old, 2, order[:, None, :].expand(n, d, d))
-        try:
-            q = torch.linalg.qr(torch.bmm(fs, sorted_old))[0]
-        except RuntimeError:  # a failing item fails the batch: keep every old basis
-            return
-        ok = ok & torch.isfinite(q).all(dim=2).all(dim=1)
+        q, failed = power_step_basis(fs, sorted_old, qr)  # (householder: a failing item fails the batch)
+        ok = ok & ~failed
         old.copy_(torch.where(ok[:, None, None], q, old))
         order = torch.where(ok[:, None], order, torch.arange(d, device=f.device))
         if f.device.type == "cpu" and bool((order == torch.arange(d)).all()):
