@@ -202,3 +202,27 @@ def test_soap_with_cholesky_qr2_follows_soap_with_householder(batched):
     assert SOAP._qr({}, torch.device("cpu")) == "householder"  # a checkpoint's group from before the option
     with pytest.raises(ValueError, match="refresh_qr"):
         SOAP(householder, refresh_qr="qr")
+
+
+def test_batched_exact_refresh_equals_eigh_per_factor():
+    """basis_refresh="eigh" refreshes a stack by one batched eigh (issue 34: no per-factor host reads): the same
+    bases as eigh_descending factor by factor, a zero factor's identity, a non-finite factor's old basis kept."""
+    from lictrain.optim.common import eigh_descending, eigh_descending_batched
+
+    bucket, ref, _ = _bucket((5, 4, 3, 3), (), n=4, seed=3)
+    bucket.gg[1][2].zero_()
+    bucket.gg[0][3, 1] = float("nan")
+    factors = [unpack_symmetric(f.clone()) if f is not None else None for f in bucket.gg]
+    old = [q.clone() for q in bucket.q]
+    bucket.refresh(exact=True)
+    for i, f in enumerate(factors):
+        for j in range(4):
+            expected = eigh_descending(f[j])
+            if expected is None:
+                assert (i, j) == (0, 3)
+                torch.testing.assert_close(bucket.q[i][j], old[i][j], rtol=0, atol=0)
+            else:
+                torch.testing.assert_close(bucket.q[i][j], expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(bucket.q[1][2], torch.eye(4, dtype=torch.float64), rtol=0, atol=0)
+    q, ok = eigh_descending_batched(factors[0])
+    assert ok.tolist() == [True, True, True, False]

@@ -42,6 +42,33 @@ def eigh_descending(m: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
+def eigh_descending_batched(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """eigh_descending over a stack (n, d, d): one batched eigh instead of one per matrix (and, on a GPU, one host
+    synchronisation for the stack instead of several per matrix). Returns (bases, ok); an item that is not finite
+    is not ok (its basis is not to be used), a zero item gets the identity. Items whose batched eigh fails or gives
+    non-finite vectors are redone one by one by eigh_descending (its fp64 retry), which reads them on the host:
+    only then."""
+    n, d = f.shape[0], f.shape[-1]
+    scale = f.abs().amax(dim=(1, 2))
+    finite = torch.isfinite(scale)
+    zero = scale == 0
+    eye = torch.eye(d, dtype=f.dtype, device=f.device)
+    fs = torch.where((finite & ~zero)[:, None, None], f / torch.where(finite & ~zero, scale, 1.0)[:, None, None], eye)
+    try:
+        q = torch.linalg.eigh(fs)[1].flip(-1)
+        bad = ~torch.isfinite(q).flatten(1).all(1) & finite
+    except RuntimeError:  # includes torch.linalg.LinAlgError: one item failed the batch
+        q, bad = fs.clone(), finite.clone()
+    q = torch.where(zero[:, None, None], eye, q)
+    ok = finite & ~bad
+    if bool(bad.any()):  # the rare retry (a host read, once per stack)
+        for j in bad.nonzero().flatten().tolist():
+            qj = eigh_descending(f[j])
+            if qj is not None:
+                q[j], ok[j] = qj, True
+    return q, ok
+
+
 # ---- symmetric matrices stored as their upper triangles ---------------------------------------------------------
 # A Kronecker factor is symmetric: its lower triangle is derived state. SOAP keeps only the upper one (row by row,
 # torch.triu_indices order, d (d + 1) / 2 numbers), which is half of a factor's bytes; the full matrix is rebuilt

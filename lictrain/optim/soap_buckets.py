@@ -32,7 +32,7 @@ import string
 
 import torch
 
-from .common import eigh_descending, power_step_basis, triu_positions, unpack_symmetric
+from .common import eigh_descending_batched, power_step_basis, triu_positions, unpack_symmetric
 
 KRON_MAX = 64  # trailing dimensions with at most this many elements together are rotated by one Kronecker matrix
 
@@ -176,7 +176,7 @@ class Bucket:
 
     # ---- the basis refresh ---------------------------------------------------------------------------------------
     def refresh(self, exact: bool, qr: str = "householder") -> None:
-        """New bases for every item: exact eigh (per item) or one power-iteration step + QR (batched), the columns
+        """New bases for every item: exact eigh or one power-iteration step + QR (both batched), the columns
         sorted by their estimated eigenvalue with the second moment permuted to match. The first moment moves from
         the old bases to the new ones in one pass, by R_i = Q_new_i^T Q_old_i per dimension (equal to rotating it
         back and in again, at half the cost). An item whose new basis cannot be had keeps its old one. `qr`: how the
@@ -188,11 +188,9 @@ class Bucket:
             if f is None:
                 continue
             f = unpack_symmetric(f)
-            if exact:
-                for j in range(self.n):
-                    q = eigh_descending(f[j])
-                    if q is not None:
-                        self.q[i][j].copy_(q)
+            if exact:  # (one batched eigh per stack; an item without a basis keeps its old one)
+                q, ok = eigh_descending_batched(f)
+                self.q[i].copy_(torch.where(ok[:, None, None], q, self.q[i]))
             else:
                 self._power_qr(i, f, qr)
         self._unit_mats()
