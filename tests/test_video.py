@@ -1,0 +1,174 @@
+"""Video building blocks (issue 33) against independent references: hand-made shifts for warping and the dataset's
+shared crop, torch.distributions.Laplace for the Laplace likelihoods, a BT.709 forward conversion written here for
+the YUV reader, hand-counted parameters, and a synthetic translation for the motion estimator."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lictrain.errors import LictrainError
+from lictrain.models.laplace import LaplaceConditional
+from lictrain.models.motion import ME_Spynet, flow_warp
+from lictrain.video.data import SequenceCrops, read_yuv420, resolve_sequences, yuv420_to_rgb, yuv_format
+
+
+def _smooth(h, w, seed=0, channels=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, channels, h // 8, w // 8, generator=g)
+    return torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", align_corners=False)
+
+
+# ---- warping ------------------------------------------------------------------------------------------------------
+def test_integer_flow_moves_whole_pixels_and_half_pixel_flow_averages_neighbours():
+    x = torch.randn(2, 3, 12, 16)
+    flow = torch.zeros(2, 2, 12, 16)
+    flow[:, 0], flow[:, 1] = 2.0, -1.0  # out[i, j] = x[i - 1, j + 2]
+    out = flow_warp(x, flow)
+    torch.testing.assert_close(out[:, :, 1:, :-2], x[:, :, :-1, 2:], rtol=0, atol=2e-5)
+    torch.testing.assert_close(out[:, :, 0, :-2], x[:, :, 0, 2:], rtol=0, atol=2e-5)  # border repeated above
+    flow = torch.zeros(2, 2, 12, 16)
+    flow[:, 0] = 0.5
+    out = flow_warp(x, flow)
+    torch.testing.assert_close(out[..., :-1], (x[..., :-1] + x[..., 1:]) / 2, rtol=0, atol=2e-5)
+
+
+# ---- the Laplace conditional --------------------------------------------------------------------------------------
+def test_laplace_likelihoods_equal_torch_distributions_laplace():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(-20, 21, (4, 8, 6, 6), generator=g).double()
+    mu = torch.randn(y.shape, generator=g, dtype=torch.float64) * 3
+    b = torch.rand(y.shape, generator=g, dtype=torch.float64) * 4 + 0.2
+    ours = LaplaceConditional(None)._likelihood(y, b, mu)
+    lap = torch.distributions.Laplace(mu, b)
+    reference = lap.cdf(y + 0.5) - lap.cdf(y - 0.5)
+    torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-12)
+    assert LaplaceConditional._standardized_quantile(0.1) == pytest.approx(float(torch.distributions.Laplace(
+        0.0, 1.0).icdf(torch.tensor(0.1, dtype=torch.float64))), rel=1e-12)
+
+
+def test_laplace_conditional_codes_real_bits_close_to_its_estimate():
+    torch.manual_seed(0)
+    em = LaplaceConditional(None)
+    em.update_scale_table(torch.exp(torch.linspace(math.log(0.11), math.log(64), 64)))
+    scales = torch.rand(1, 16, 16, 16) * 3 + 0.3
+    means = torch.randn(1, 16, 16, 16)
+    y = torch.distributions.Laplace(means, scales).sample()
+    idx = em.build_indexes(scales)
+    strings = em.compress(y, idx, means)
+    decoded = em.decompress(strings, idx, means=means)
+    torch.testing.assert_close(decoded, torch.round(y - means) + means, rtol=0, atol=1e-5)
+    em.eval()
+    _, lik = em(y, scales, means)
+    estimated = float(-torch.log2(lik).sum())
+    real = 8 * len(strings[0])
+    assert abs(real - estimated) / estimated < 0.05, (real, estimated)
+
+
+# ---- motion estimation -------------------------------------------------------------------------------------------
+def test_spynet_parameter_count_by_hand():
+    # per level: 7x7 convs 8->32, 32->64, 64->32, 32->16, 16->2 with biases
+    level = sum(a * b * 49 + b for a, b in [(8, 32), (32, 64), (64, 32), (32, 16), (16, 2)])
+    assert level == 240_050
+    assert sum(p.numel() for p in ME_Spynet().parameters()) == 4 * level
+
+
+def test_spynet_learns_a_synthetic_translation():
+    """A few dozen steps on the warping loss (DCVC's stage 1 without the rate) move the mean flow towards the shift
+    (frame 2 = frame 1 moved 3 right and 2 down, so warping frame 2 by (3, 2) gives frame 1)."""
+    torch.manual_seed(0)
+    big = _smooth(96, 96, seed=1)
+    im1 = big[..., 8:72, 8:72]
+    im2 = big[..., 6:70, 5:69]  # im2[i, j] = big[i + 6, j + 5] = im1[i - 2, j - 3]
+    net = ME_Spynet()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(60):
+        flow = net(im1, im2)
+        loss = torch.nn.functional.mse_loss(flow_warp(im2, flow)[..., 8:-8, 8:-8], im1[..., 8:-8, 8:-8])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    mean = net(im1, im2).detach()[..., 8:-8, 8:-8].mean(dim=(0, 2, 3))
+    assert 1.5 < float(mean[0]) < 4.5 and 0.8 < float(mean[1]) < 3.2, mean
+
+
+# ---- sequences ---------------------------------------------------------------------------------------------------
+def _write_sequence(folder, frames=5, size=(40, 48), shift=1, names="im{}.png"):
+    folder.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(0)
+    base = (g.random((size[0], size[1] + shift * frames, 3)) * 255).astype(np.uint8)
+    for t in range(frames):  # frame t+1 is frame t moved `shift` pixels left
+        Image.fromarray(base[:, shift * t : shift * t + size[1]]).save(folder / names.format(t + 1))
+
+
+def test_vimeo_layout_lists_and_plain_folders(tmp_path):
+    root = tmp_path / "vimeo"
+    for seq in ("00001/0001", "00001/0002", "00002/0001"):
+        _write_sequence(root / "sequences" / seq, frames=3)
+    (root / "sep_trainlist.txt").write_text("00001/0001\n00002/0001\n")
+    (root / "sep_testlist.txt").write_text("00001/0002\n")
+    assert [s[0].parent.name for s in resolve_sequences(f"{root}[train]")] == ["0001", "0001"]
+    assert len(resolve_sequences(f"{root}[test]")) == 1 and len(resolve_sequences(str(root))) == 3
+    plain = tmp_path / "plain" / "clip"
+    _write_sequence(plain, frames=11, names="frame{}.png")
+    (seq,) = resolve_sequences(str(tmp_path / "plain"))
+    assert [p.name for p in seq][:3] == ["frame1.png", "frame2.png", "frame3.png"] and seq[-1].name == "frame11.png"
+    with pytest.raises(LictrainError, match="sep_trainlist"):
+        resolve_sequences(f"{tmp_path / 'plain'}[train]")
+    with pytest.raises(LictrainError, match="not found"):
+        resolve_sequences(str(tmp_path / "nowhere"))
+
+
+def test_one_crop_and_flip_shared_by_all_frames(tmp_path):
+    _write_sequence(tmp_path / "clip", frames=6, size=(40, 48), shift=2)
+    ds = SequenceCrops(resolve_sequences(str(tmp_path)), frames=3, crop=32, seed=5)
+    flips = set()
+    for k in range(12):
+        x = ds[k]
+        assert x.shape == (3, 3, 32, 32)
+        assert torch.equal(x, ds[k])  # a pure function of (seed, k)
+        left = torch.equal(x[1][..., :-2], x[0][..., 2:])  # content moved left by 2: not flipped
+        right = torch.equal(x[1][..., 2:], x[0][..., :-2])  # flipped: it moved right
+        assert left != right and torch.equal(x[2][..., :-2] if left else x[2][..., 2:],
+                                             x[1][..., 2:] if left else x[1][..., :-2])
+        flips.add(right)
+    assert flips == {True, False}
+    with pytest.raises(LictrainError, match="7 frames"):
+        SequenceCrops(resolve_sequences(str(tmp_path)), frames=7, crop=32, seed=0)
+
+
+# ---- raw YUV 4:2:0 -----------------------------------------------------------------------------------------------
+def _rgb_to_yuv709_limited(rgb, bits):
+    """BT.709 forward (Kr 0.2126, Kb 0.0722), limited range: Y = 16 + 219 Y', C = 128 + 224 C' (x 2^(bits-8))."""
+    r, g, b = rgb
+    y = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    cb, cr = (b - y) / 1.8556, (r - y) / 1.5748
+    s = 2 ** (bits - 8)
+    return np.round((16 + 219 * y) * s), np.round((128 + 224 * cb) * s), np.round((128 + 224 * cr) * s)
+
+
+@pytest.mark.parametrize("bits,name", [(8, "clip_16x8_25fps.yuv"), (10, "clip_16x8_50fps_10bit_420.yuv")])
+def test_yuv420_reader_and_bt709_conversion(tmp_path, bits, name):
+    g = np.random.default_rng(1)
+    frames = []
+    raw = []
+    for _ in range(3):
+        rgb = g.random((3, 4, 8)).repeat(2, 1).repeat(2, 2) * 0.8 + 0.1  # constant over 2x2: 4:2:0 loses nothing
+        y, u, v = _rgb_to_yuv709_limited(rgb, bits)
+        frames.append(rgb)
+        raw += [y.ravel(), u[::2, ::2].ravel(), v[::2, ::2].ravel()]
+    dtype = np.uint8 if bits == 8 else np.dtype("<u2")
+    np.concatenate(raw).astype(dtype).tofile(tmp_path / name)
+    fmt = yuv_format(tmp_path / name)
+    assert (fmt.width, fmt.height, fmt.bitdepth) == (16, 8, bits)
+    got = read_yuv420(tmp_path / name)
+    assert len(got) == 3
+    for (y, u, v), rgb in zip(got, frames):
+        back = yuv420_to_rgb(y, u, v, bitdepth=bits)
+        np.testing.assert_allclose(back.numpy(), rgb, atol=3 / (219 * 2 ** (bits - 8)))  # (integer rounding of Y, Cb, Cr)
+    with open(tmp_path / name, "ab") as f:
+        f.write(b"\0" * 5)
+    with pytest.raises(LictrainError, match="whole number"):
+        read_yuv420(tmp_path / name)
