@@ -172,3 +172,46 @@ def test_yuv420_reader_and_bt709_conversion(tmp_path, bits, name):
         f.write(b"\0" * 5)
     with pytest.raises(LictrainError, match="whole number"):
         read_yuv420(tmp_path / name)
+
+
+# ---- DCVC ----------------------------------------------------------------------------------------------------------
+def _conv(a, b, k):
+    return a * b * k * k + b
+
+
+def test_dcvc_parameter_count_is_the_published_one_and_per_module_by_hand():
+    from lictrain.models.dcvc import DCVC, PRESETS
+
+    model = DCVC(**PRESETS["paper"])
+    counts = {name: sum(p.numel() for n, p in mod.named_parameters() if not n.endswith("quantiles"))
+              for name, mod in model.named_children()}
+    assert sum(counts.values()) == 7_944_448  # DCVC's published count (the quantiles are CompressAI's aux ones)
+    gdn = lambda c: c + c * c  # noqa: E731  (beta, gamma)
+    mv, n, m = 128, 64, 96
+    assert counts["opticFlow"] == 4 * 240_050
+    assert counts["mvEncoder"] == _conv(2, mv, 3) + 3 * _conv(mv, mv, 3) + 3 * gdn(mv)
+    assert counts["auto_regressive_mv"] == _conv(mv, 2 * mv, 5)
+    assert counts["entropy_parameters_mv"] == _conv(4 * mv, 10 * mv // 3, 1) + _conv(10 * mv // 3, 8 * mv // 3, 1) \
+        + _conv(8 * mv // 3, 2 * mv, 1)
+    assert counts["contextualEncoder"] == _conv(n + 3, n, 5) + 2 * _conv(n, n, 5) + _conv(n, m, 5) + 3 * gdn(n) \
+        + 2 * 2 * _conv(n, n, 3)
+    assert counts["bitEstimator_z"] == counts["bitEstimator_z_mv"] == 11 * n  # 4 scales, 4 biases, 3 factors
+    assert counts["gaussian_encoder"] == 0
+
+
+def test_dcvc_p_frame_decodes_bit_exactly_and_forward_warps_the_reference():
+    from lictrain.models.dcvc import DCVC, PRESETS
+
+    torch.manual_seed(0)
+    model = DCVC(**PRESETS["tiny"]).eval()
+    ref = _smooth(64, 64, seed=2).sigmoid()
+    x = torch.roll(ref, 2, dims=-1)
+    out = model(ref, x)
+    assert out["x_hat"].shape == x.shape and set(out["likelihoods"]) == {"mv_y", "mv_z", "y", "z"}
+    torch.testing.assert_close(out["warped"], flow_warp(ref, out["flow"]))
+    model.update(force=True)
+    coded = model.compress(ref, x)
+    decoded = model.decompress(ref, coded["strings"], coded["shape"])
+    assert torch.equal(decoded["x_hat"], coded["x_hat"])  # the decoder's reference equals the encoder's
+    with pytest.raises(ValueError, match="batch 1"):
+        model.compress(ref.repeat(2, 1, 1, 1), x.repeat(2, 1, 1, 1))
