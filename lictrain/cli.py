@@ -574,7 +574,8 @@ def cmd_list(args) -> int:
         alias = [a for a, t in ALIASES.items() if t == name]
         print(f"  {name}{' (alias ' + ', '.join(alias) + ')' if alias else ''}: {spec.description}")
         for preset, kwargs in spec.presets.items():
-            count = (f"{parameter_count(name, preset) / 1e6:7.2f}M {kmacs_per_pixel(build_model(name, preset)):8.1f}  "
+            kmacs = kmacs_per_pixel(build_model(name, preset), frames=spec.frames) if args.params else 0.0
+            count = (f"{parameter_count(name, preset) / 1e6:7.2f}M {kmacs:8.1f}  "
                      if args.params else "")
             print(f"    {preset:<6} {count}{kwargs}")
     print("optimizers:")

@@ -66,6 +66,9 @@ class DataConfig:
     # the two agree. See README, "Data order"
     order: str = setting("iid", absent="shuffle")  # configs saved before this key trained on the shuffle
     cache_mb: int = setting(2048, identity=False, resume=True)  # decode training images once and keep them in RAM when they fit in this budget
+    # video (a P-frame model such as dcvc): 0 trains on images; N >= 2 on sequences of N consecutive frames (train/val
+    # name Vimeo-90k roots, ROOT[train] / ROOT[test], or folders of frame folders; lictrain/video/data.py)
+    frames: int = 0
 
 
 @dataclass
@@ -473,6 +476,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.log_every >= 1, "train.log_every must be at least 1"),
         (0 <= cfg.train.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
         (cfg.train.clip_max_norm >= 0, "train.clip_max_norm must be >= 0"),
+        (cfg.data.frames == 0 or cfg.data.frames >= 2,
+         f"data.frames must be 0 (images) or at least 2 (a reference and a frame to code), got {cfg.data.frames}"),
         (0 < cfg.train.plateau_factor < 1, "train.plateau_factor must be in (0, 1)"),
         (0 <= cfg.train.plateau_threshold < 1, "train.plateau_threshold must be in [0, 1)"),
         (cfg.train.schedule in ("plateau", "cosine", "step"),

@@ -284,9 +284,11 @@ class RunSampler(Sampler):
 
 def train_loader(
     images: ImageList, crop: int, batch_size: int, seed: int, start_step: int = 0, workers: int = 0,
-    rank: int = 0, world: int = 1, pin_memory: bool = False, order: str = "iid",
+    rank: int = 0, world: int = 1, pin_memory: bool = False, order: str = "iid", dataset: Dataset | None = None,
 ) -> DataLoader:
-    ds = TrainCrops(images, crop, seed, order)
+    """`dataset`: the samples, when they are not image crops (video: lictrain.video.data.SequenceCrops), indexed
+    by the run's global sample number as TrainCrops is."""
+    ds = dataset if dataset is not None else TrainCrops(images, crop, seed, order)
     return DataLoader(
         ds,
         batch_size=batch_size,
@@ -330,12 +332,15 @@ class EvalImages(Dataset):
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Replicate-pad N x C x H x W on the bottom/right so H and W are multiples of `multiple`."""
+    """Replicate-pad ... x C x H x W (images N x C x H x W, frame sequences N x T x C x H x W) on the bottom/right so
+    H and W are multiples of `multiple`."""
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
     if ph == 0 and pw == 0:
         return x
-    return F.pad(x, (0, pw, 0, ph), mode="replicate")
+    lead = x.shape[:-3]
+    padded = F.pad(x.reshape(-1, *x.shape[-3:]), (0, pw, 0, ph), mode="replicate")
+    return padded.view(*lead, *padded.shape[-3:])
 
 
 def crop_to(x: torch.Tensor, h: int, w: int) -> torch.Tensor:

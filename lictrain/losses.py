@@ -60,9 +60,12 @@ def _iter_likelihoods(likelihoods):
 
 
 def bpp_from_likelihoods(likelihoods, num_pixels: int) -> torch.Tensor:
-    """Sum over all latents of -log2(p), per pixel of the batch (num_pixels = N * H * W)."""
-    total = sum(torch.log(lk.float()).sum() for lk in _iter_likelihoods(likelihoods))
-    return total / (-math.log(2) * num_pixels)
+    """Sum over all latents of -log2(p), per pixel of the batch (num_pixels = N * H * W); a zero tensor when no
+    likelihoods count (a video training stage that scores distortion only)."""
+    logs = [torch.log(lk.float()).sum() for lk in _iter_likelihoods(likelihoods)]
+    if not logs:
+        return torch.zeros(())
+    return sum(logs) / (-math.log(2) * num_pixels)
 
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, pytorch_msssim's defaults
@@ -123,6 +126,8 @@ class RateDistortionLoss(nn.Module):
         self.lmbda, self.metric = float(lmbda), metric
 
     def forward(self, output: dict, target: torch.Tensor) -> RDTerms:
+        # a model may name its own target (a video stage: the frame it codes out of the sequence it was given)
+        target = output.get("target", target)
         n, _, h, w = target.shape
         rate = bpp_from_likelihoods(output["likelihoods"], n * h * w)
         x_hat = output["x_hat"]

@@ -47,6 +47,7 @@ class ModelSpec:
     presets: dict[str, dict]
     downsampling: int  # input sides must be multiples of this (the coarsest latent's stride)
     description: str
+    frames: int = 0  # video models: the frames a training sample needs (data.frames); 0: an image model
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,12 @@ METHODS = Registry("method")
 RECIPES = Registry("recipe")  # name -> {config key: value}
 
 
-def register_model(name: str, presets: dict[str, dict], downsampling: int, description: str):
-    """Register a model builder (a class or function taking a preset's keyword arguments)."""
+def register_model(name: str, presets: dict[str, dict], downsampling: int, description: str, frames: int = 0):
+    """Register a model builder (a class or function taking a preset's keyword arguments); `frames` > 0 for a
+    video model (the frames each training sample needs)."""
 
     def decorate(build):
-        MODELS.add(name, ModelSpec(build, presets, downsampling, description))
+        MODELS.add(name, ModelSpec(build, presets, downsampling, description, frames))
         return build
 
     return decorate

@@ -39,7 +39,7 @@ from .ema import EMA
 from .errors import LictrainError
 from .losses import MS_SSIM_MIN_SIDE, RateDistortionLoss, ms_ssim_db, ms_ssim_value, psnr_from_mse
 from .methods import RunContext, StepContext, StepHook, build_method
-from .models import build_model, check_compression_model, downsampling, downsampling_of
+from .models import build_model, check_compression_model, downsampling, downsampling_of, video_frames
 from .models.numerics import keep_in_fp32, prepare_entropy_models
 from .optim import build_optimizer, kernel_parameters, split_parameters, unwrap
 from .rundir import MetricsLog
@@ -103,13 +103,15 @@ def validate(model, dataset: EvalImages, criterion: RateDistortionLoss, device, 
         h, w = x.shape[-2:]
         out = model(pad_to_multiple(x, multiple))
         out["x_hat"] = crop_to(out["x_hat"], h, w)
+        if "target" in out:  # (a video stage's frame)
+            out["target"] = crop_to(out["target"], h, w)
         terms = criterion(out, x)  # bits of the padded latents, per pixel of the original image
         sums["loss"] += terms.loss.item()
         sums["bpp"] += terms.rate.item()
         sums["mse"] += terms.mse.item()
         sums["psnr"] += psnr_from_mse(terms.mse.item())
         if criterion.metric == "ms-ssim" and min(h, w) >= MS_SSIM_MIN_SIDE:
-            ms_values.append(ms_ssim_value(out["x_hat"].clamp(0, 1), x).item())
+            ms_values.append(ms_ssim_value(out["x_hat"].clamp(0, 1), out.get("target", x)).item())
     model.train(was_training)
     result = {k: v / len(dataset) for k, v in sums.items()}
     if ms_values:
@@ -406,6 +408,13 @@ class Trainer:
         if self.user_model is not None:
             self.model = model = self.user_model.to(device)
         else:
+            frames, have = video_frames(mc.name), self.cfg.data.frames
+            if frames and have < frames:
+                raise LictrainError(f"model {mc.name} is a video model: it trains on sequences of at least {frames} "
+                                    f"frames (data.frames: {frames}, data.train/val: frame sequences)")
+            if have and not frames:
+                raise LictrainError(f"data.frames={have} trains on frame sequences, and {mc.name} is an image model "
+                                    f"(video models: lictrain list)")
             self.model = model = build_model(mc.name, mc.preset, mc.kwargs).to(device)
         # before the EMA copies the model: the entropy models in fp32 and their bottlenecks without host reads
         prepare_entropy_models(model)
@@ -479,6 +488,12 @@ class Trainer:
 
     def _setup_data(self, dc) -> None:
         """The training images and the validation set."""
+        if dc.frames:  # video: sequences of frames (lictrain/video/data.py)
+            from .video.data import EvalSequences, SequenceSet
+
+            self.train_images = SequenceSet.scan(dc.train)
+            self.val_set = EvalSequences(dc.val, dc.frames, dc.val_crop, dc.val_max_images)
+            return
         self.train_images = ImageList.scan(dc.train, dc.cache_mb)
         self.val_set = EvalImages(dc.val, dc.val_crop, dc.val_max_images)
 
@@ -750,9 +765,15 @@ class Trainer:
         if state["step"] == 0 and not self.resume:
             last_val = self.validate(step_scheduler=False)  # the untrained starting point of every curve
         # Each rank takes its share of every global batch (data.RunSampler): the same crops one process would see.
+        samples = None
+        if cfg.data.frames:  # video: sequences of data.frames frames, one crop and flip shared (video/data.py)
+            from .video.data import SequenceCrops
+
+            samples = SequenceCrops(self.train_images.sequences, cfg.data.frames, cfg.data.crop, cfg.seed)
         loader = train_loader(self.train_images, cfg.data.crop, cfg.data.batch_size // dist.world, cfg.seed,
                               state["step"], data_workers(cfg.data.workers, device, dist.world), rank=dist.rank,
-                              world=dist.world, pin_memory=device.type == "cuda", order=cfg.data.order)
+                              world=dist.world, pin_memory=device.type == "cuda", order=cfg.data.order,
+                              dataset=samples)
         batches = iter(loader)
         window: dict[str, list] = {"loss": [], "bpp": [], "mse": []}
         # The method's logs since the last train line: an event between log steps (CMD-LIC's decomposition, an

@@ -2,6 +2,7 @@
 shared crop, torch.distributions.Laplace for the Laplace likelihoods, a BT.709 forward conversion written here for
 the YUV reader, hand-counted parameters, and a synthetic translation for the motion estimator."""
 
+import json
 import math
 
 import numpy as np
@@ -215,3 +216,54 @@ def test_dcvc_p_frame_decodes_bit_exactly_and_forward_warps_the_reference():
     assert torch.equal(decoded["x_hat"], coded["x_hat"])  # the decoder's reference equals the encoder's
     with pytest.raises(ValueError, match="batch 1"):
         model.compress(ref.repeat(2, 1, 1, 1), x.repeat(2, 1, 1, 1))
+
+
+# ---- DCVC's stages in the one training loop ------------------------------------------------------------------------
+def test_each_stage_trains_exactly_its_parts():
+    from lictrain.models import build_model
+    from lictrain.models.video_stage import MOTION_PARTS
+
+    counts = {}
+    for stage in (1, 2, 3, 4):
+        model = build_model("dcvc", "tiny", {"stage": stage})
+        trainable = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+        counts[stage] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        motion = trainable & set(MOTION_PARTS)
+        assert motion == (set(MOTION_PARTS) if stage in (1, 4) else set()), stage
+        assert (trainable - set(MOTION_PARTS) != set()) == (stage != 1), stage
+    total = sum(p.numel() for p in build_model("dcvc", "tiny").parameters())
+    assert counts[4] == total and counts[1] + counts[2] == total and counts[2] == counts[3]
+
+
+def test_dcvc_stages_train_and_chain_in_the_one_loop(tmp_path):
+    """Stage 1 with SOAP, then stage 2 from its weights with Adam, on synthetic moving sequences: the losses are
+    the stages' own (stage 1 scores the warped reference and motion bits, stage 2 no bits at all), and stage 2
+    leaves the motion parts as stage 1 left them."""
+    from lictrain.checkpoint import load_checkpoint
+    from lictrain.config import load_config
+    from lictrain.models.video_stage import MOTION_PARTS
+    from lictrain.trainer import train
+
+    for k in range(3):
+        _write_sequence(tmp_path / "clips" / f"c{k}", frames=4, size=(72, 80), shift=k + 1)
+    common = [f"data.train={tmp_path / 'clips'}", f"data.val={tmp_path / 'clips'}", "data.frames=2", "data.crop=64",
+              "data.batch_size=2", "data.val_crop=64", "data.val_max_images=1", "model.name=dcvc",
+              "model.preset=tiny", "train.val_every=3", "train.ckpt_every=3", "train.log_every=1",
+              "train.progress=false", "train.ema_decay=0", "optim.lr=1e-3", "loss.lmbda=0.01"]
+    one = train(load_config(None, [*common, f"run_dir={tmp_path / 's1'}", "model.kwargs={stage: 1}",
+                                   "optim.name=soap", "train.steps=3"]))
+    two = train(load_config(None, [*common, f"run_dir={tmp_path / 's2'}", "model.kwargs={stage: 2}",
+                                   "optim.name=adam", "train.steps=3", f"train.init_from={one.run_dir}"]))
+    logs = [json.loads(ln) for ln in (two.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["bpp"] == 0 for r in logs if r["kind"] == "train")  # stage 2: distortion only
+    first = [json.loads(ln) for ln in (one.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["bpp"] > 0 for r in first if r["kind"] == "train")
+    a, b = load_checkpoint(one.run_dir / "checkpoint.pt")["model"], load_checkpoint(two.run_dir / "checkpoint.pt")["model"]
+    moved = 0
+    for k, v in a.items():
+        part = k.split(".")[1]
+        if part in MOTION_PARTS and not k.endswith("quantiles") and v.is_floating_point():
+            assert torch.equal(v, b[k]), k
+        elif part not in MOTION_PARTS and v.is_floating_point() and not k.endswith(("_quantized_cdf", "quantiles")):
+            moved += int(not torch.equal(v, b[k]))
+    assert moved > 10

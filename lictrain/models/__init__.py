@@ -45,6 +45,7 @@ from .dcae import DCAE
 from .flic import FLIC
 from .lalic import LALIC
 from .tcm import TCM
+from .video_stage import DCVC_PRESETS, dcvc_stage
 
 
 def _elic_groups(m: int) -> list[int]:
@@ -211,7 +212,19 @@ def parameter_count(name: str, preset: str) -> int:
     return sum(p.numel() for p in build_model(name, preset).parameters())
 
 
+def video_frames(name: str) -> int:
+    """The frames a training sample of this model needs (data.frames): 0 for an image model."""
+    return 0 if is_import_path(name) else get_spec(name).frames
+
+
 def downsampling(name: str) -> int:
     if is_import_path(name):
         return downsampling_of(_import_class(name))
     return get_spec(name).downsampling
+
+
+# Video (issue 33): a P-frame model inside one of DCVC's training stages (video_stage.py); trained on frame sequences
+# (data.frames >= 2), model.kwargs {stage: 1..4, iframe: an image checkpoint coding the reference}
+register_model("dcvc", DCVC_PRESETS, 64,
+               "Li et al. 2021, DCVC (video, P-frames; data.frames >= 2; model.kwargs stage 1-4, iframe)",
+               frames=2)(dcvc_stage)

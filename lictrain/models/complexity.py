@@ -18,17 +18,19 @@ SIZE = 256  # the stated input: 256 x 256, the papers' training crop
 
 
 @torch.no_grad()
-def macs(model: nn.Module, height: int = SIZE, width: int = SIZE) -> int:
-    """Multiply-accumulates of one forward pass of `model` on a 1 x 3 x height x width image."""
+def macs(model: nn.Module, height: int = SIZE, width: int = SIZE, frames: int = 0) -> int:
+    """Multiply-accumulates of one forward pass of `model` on a 1 x 3 x height x width image, or for a video model
+    (`frames` > 0) on a 1 x frames x 3 x height x width sequence (a P-frame model: one coded frame)."""
+    shape = (1, frames, 3, height, width) if frames else (1, 3, height, width)
     was_training = model.training
     model.eval()
     try:
         with FlopCounterMode(display=False) as counter:
-            model(torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0)))
+            model(torch.rand(*shape, generator=torch.Generator().manual_seed(0)))
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
 
 
-def kmacs_per_pixel(model: nn.Module, height: int = SIZE, width: int = SIZE) -> float:
-    return macs(model, height, width) / (height * width) / 1e3
+def kmacs_per_pixel(model: nn.Module, height: int = SIZE, width: int = SIZE, frames: int = 0) -> float:
+    return macs(model, height, width, frames) / (height * width) / 1e3

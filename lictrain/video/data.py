@@ -204,3 +204,61 @@ def yuv420_to_rgb(y: np.ndarray, u: np.ndarray, v: np.ndarray, bitdepth: int = 8
     b = yf + 2 * (1 - kb) * cb
     g = (yf - kr * r - kb * b) / (1 - kr - kb)
     return torch.stack([r, g, b]).clamp_(0, 1).float()
+
+
+# ---- what the trainer reads: training sequences and validation samples ---------------------------------------------
+@dataclass
+class SequenceSet:
+    """The training sequences of a run (the image trainer's ImageList for video): `files` every frame file (to check
+    that no validation frame is also trained on), nothing skipped (a bad frame fails its sample loudly)."""
+
+    sequences: list[list[Path]]
+
+    @classmethod
+    def scan(cls, spec: str) -> "SequenceSet":
+        return cls(resolve_sequences(spec))
+
+    @property
+    def files(self) -> list[Path]:
+        return [p for s in self.sequences for p in s]
+
+    @property
+    def skipped(self) -> list:
+        return []
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+
+class EvalSequences(Dataset):
+    """Validation samples: the first `frames` frames of each sequence (in spec order), centre-cropped to `crop`."""
+
+    def __init__(self, spec: str, frames: int, crop: int | None = None, max_sequences: int | None = None):
+        self.images = SequenceSet.scan(spec)  # (the attribute name the trainer reads for files and skipped ones)
+        usable = [s for s in self.images.sequences if len(s) >= frames]
+        if not usable:
+            raise LictrainError(f"no validation sequence in {spec} has {frames} frames")
+        self.sequences = usable[:max_sequences] if max_sequences else usable
+        self.frames, self.crop = frames, crop
+
+    @property
+    def skipped(self) -> list:
+        return []
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def name(self, i: int) -> str:
+        return str(self.sequences[i][0].parent.name)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        out = []
+        for p in self.sequences[i][: self.frames]:
+            img = load_rgb(p)
+            if self.crop is not None:
+                h, w = img.shape[:2]
+                c = min(self.crop, h, w)
+                top, left = (h - c) // 2, (w - c) // 2
+                img = img[top : top + c, left : left + c]
+            out.append(to_tensor(img))
+        return torch.stack(out)

@@ -1,0 +1,118 @@
+"""A P-frame model trained by lictrain's one training loop (issue 33): the video model seen as an image model.
+
+The trainer hands a model a batch and scores its output with the rate-distortion loss. For video a batch is
+N x T x 3 x H x W (lictrain.video.data.SequenceCrops, T = data.frames); `PFrameStage` turns it into one P-frame
+step: the first frame coded by a frozen I-frame codec (any lictrain image checkpoint, `iframe`) is the reference,
+the second frame is coded with the P-frame model (DCVC), and the output names the target (`target`, the second
+frame), the reconstruction the stage scores and the likelihoods whose bits it counts.
+
+DCVC's training stages (OpenDCVCs, which the SOAP paper's appendix A.4 follows), `stage`:
+  1  motion: lambda * MSE(reference warped by the decoded flow, x) + motion rate (mv_y, mv_z); only the motion
+     parts train (estimation, motion codec, refinement)
+  2  reconstruction: lambda * MSE(x_hat, x); the motion parts frozen
+  3  contextual coding: lambda * MSE(x_hat, x) + frame rate (y, z); the motion parts frozen
+  4  all: lambda * MSE(x_hat, x) + every rate; everything trains
+Stages chain with train.init_from (the previous stage's weights). Without an I-frame codec (`iframe: null`) the
+reference is the original first frame: for tests and for looking at the P-frame model alone, not for results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import LictrainError
+from .dcvc import DCVC, PRESETS
+
+MOTION_PARTS = ("opticFlow", "mvEncoder", "mvDecoder_part1", "mvDecoder_part2", "mvpriorEncoder", "mvpriorDecoder",
+                "auto_regressive_mv", "entropy_parameters_mv", "bitEstimator_z_mv")
+
+
+@dataclass(frozen=True)
+class Stage:
+    motion_trains: bool
+    frame_trains: bool
+    rate: tuple[str, ...]  # the likelihoods whose bits count
+    reconstruction: str  # the output the distortion scores
+
+
+STAGES = {
+    1: Stage(True, False, ("mv_y", "mv_z"), "warped"),
+    2: Stage(False, True, (), "x_hat"),
+    3: Stage(False, True, ("y", "z"), "x_hat"),
+    4: Stage(True, True, ("mv_y", "mv_z", "y", "z"), "x_hat"),
+}
+
+
+def load_iframe_codec(path: str | Path) -> nn.Module:
+    """A lictrain image checkpoint's model (its EMA weights), frozen, in eval mode, entropy tables built."""
+    from ..checkpoint import load_checkpoint, model_from_checkpoint
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "checkpoint_best.pt" if (p / "checkpoint_best.pt").exists() else p / "checkpoint.pt"
+    if not p.exists():
+        raise LictrainError(f"I-frame codec not found: {path} (a lictrain image checkpoint or run folder)")
+    model = model_from_checkpoint(load_checkpoint(p))
+    model.eval()
+    model.update(force=True)
+    for q in model.parameters():
+        q.requires_grad_(False)
+    return model
+
+
+class PFrameStage(nn.Module):
+    """One of DCVC's training stages around a DCVC model (`pframe`) and a frozen I-frame codec (`iframe`)."""
+
+    downsampling_factor = 64
+    lictrain_transforms = ("pframe.contextualEncoder", "pframe.contextualDecoder_part1")
+
+    def __init__(self, N: int, M: int, mv: int, stage: int = 4, iframe: str | None = None):
+        super().__init__()
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {sorted(STAGES)}, got {stage}")
+        self.stage_number, self.stage = stage, STAGES[stage]
+        self.pframe = DCVC(N=N, M=M, mv=mv)
+        self.iframe = load_iframe_codec(iframe) if iframe else None
+        for name, module in self.pframe.named_children():
+            trains = self.stage.motion_trains if name in MOTION_PARTS else self.stage.frame_trains
+            for q in module.parameters():
+                q.requires_grad_(trains)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.iframe is not None:
+            self.iframe.eval()  # always: it codes the reference as it would at test time
+        return self
+
+    @torch.no_grad()
+    def reference(self, first: torch.Tensor) -> torch.Tensor:
+        if self.iframe is None:
+            return first
+        return self.iframe(first)["x_hat"].clamp(0, 1)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        if x.dim() != 5 or x.shape[1] < 2:
+            raise LictrainError(f"a P-frame stage needs batches of frame sequences N x T x 3 x H x W with T >= 2 "
+                                f"(data.frames), got shape {tuple(x.shape)}")
+        target = x[:, 1]
+        out = self.pframe(self.reference(x[:, 0]), target)
+        return {"x_hat": out[self.stage.reconstruction], "target": target,
+                "likelihoods": {k: out["likelihoods"][k] for k in self.stage.rate}, "all_likelihoods":
+                out["likelihoods"]}
+
+    def aux_loss(self) -> torch.Tensor:
+        return self.pframe.aux_loss()
+
+    def update(self, scale_table=None, force: bool = False, update_quantiles: bool = False) -> bool:
+        return self.pframe.update(scale_table, force=force, update_quantiles=update_quantiles)
+
+
+def dcvc_stage(N: int, M: int, mv: int, stage: int = 4, iframe: str | None = None) -> PFrameStage:
+    return PFrameStage(N, M, mv, stage, iframe)
+
+
+DCVC_PRESETS = PRESETS
