@@ -256,6 +256,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="the .pth file to write")
     p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA weights")
 
+    p = sub.add_parser("video-prepare", help="cut training sequences from video clips (Vimeo-90k layout)",
+                       description="Decode clips (containers through PyAV, raw 4:2:0 .yuv files directly; BT.709 "
+                                   "limited range unless told otherwise), resize and centre-crop every frame, and "
+                                   "write windows of consecutive frames as sequences/CCCCC/SSSS/imN.png with "
+                                   "sep_trainlist.txt / sep_testlist.txt (test clips are held out whole).")
+    p.add_argument("clips", nargs="+", help="video files (.mp4, .mkv, .264, ... through PyAV; .yuv raw 4:2:0)")
+    p.add_argument("-o", "--out", required=True, help="the output root")
+    p.add_argument("--frames", type=int, default=7, help="frames per sequence (default 7, a Vimeo septuplet)")
+    p.add_argument("--every", type=int, default=30, help="a sequence starts every N frames (default 30)")
+    p.add_argument("--size", default="448x256", help="WIDTHxHEIGHT: resize to HEIGHT (aspect kept), centre-crop to "
+                                                      "WIDTH (default 448x256, Vimeo-90k's); 'none' keeps frames")
+    p.add_argument("--test", default="", help="comma-separated clip file names held out for testing")
+    p.add_argument("--max-per-clip", type=int, help="at most N sequences per clip")
+    p.add_argument("--matrix", default="bt709", choices=["bt709", "bt601"])
+    p.add_argument("--full-range", action="store_true", help="the clips are full range (JPEG), not limited (MPEG)")
+
     p = sub.add_parser("list", help="list models, presets, optimizers and methods",
                        description="The registered models and their presets, optimizers, methods, recipes, built-in "
                                    "configs and config keys.")
@@ -562,6 +578,24 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_video_prepare(args) -> int:
+    from .video.prepare import prepare
+
+    size = None
+    if args.size.lower() != "none":
+        try:
+            w, h = (int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            raise LictrainError(f"--size must be WIDTHxHEIGHT or none, got '{args.size}'") from None
+        size = (w, h)
+    test = tuple(t.strip() for t in args.test.split(",") if t.strip())
+    counts = prepare(args.clips, args.out, args.frames, args.every, size, test, args.max_per_clip, args.matrix,
+                     args.full_range)
+    print(f"wrote {counts['train']} training and {counts['test']} test sequences of {args.frames} frames to {args.out}"
+          f" (train with data.train={args.out}[train] data.frames=2)")
+    return 0
+
+
 def cmd_list(args) -> int:
     from .methods import METHODS
     from .models import ALIASES, MODELS, build_model, parameter_count
@@ -595,7 +629,8 @@ def cmd_list(args) -> int:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "compress": cmd_compress,
             "decompress": cmd_decompress, "demo": cmd_demo, "list": cmd_list, "analyze": cmd_analyze,
-            "ptq": cmd_ptq, "import": cmd_import, "export": cmd_export, "anchors": cmd_anchors, "plot": cmd_plot}
+            "ptq": cmd_ptq, "import": cmd_import, "export": cmd_export, "anchors": cmd_anchors, "plot": cmd_plot,
+            "video-prepare": cmd_video_prepare}
 
 
 def main(argv: list[str] | None = None) -> int:

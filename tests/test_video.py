@@ -292,3 +292,59 @@ def test_a_group_of_pictures_decodes_bit_exactly(tmp_path):
     assert m["bpp"] == pytest.approx(sum(coded.bits()) / (64 * 80 * 4)) and len(m["frames"]) == 4
     with pytest.raises(LictrainError, match="truncated"):
         unpack_pframe(coded.packets[1][:-3])
+
+
+# ---- video-prepare: sequences cut from clips ----------------------------------------------------------------------
+def _yuv_planes(t, h=48, w=64):
+    g = np.random.default_rng(t)
+    y = g.integers(16, 236, (h, w)).astype(np.uint8)
+    u = g.integers(16, 241, (h // 2, w // 2)).astype(np.uint8)
+    v = g.integers(16, 241, (h // 2, w // 2)).astype(np.uint8)
+    return y, u, v
+
+
+def test_video_prepare_cuts_windows_holds_test_clips_out_and_converts_colours_as_stated(tmp_path, capsys):
+    from lictrain.cli import main
+
+    planes = [_yuv_planes(t) for t in range(10)]
+    raw = tmp_path / "cam_64x48_25fps.yuv"  # no bit-depth token: 8-bit
+    np.concatenate([np.concatenate([y.ravel(), u.ravel(), v.ravel()]) for y, u, v in planes]).tofile(raw)
+    other = tmp_path / "held_64x48.yuv"
+    np.concatenate([np.concatenate([p.ravel() for p in _yuv_planes(50 + t)]) for t in range(4)]).tofile(other)
+    out = tmp_path / "seqs"
+    assert main(["video-prepare", str(raw), str(other), "-o", str(out), "--frames", "3", "--every", "2",
+                 "--size", "none", "--test", "held_64x48.yuv"]) == 0
+    # windows start at 0, 2, 4, 6 (overlapping) in the 10-frame clip; the 4-frame test clip gives one
+    assert (out / "sep_trainlist.txt").read_text().split() == ["00001/0001", "00001/0002", "00001/0003", "00001/0004"]
+    assert (out / "sep_testlist.txt").read_text().split() == ["00002/0001"]
+    third = np.asarray(Image.open(out / "sequences" / "00001" / "0002" / "im2.png"))  # frame 3 of the clip
+    expected = (yuv420_to_rgb(*planes[3]).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(third, expected)
+    assert len(resolve_sequences(f"{out}[train]")) == 4 and len(resolve_sequences(f"{out}[test]")) == 1
+    with pytest.raises(LictrainError, match="not among"):
+        from lictrain.video.prepare import prepare
+
+        prepare([raw], tmp_path / "x", test=("nope.mp4",))
+
+
+def test_video_prepare_decodes_a_container_with_pyav_to_the_same_colours(tmp_path):
+    av = pytest.importorskip("av")  # (an optional extra; the test extra installs it)
+    from lictrain.video.prepare import decode_clip
+
+    planes = [_yuv_planes(t) for t in range(3)]
+    path = tmp_path / "clip.mkv"
+    with av.open(str(path), "w") as container:  # FFV1 is lossless: the decoder returns these planes exactly
+        stream = container.add_stream("ffv1", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for y, u, v in planes:
+            frame = av.VideoFrame.from_ndarray(np.concatenate([y, u.reshape(-1, 64), v.reshape(-1, 64)]),
+                                               format="yuv420p")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    decoded = list(decode_clip(path))
+    assert len(decoded) == 3
+    for img, (y, u, v) in zip(decoded, planes):
+        expected = (yuv420_to_rgb(y, u, v).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        np.testing.assert_array_equal(img, expected)
