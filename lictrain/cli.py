@@ -272,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matrix", default="bt709", choices=["bt709", "bt601"])
     p.add_argument("--full-range", action="store_true", help="the clips are full range (JPEG), not limited (MPEG)")
 
+    p = sub.add_parser("video-compare", help="recipes through a chain of training stages (DCVC's four)",
+                       description="Every recipe runs every stage config in order, each stage from the same recipe's "
+                                   "previous one (train.init_from); per stage Steps/Time-to-anchor (the first recipe) "
+                                   "and one figure of validation loss against steps and time (the SOAP paper's Fig. 7).")
+    p.add_argument("--stages", default="dcvc-stage1,dcvc-stage2,dcvc-stage3,dcvc-stage4",
+                   help="comma-separated stage configs (built-in names or YAML files)")
+    p.add_argument("--recipes", default="adam,soap", help="comma-separated recipes; the first is the anchor")
+    p.add_argument("--out", required=True, help="the output folder (runs RECIPE-stageK, stages.md, the figure)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     p = sub.add_parser("list", help="list models, presets, optimizers and methods",
                        description="The registered models and their presets, optimizers, methods, recipes, built-in "
                                    "configs and config keys.")
@@ -596,6 +606,16 @@ def cmd_video_prepare(args) -> int:
     return 0
 
 
+def cmd_video_compare(args) -> int:
+    from .video.stages import summary_markdown, video_compare
+
+    summary = video_compare([s.strip() for s in args.stages.split(",") if s.strip()],
+                            [r.strip() for r in args.recipes.split(",") if r.strip()], args.out, tuple(args.overrides))
+    print(summary_markdown(summary))
+    print(f"figure: {summary['figure']}")
+    return 0
+
+
 def cmd_list(args) -> int:
     from .methods import METHODS
     from .models import ALIASES, MODELS, build_model, parameter_count
@@ -630,7 +650,7 @@ def cmd_list(args) -> int:
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "compress": cmd_compress,
             "decompress": cmd_decompress, "demo": cmd_demo, "list": cmd_list, "analyze": cmd_analyze,
             "ptq": cmd_ptq, "import": cmd_import, "export": cmd_export, "anchors": cmd_anchors, "plot": cmd_plot,
-            "video-prepare": cmd_video_prepare}
+            "video-prepare": cmd_video_prepare, "video-compare": cmd_video_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

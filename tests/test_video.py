@@ -348,3 +348,36 @@ def test_video_prepare_decodes_a_container_with_pyav_to_the_same_colours(tmp_pat
     for img, (y, u, v) in zip(decoded, planes):
         expected = (yuv420_to_rgb(y, u, v).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         np.testing.assert_array_equal(img, expected)
+
+
+def test_video_compare_chains_each_recipes_stages_and_reports_per_stage(tmp_path, capsys):
+    """Two recipes through stages 1 and 2 (3 steps each): every stage of a recipe starts from that recipe's previous
+    stage, the table has a row per stage and recipe with the anchor at 1.00, the figure is written, a rerun reuses."""
+    import yaml
+
+    from lictrain.checkpoint import load_checkpoint
+    from lictrain.cli import main
+
+    for k in range(2):
+        _write_sequence(tmp_path / "clips" / f"c{k}", frames=3, size=(72, 80), shift=k + 1)
+    stages = []
+    for s in (1, 2):
+        cfg = {"model": {"name": "dcvc", "preset": "tiny", "kwargs": {"stage": s}},
+               "data": {"train": str(tmp_path / "clips"), "val": str(tmp_path / "clips"), "frames": 2, "crop": 64,
+                        "batch_size": 2, "val_crop": 64, "val_max_images": 1},
+               "loss": {"lmbda": 0.01}, "optim": {"lr": 1e-3},
+               "train": {"steps": 3, "val_every": 1, "ckpt_every": 3, "ema_decay": 0}}
+        (tmp_path / f"s{s}.yaml").write_text(yaml.safe_dump(cfg))
+        stages.append(str(tmp_path / f"s{s}.yaml"))
+    args = ["video-compare", "--stages", ",".join(stages), "--recipes", "adam,soap", "--out", str(tmp_path / "vc")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| 1 | adam | 1.00 | 1.00 |" in out and "| 2 | adam | 1.00 | 1.00 |" in out and "| 2 | soap |" in out
+    assert (tmp_path / "vc" / "loss_by_stage.png").read_bytes()[:4] == b"\x89PNG"
+    for recipe in ("adam", "soap"):
+        cfg = load_checkpoint(tmp_path / "vc" / f"{recipe}-stage2" / "checkpoint.pt")["config"]
+        assert cfg["train"]["init_from"] == str(tmp_path / "vc" / f"{recipe}-stage1")
+        assert cfg["optim"]["name"] == recipe
+    before = (tmp_path / "vc" / "soap-stage2" / "metrics.jsonl").read_text()
+    assert main(args) == 0  # reused: nothing retrained
+    assert (tmp_path / "vc" / "soap-stage2" / "metrics.jsonl").read_text() == before
