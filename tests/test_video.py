@@ -381,3 +381,25 @@ def test_video_compare_chains_each_recipes_stages_and_reports_per_stage(tmp_path
     before = (tmp_path / "vc" / "soap-stage2" / "metrics.jsonl").read_text()
     assert main(args) == 0  # reused: nothing retrained
     assert (tmp_path / "vc" / "soap-stage2" / "metrics.jsonl").read_text() == before
+
+
+def test_scale_space_flow_loss_is_compressais_video_training_loss():
+    """lictrain's R-D loss on the ScaleSpaceFlow wrapper's output against CompressAI's examples/train_video.py
+    formula written out here: lambda * mean over frames of 255^2 * (mean over channels of each channel's MSE)
+    + the sum over frames and latents of -log2 p, over N * H * W * frames pixels."""
+    from lictrain.losses import RateDistortionLoss
+    from lictrain.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("ssf2020", "paper")
+    x = _smooth(128, 128, seed=5).sigmoid().unsqueeze(1).repeat(2, 3, 1, 1, 1)  # N 2, T 3
+    x[1] = x[1].roll(3, dims=-1)
+    out = model(x)
+    terms = RateDistortionLoss(0.01)(out, x)
+    n, t, _, h, w = x.shape
+    distortion = sum(255**2 * torch.stack([torch.mean((xh[:, c] - x[:, k, c]) ** 2) for c in range(3)]).mean()
+                     for k, xh in enumerate(out["x_hat"].chunk(t))) / t
+    bits = sum(-torch.log2(v).sum() for v in out["likelihoods"].values())
+    expected = 0.01 * distortion + bits / (n * h * w * t)
+    torch.testing.assert_close(terms.loss, expected, rtol=1e-5, atol=1e-5)
+    assert out["x_hat"].shape == (n * t, 3, h, w) and len(out["likelihoods"]) >= 3 * t

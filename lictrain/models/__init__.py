@@ -45,7 +45,7 @@ from .dcae import DCAE
 from .flic import FLIC
 from .lalic import LALIC
 from .tcm import TCM
-from .video_stage import DCVC_PRESETS, dcvc_stage
+from .video_stage import DCVC_PRESETS, dcvc_stage, scale_space_flow
 
 
 def _elic_groups(m: int) -> list[int]:
@@ -228,3 +228,7 @@ def downsampling(name: str) -> int:
 register_model("dcvc", DCVC_PRESETS, 64,
                "Li et al. 2021, DCVC (video, P-frames; data.frames >= 2; model.kwargs stage 1-4, iframe)",
                frames=2)(dcvc_stage)
+# CompressAI's ScaleSpaceFlow, its fixed published widths only (CompressAI builds them inside the class)
+register_model("ssf2020", {"paper": {}}, 128,
+               "Agustsson et al. 2020, scale-space flow (CompressAI's ScaleSpaceFlow; video, whole sequences; "
+               "data.frames >= 2)", frames=2)(scale_space_flow)

@@ -116,3 +116,39 @@ def dcvc_stage(N: int, M: int, mv: int, stage: int = 4, iframe: str | None = Non
 
 
 DCVC_PRESETS = PRESETS
+
+
+class SequenceModel(nn.Module):
+    """CompressAI's ScaleSpaceFlow (Agustsson et al. 2020; its intra codec for the first frame, scale-space flow and
+    residual coding for the others) trained on whole N x T x 3 x H x W sequences by lictrain's loop. The output
+    stacks every frame's reconstruction and target along the batch (frame-major) and lists every latent's
+    likelihoods, so lictrain's R-D loss is CompressAI's examples/train_video.py loss: lambda times the mean over
+    frames of 255^2 MSE plus all bits over all frames' pixels (tested)."""
+
+    downsampling_factor = 128  # its hyperpriors sit at 1/128
+
+    def __init__(self):
+        super().__init__()
+        from compressai.models.video import ScaleSpaceFlow
+
+        self.ssf = ScaleSpaceFlow()
+
+    def forward(self, x: torch.Tensor) -> dict:
+        if x.dim() != 5 or x.shape[1] < 2:
+            raise LictrainError(f"ScaleSpaceFlow trains on frame sequences N x T x 3 x H x W with T >= 2 "
+                                f"(data.frames), got shape {tuple(x.shape)}")
+        frames = [x[:, t] for t in range(x.shape[1])]
+        out = self.ssf(frames)
+        likelihoods = {f"{i}.{label}.{name}": v for i, per_frame in enumerate(out["likelihoods"])
+                       for label, fields in per_frame.items() for name, v in fields.items()}
+        return {"x_hat": torch.cat(out["x_hat"]), "target": torch.cat(frames), "likelihoods": likelihoods}
+
+    def aux_loss(self) -> torch.Tensor:
+        return sum(self.ssf.aux_loss())
+
+    def update(self, scale_table=None, force: bool = False, update_quantiles: bool = False) -> bool:
+        return self.ssf.update(scale_table, force=force, update_quantiles=update_quantiles)
+
+
+def scale_space_flow() -> SequenceModel:
+    return SequenceModel()
