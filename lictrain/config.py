@@ -478,6 +478,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.clip_max_norm >= 0, "train.clip_max_norm must be >= 0"),
         (cfg.data.frames == 0 or cfg.data.frames >= 2,
          f"data.frames must be 0 (images) or at least 2 (a reference and a frame to code), got {cfg.data.frames}"),
+        (cfg.data.frames == 0 or cfg.data.order == "iid",
+         "video samples (data.frames) are drawn iid: data.order=shuffle is for images"),
         (0 < cfg.train.plateau_factor < 1, "train.plateau_factor must be in (0, 1)"),
         (0 <= cfg.train.plateau_threshold < 1, "train.plateau_threshold must be in [0, 1)"),
         (cfg.train.schedule in ("plateau", "cosine", "step"),

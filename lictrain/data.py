@@ -315,6 +315,11 @@ class EvalImages(Dataset):
     def skipped(self) -> list[tuple[Path, str]]:
         return self.images.skipped
 
+    @property
+    def files(self) -> list[Path]:
+        """The files validated (to check that none is also trained on)."""
+        return [self.images.files[i] for i in self.indices]
+
     def __len__(self) -> int:
         return len(self.indices)
 

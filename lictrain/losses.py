@@ -60,11 +60,11 @@ def _iter_likelihoods(likelihoods):
 
 
 def bpp_from_likelihoods(likelihoods, num_pixels: int) -> torch.Tensor:
-    """Sum over all latents of -log2(p), per pixel of the batch (num_pixels = N * H * W); a zero tensor when no
-    likelihoods count (a video training stage that scores distortion only)."""
+    """Sum over all latents of -log2(p), per pixel of the batch (num_pixels = N * H * W); None when no likelihoods
+    count (a video training stage that scores distortion only: the loss makes its zero)."""
     logs = [torch.log(lk.float()).sum() for lk in _iter_likelihoods(likelihoods)]
     if not logs:
-        return torch.zeros(())
+        return None
     return sum(logs) / (-math.log(2) * num_pixels)
 
 
@@ -131,6 +131,8 @@ class RateDistortionLoss(nn.Module):
         n, _, h, w = target.shape
         rate = bpp_from_likelihoods(output["likelihoods"], n * h * w)
         x_hat = output["x_hat"]
+        if rate is None:  # no bits count: a zero on the loss's device, in its graph (methods take its gradient)
+            rate = x_hat.float().sum() * 0.0
         mse = F.mse_loss(x_hat.float(), target.float())
         if self.metric == "mse":
             distortion = (255.0**2) * mse

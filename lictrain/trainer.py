@@ -500,7 +500,7 @@ class Trainer:
     def _describe(self) -> None:
         """What this run trains, on what, where: one line, and a warning for an image in both data sets."""
         cfg = self.cfg
-        val_files = self.val_set.images.files[:len(self.val_set)]
+        val_files = self.val_set.files
         shared = sorted({p.resolve() for p in self.train_images.files} & {p.resolve() for p in val_files})
         params = sum(p.numel() for p in self.params) / 1e6
         log.info("%s (%s, %.2f M parameters) on %s, %s; %s at lr %g; %d training images, %d validation images",

@@ -17,13 +17,18 @@ def flow_warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     padding). Pixel centres sit at integer coordinates, so an integer flow moves whole pixels (to the rounding of
     grid_sample's normalised coordinates, ~1e-5 in fp32)."""
     n, _, h, w = x.shape
-    rows = torch.arange(h, dtype=flow.dtype, device=flow.device).view(1, h, 1)
-    cols = torch.arange(w, dtype=flow.dtype, device=flow.device).view(1, 1, w)
-    # grid_sample's normalised coordinates with align_corners=True: -1 and 1 are the centres of the edge pixels
-    gx = (cols + flow[:, 0]) * (2 / max(w - 1, 1)) - 1
-    gy = (rows + flow[:, 1]) * (2 / max(h - 1, 1)) - 1
-    grid = torch.stack([gx, gy], dim=-1)
-    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+    # in fp32 whatever autocast says: bf16 cannot hold pixel coordinates above 256 (a zero flow on a 512-wide frame
+    # moved pixels by up to one)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        flow = flow.float()
+        rows = torch.arange(h, dtype=torch.float32, device=flow.device).view(1, h, 1)
+        cols = torch.arange(w, dtype=torch.float32, device=flow.device).view(1, 1, w)
+        # grid_sample's normalised coordinates with align_corners=True: -1 and 1 are the centres of the edge pixels
+        gx = (cols + flow[:, 0]) * (2 / max(w - 1, 1)) - 1
+        gy = (rows + flow[:, 1]) * (2 / max(h - 1, 1)) - 1
+        grid = torch.stack([gx, gy], dim=-1)
+        out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return out.to(x.dtype)
 
 
 class MEBasic(nn.Module):

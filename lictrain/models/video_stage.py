@@ -9,7 +9,7 @@ frame), the reconstruction the stage scores and the likelihoods whose bits it co
 DCVC's training stages (OpenDCVCs, which the SOAP paper's appendix A.4 follows), `stage`:
   1  motion: lambda * MSE(reference warped by the decoded flow, x) + motion rate (mv_y, mv_z); only the motion
      parts train (estimation, motion codec, refinement)
-  2  reconstruction: lambda * MSE(x_hat, x); the motion parts frozen
+  2  reconstruction: lambda * MSE(x_hat, x); the motion parts and the frame latent's entropy model frozen
   3  contextual coding: lambda * MSE(x_hat, x) + frame rate (y, z); the motion parts frozen
   4  all: lambda * MSE(x_hat, x) + every rate; everything trains
 Stages chain with train.init_from (the previous stage's weights). Without an I-frame codec (`iframe: null`) the
@@ -29,6 +29,9 @@ from .dcvc import DCVC, PRESETS
 
 MOTION_PARTS = ("opticFlow", "mvEncoder", "mvDecoder_part1", "mvDecoder_part2", "mvpriorEncoder", "mvpriorDecoder",
                 "auto_regressive_mv", "entropy_parameters_mv", "bitEstimator_z_mv")
+# the frame latent's entropy model: only its bits depend on it (training quantizes by noise, whatever the means)
+FRAME_ENTROPY_PARTS = ("priorEncoder", "priorDecoder", "temporalPriorEncoder", "auto_regressive", "entropy_parameters",
+                       "bitEstimator_z")
 
 
 @dataclass(frozen=True)
@@ -38,10 +41,19 @@ class Stage:
     rate: tuple[str, ...]  # the likelihoods whose bits count
     reconstruction: str  # the output the distortion scores
 
+    def trains(self, part: str) -> bool:
+        """Whether a DCVC part trains in this stage: exactly the parts the stage's loss reaches (a part it does not
+        reach would get no gradient, which DistributedDataParallel refuses)."""
+        if part in MOTION_PARTS:
+            return self.motion_trains
+        if part in FRAME_ENTROPY_PARTS:
+            return self.frame_trains and ("y" in self.rate or "z" in self.rate)
+        return self.frame_trains
+
 
 STAGES = {
     1: Stage(True, False, ("mv_y", "mv_z"), "warped"),
-    2: Stage(False, True, (), "x_hat"),
+    2: Stage(False, True, (), "x_hat"),  # (the frame latent's entropy model frozen: no bits count)
     3: Stage(False, True, ("y", "z"), "x_hat"),
     4: Stage(True, True, ("mv_y", "mv_z", "y", "z"), "x_hat"),
 }
@@ -78,9 +90,8 @@ class PFrameStage(nn.Module):
         self.pframe = DCVC(N=N, M=M, mv=mv)
         self.iframe = load_iframe_codec(iframe) if iframe else None
         for name, module in self.pframe.named_children():
-            trains = self.stage.motion_trains if name in MOTION_PARTS else self.stage.frame_trains
             for q in module.parameters():
-                q.requires_grad_(trains)
+                q.requires_grad_(self.stage.trains(name))
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -46,8 +46,8 @@ def eigh_descending_batched(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """eigh_descending over a stack (n, d, d): one batched eigh instead of one per matrix (and, on a GPU, one host
     synchronisation for the stack instead of several per matrix). Returns (bases, ok); an item that is not finite
     is not ok (its basis is not to be used), a zero item gets the identity. Items whose batched eigh fails or gives
-    non-finite vectors are redone one by one by eigh_descending (its fp64 retry), which reads them on the host:
-    only then."""
+    non-finite vectors are redone one by one by eigh_descending (its fp64 retry). One host read per stack decides
+    whether any needs it (torch's eigh reads the host for its own error check anyway)."""
     n, d = f.shape[0], f.shape[-1]
     scale = f.abs().amax(dim=(1, 2))
     finite = torch.isfinite(scale)

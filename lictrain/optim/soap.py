@@ -321,6 +321,10 @@ class SOAP(Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         key = tuple(id(p) for p in params)
         if self._sharding is None or self._sharding[0] != key:
+            if self._sharding is not None and self.state:
+                # new owners would start the moved parameters' state afresh (their old owner holds it)
+                raise RuntimeError("sharded SOAP's parameters changed after it took steps; build a new optimizer (or "
+                                   "load a state dict into one) instead of adding parameters to this one")
             world, rank = dist.get_world_size(), dist.get_rank()
             signature = [(tuple(p.shape), str(p.dtype)) for p in params]
             gathered = [None] * world

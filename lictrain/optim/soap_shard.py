@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 def step_cost(shape: tuple[int, ...], factor_dims: list[int], frequency: int) -> float:
     """Multiply-adds per step of one tensor, roughly: rotating in and out and the Gram matrices (~3 numel x sum of
-    the factor sides), Adam's elementwise work, and a tenth (1/frequency) of its refresh (~2 d^3 per factor plus
-    moving its first moment)."""
+    the factor sides), Adam's elementwise work, and 1/frequency of its refresh (~2 d^3 per factor plus moving its
+    first moment)."""
     numel = math.prod(shape)
     refresh = 2 * sum(d**3 for d in factor_dims) + numel * sum(factor_dims)
     return 3 * numel * sum(factor_dims) + 8 * numel + refresh / frequency
@@ -124,8 +124,8 @@ class Sharding:
 
 
 def _to_cpu(x):
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu()
+    if isinstance(x, torch.Tensor):  # (a copy of its own: a view into a bucket's stack would pickle the whole stack)
+        return x.detach().cpu().clone()
     if isinstance(x, list):
         return [_to_cpu(v) for v in x]
     if isinstance(x, dict):

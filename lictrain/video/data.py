@@ -245,6 +245,11 @@ class EvalSequences(Dataset):
     def skipped(self) -> list:
         return []
 
+    @property
+    def files(self) -> list[Path]:
+        """The frames validated (to check that none is also trained on)."""
+        return [p for s in self.sequences for p in s[: self.frames]]
+
     def __len__(self) -> int:
         return len(self.sequences)
 
