@@ -17,7 +17,8 @@ A P-frame x is coded given the previous decoded frame (the reference):
 
 Differences from the published code, all in what it did not release (training): training uses CompressAI's
 conventions (additive uniform noise for the likelihoods and the autoregressive context, as CompressAI's mbt2018
-does; DCVC's inference code rounds), and the hyper-latent densities are CompressAI's EntropyBottleneck with filters
+does; DCVC's inference code rounds; in eval mode the context sees round(y) while real coding sees
+round(y - mean) + mean, so validation bits are an estimate, as mbt2018's are), and the hyper-latent densities are CompressAI's EntropyBottleneck with filters
 (1, 1, 1), the same factorized family as DCVC's BitEstimator (per channel: softplus scales, biases, tanh factors,
 a final sigmoid), with CompressAI's quantile (auxiliary) parameters in addition. Bit-streams are lictrain's own
 (CompressAI's rANS coder). `forward` also returns the reference warped by the decoded flow in the pixel domain

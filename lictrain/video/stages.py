@@ -6,7 +6,8 @@ set here, whatever the stage config says), all in the one training loop. Per sta
 Steps-to-anchor and Time-to-anchor (the first validation at which a recipe's loss reaches the anchor's converged
 loss of that stage, as `lictrain compare` defines them) and final validation losses, and one figure shows every
 stage's validation loss against steps (top row) and against training time (bottom row). A finished run is reused, an
-interrupted one resumed.
+interrupted one resumed: by folder, not by configuration (unlike `lictrain compare`), so a changed stage config
+wants a new --out.
 """
 
 from __future__ import annotations
