@@ -51,8 +51,8 @@ Choices (all documented because they matter for LIC):
   item whose Cholesky fails is redone from the shifted factor on the device, without a host synchronisation). The
   two bases agree up to column signs, to which SOAP is invariant. auto: CholeskyQR2 on CUDA, Householder on the CPU.
 - Data parallel (`shard`, on by default): under torch.distributed with several ranks each rank owns a cost-balanced
-  share of the parameters, keeps only their state and computes only their step; one all-gather a step gives every
-  rank the updated parameters (soap_shard.py). state_dict() is then collective (every rank calls it; rank 0 gets
+  share of the parameters, keeps only their state and computes only their step; one exchange a step (an all-gather
+  on NCCL, a broadcast per rank on gloo) gives every rank the updated parameters (soap_shard.py). state_dict() is then collective (every rank calls it; rank 0 gets
   the full state), and a full state loads under any number of processes. It assumes every rank holds the same
   parameters (checked once); shard=False replicates the work instead.
 """
