@@ -267,9 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=int, default=30, help="a sequence starts every N frames (default 30)")
     p.add_argument("--size", default="448x256", help="WIDTHxHEIGHT: resize to HEIGHT (aspect kept), centre-crop to "
                                                       "WIDTH (default 448x256, Vimeo-90k's); 'none' keeps frames")
-    p.add_argument("--test", default="", help="comma-separated clip file names held out for testing")
+    p.add_argument("--test", default="", help="comma-separated clip file names held out for testing (default: none; all clips train)")
     p.add_argument("--max-per-clip", type=int, help="at most N sequences per clip")
-    p.add_argument("--matrix", default="bt709", choices=["bt709", "bt601"])
+    p.add_argument("--matrix", default="bt709", choices=["bt709", "bt601"],
+                   help="the YUV->RGB matrix of raw .yuv clips (default bt709)")
     p.add_argument("--full-range", action="store_true", help="the clips are full range (JPEG), not limited (MPEG)")
 
     p = sub.add_parser("video-compare", help="recipes through a chain of training stages (DCVC's four)",
@@ -277,10 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "previous one (train.init_from); per stage Steps/Time-to-anchor (the first recipe) "
                                    "and one figure of validation loss against steps and time (the SOAP paper's Fig. 7).")
     p.add_argument("--stages", default="dcvc-stage1,dcvc-stage2,dcvc-stage3,dcvc-stage4",
-                   help="comma-separated stage configs (built-in names or YAML files)")
-    p.add_argument("--recipes", default="adam,soap", help="comma-separated recipes; the first is the anchor")
+                   help="comma-separated stage configs, built-in names or YAML files (default: DCVC's four, "
+                        "dcvc-stage1..4)")
+    p.add_argument("--recipes", default="adam,soap", help="comma-separated recipes; the first is the anchor (default adam,soap)")
     p.add_argument("--out", required=True, help="the output folder (runs RECIPE-stageK, stages.md, the figure)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override applied to every stage of every recipe (repeatable)")
 
     p = sub.add_parser("list", help="list models, presets, optimizers and methods",
                        description="The registered models and their presets, optimizers, methods, recipes, built-in "

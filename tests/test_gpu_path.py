@@ -205,7 +205,7 @@ else:
     torch.set_float32_matmul_precision("medium")
 before, inside = flags(), []
 real = SOAP._step_group
-SOAP._step_group = lambda self, group: inside.append(flags()[:2]) or real(self, group)
+SOAP._step_group = lambda self, group, *rest: inside.append(flags()[:2]) or real(self, group, *rest)
 w = torch.nn.Parameter(torch.randn(12, 10))
 opt = build_optimizer("soap", [w], 1e-2)
 for _ in range(12):  # through a basis refresh
