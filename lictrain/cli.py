@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate checkpoints with real bitstreams",
                        description="Real compress/decompress of every image: bpp from bytes, PSNR and MS-SSIM on "
-                                   "8-bit RGB. Writes per_image.csv and results.json (CompressAI's format).")
+                                   "8-bit RGB. Writes per_image.csv and results.json (CompressAI's format). A video "
+                                   "checkpoint (dcvc) codes every sequence of --data in groups of pictures (its "
+                                   "I-frame codec, then low-delay P-frames), decodes them bit-exactly and reports "
+                                   "bpp, PSNR-RGB and PSNR-Y/U/V/YUV per sequence (per_sequence.csv, per_frame.csv).")
     p.add_argument("checkpoints", nargs="+", help="checkpoint files or run folders, one per R-D point")
     p.add_argument("--data", default="samples:val", help="image folder, or samples / samples:val (default)")
     p.add_argument("--out", help="output folder (default: <first run folder>/eval-<data set name>)")
@@ -90,11 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "measures; default) or the best validation's (checkpoint_best.pt)")
     p.add_argument("--name", help="curve name in results.json")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--max-images", type=int, help="evaluate on the first N images only")
+    p.add_argument("--max-images", type=int, help="evaluate on the first N images (video: sequences) only")
     p.add_argument("--device", default="cpu", help="where the transforms run (cpu, cuda, cuda:1; default cpu)")
     p.add_argument("--anchor", action="append", default=[], metavar="CURVE",
                    help="also print the BD-rate against this curve: a published one on the same set (vtm, bpg, jpeg, "
                         "...: lictrain anchors --list) or a results .json (repeatable)")
+    p.add_argument("--intra-period", type=int, default=12,
+                   help="video checkpoints: an I-frame every N frames, low-delay P-frames between (default 12, DCVC's "
+                        "on UVG and MCL-JCV)")
+    p.add_argument("--frames", type=int, help="video checkpoints: code the first N frames of each sequence "
+                                              "(default: all)")
+    p.add_argument("--yuv-matrix", default="bt709", choices=["bt709", "bt601"],
+                   help="video checkpoints on raw .yuv files: their YUV matrix (default bt709)")
+    p.add_argument("--yuv-full-range", action="store_true",
+                   help="video checkpoints on raw .yuv files: full range (default: limited, 16-235)")
 
     p = sub.add_parser("compress", help="compress one image into a .lic file",
                        description="Compress one image into a .lic file (lictrain/bitstream.py) with a trained "
@@ -225,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=int, default=8, help="calibration images (default 8)")
     p.add_argument("--calib-crop", type=int, default=256, help="centre crop of each calibration image (default 256)")
     p.add_argument("--keep-float", default="", help="comma-separated module prefixes left in float (e.g. h_s; default none)")
-    p.add_argument("--max-images", type=int, help="evaluate on the first N images only")
+    p.add_argument("--max-images", type=int, help="evaluate on the first N images (video: sequences) only")
     p.add_argument("--min-targets-per-weight", type=float, default=10.0,
                    help="AdaRound only layers with at least this many calibration outputs per weight, nearest "
                    "rounding elsewhere (default 10; 0: AdaRound everywhere)")
@@ -376,6 +388,21 @@ def cmd_eval(args) -> int:
         raise LictrainError(f"checkpoint not found: {missing[0]}" + (
             " (a run writes checkpoint_best.pt at its first regular validation)" if args.pick == "best" else ""))
     first = Path(args.checkpoints[0])
+    from .video.evaluate import evaluate_video, format_video_table, is_video_checkpoint
+
+    if is_video_checkpoint(files[0]):
+        if args.device != "cpu":
+            raise LictrainError("video coding runs on the CPU for now (--device cpu)")
+        if args.data == "samples:val":
+            raise LictrainError("a video checkpoint needs --data: a .yuv file, a folder of them, or frame folders "
+                                "(e.g. ../shared/data/video/septuplets[test])")
+        out = args.out or str((first.parent if first.is_file() else first) / "eval-video")
+        summary = evaluate_video(files, args.data, out, args.intra_period, args.frames, args.max_images,
+                                 not args.raw, args.yuv_matrix, args.yuv_full_range)
+        print(format_video_table(summary))
+        print(f"wrote {Path(out) / 'results.json'}, {Path(out) / 'per_sequence.csv'} and "
+              f"{Path(out) / 'per_frame.csv'}")
+        return 0
     out = args.out or str((first.parent if first.is_file() else first) / f"eval-{set_name(args.data)}")
     summary = evaluate(files, args.data, out, use_ema=not args.raw, name=args.name,
                        max_images=args.max_images, device=args.device)

@@ -74,6 +74,9 @@ def test_spynet_parameter_count_by_hand():
     level = sum(a * b * 49 + b for a, b in [(8, 32), (32, 64), (64, 32), (32, 16), (16, 2)])
     assert level == 240_050
     assert sum(p.numel() for p in ME_Spynet().parameters()) == 4 * level
+    # a quarter of the inner widths (the tiny preset's): 8->8, 8->16, 16->8, 8->4, 4->2
+    quarter = sum(a * b * 49 + b for a, b in [(8, 8), (8, 16), (16, 8), (8, 4), (4, 2)])
+    assert sum(p.numel() for p in ME_Spynet(width=0.25).parameters()) == 4 * quarter == 4 * 17_678
 
 
 def test_spynet_learns_a_synthetic_translation():
@@ -242,6 +245,31 @@ def test_each_stage_trains_exactly_its_parts_and_its_loss_reaches_every_one():
                 assert (p.grad is not None and bool(p.grad.abs().sum() > 0)) == p.requires_grad, (stage, n)
 
 
+def test_the_cascaded_stage_chains_p_frames_through_their_reconstructions():
+    """Stage 5 on 3-frame sequences: frame 2 is predicted from frame 1's reconstruction (the very tensor, so the
+    gradient flows back through the chain), targets are frames 1 and 2 frame-major, and the R-D loss's bpp is every
+    P-frame's bits over all their pixels; 2-frame sequences are refused."""
+    from lictrain.losses import RateDistortionLoss
+    from lictrain.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("dcvc", "tiny", {"stage": 5})
+    x = _smooth(64, 64, seed=7).sigmoid().unsqueeze(1).repeat(2, 3, 1, 1, 1)
+    x[:, 1], x[:, 2] = x[:, 1].roll(2, dims=-1), x[:, 2].roll(4, dims=-1)
+    calls, real = [], model.pframe.forward
+    model.pframe.forward = lambda ref, frame: calls.append((ref, real(ref, frame))) or calls[-1][1]
+    out = model(x)
+    assert len(calls) == 2 and calls[1][0] is calls[0][1]["x_hat"]
+    (grad,) = torch.autograd.grad(calls[1][1]["x_hat"].sum(), calls[0][1]["x_hat"], retain_graph=True)
+    assert bool(grad.abs().sum() > 0)
+    torch.testing.assert_close(out["target"], torch.cat([x[:, 1], x[:, 2]]), rtol=0, atol=0)
+    bits = sum(-torch.log2(v).sum() for _, o in calls for v in o["likelihoods"].values())
+    terms = RateDistortionLoss(0.01)(out, x)
+    torch.testing.assert_close(terms.rate, bits / (2 * 2 * 64 * 64))
+    with pytest.raises(LictrainError, match="at least 3 frames"):
+        model(x[:, :2])
+
+
 def test_warping_under_bf16_autocast_keeps_pixels_in_place():
     x = torch.rand(1, 3, 8, 512)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -306,6 +334,76 @@ def test_a_group_of_pictures_decodes_bit_exactly(tmp_path):
     assert m["bpp"] == pytest.approx(sum(coded.bits()) / (64 * 80 * 4)) and len(m["frames"]) == 4
     with pytest.raises(LictrainError, match="truncated"):
         unpack_pframe(coded.packets[1][:-3])
+
+
+def test_rgb_to_yuv_is_the_published_bt709_formula_and_inverts_the_reader():
+    from lictrain.video.evaluate import rgb_to_yuv
+
+    white, red = torch.ones(3, 1, 1), torch.tensor([1.0, 0, 0]).view(3, 1, 1)
+    # limited range: white is Y 235, chroma 128; red: Y = 16 + 219 * 0.2126, Cr = 128 + 224 / 2 = 240
+    assert rgb_to_yuv(white).flatten().tolist() == pytest.approx([235 / 255, 128 / 255, 128 / 255], abs=1e-12)
+    assert rgb_to_yuv(red).flatten().tolist() == pytest.approx(
+        [(16 + 219 * 0.2126) / 255, (128 - 112 * 0.2126 / 0.9278) / 255, 240 / 255], abs=1e-12)
+    assert rgb_to_yuv(red, "bt709", full_range=True)[0].item() == pytest.approx(0.2126, abs=1e-12)
+    # the reader's 4:2:0 -> RGB, then back: the same codes (chroma averaged over its 2x2 repetition)
+    g = np.random.default_rng(3)
+    y = g.integers(70, 170, (8, 12)).astype(np.uint8)
+    u, v = (g.integers(112, 144, (4, 6)).astype(np.uint8) for _ in range(2))
+    for matrix in ("bt709", "bt601"):
+        back = rgb_to_yuv(yuv420_to_rgb(y, u, v, matrix=matrix).double(), matrix)
+        np.testing.assert_allclose(back[0].numpy() * 255, y, atol=2e-4)  # (the reader's float32 output)
+        chroma = torch.nn.functional.avg_pool2d(back[1:].unsqueeze(0), 2)[0].numpy() * 255
+        np.testing.assert_allclose(chroma, np.stack([u, v]), atol=2e-4)
+
+
+def test_lictrain_eval_codes_a_video_checkpoint_with_real_bits_and_reports_yuv_psnr(tmp_path, capsys, monkeypatch):
+    """An I-frame checkpoint and a DCVC stage-4 checkpoint on top of it (one step each), evaluated by `lictrain
+    eval` on a raw 4:2:0 file: frame kinds follow the intra period, every row's PSNR-YUV is (6 Y + U + V) / 8, the
+    bpp are the packets' bytes, and a decoder that differs from the encoder is refused instead of reported."""
+    import csv
+
+    from lictrain.cli import main
+    from lictrain.config import load_config
+    from lictrain.trainer import train
+    from lictrain.video import coding
+
+    _write_sequence(tmp_path / "clips" / "c0", frames=3, size=(72, 80), shift=2)
+    quiet = ["train.progress=false", "train.ema_decay=0", "train.steps=1", "train.val_every=1", "data.crop=64",
+             "data.batch_size=1", "data.val_crop=64", "data.val_max_images=1"]
+    frames_dir = tmp_path / "clips" / "c0"
+    iframe = train(load_config(None, [*quiet, f"run_dir={tmp_path / 'iframe'}", "model.name=mbt2018-mean",
+                                      "model.preset=tiny", f"data.train={frames_dir}", f"data.val={frames_dir}"]))
+    video = train(load_config(None, [*quiet, f"run_dir={tmp_path / 'p'}", "model.name=dcvc", "model.preset=tiny",
+                                     f"model.kwargs={{stage: 4, iframe: {iframe.run_dir}}}", "data.frames=2",
+                                     f"data.train={tmp_path / 'clips'}", f"data.val={tmp_path / 'clips'}"]))
+    planes = [_yuv_planes(t, h=40, w=72) for t in range(4)]
+    raw = tmp_path / "test" / "clip_72x40.yuv"
+    raw.parent.mkdir()
+    np.concatenate([np.concatenate([p.ravel() for p in yuv]) for yuv in planes]).tofile(raw)
+    out = tmp_path / "eval"
+    assert main(["eval", str(video.run_dir), "--data", str(raw.parent), "--intra-period", "3", "--out", str(out)]) == 0
+    assert "clip_72x40" in capsys.readouterr().out
+    rows = list(csv.DictReader((out / "per_frame.csv").open()))
+    assert [r["kind"] for r in rows] == ["I", "P", "P", "I"]
+    for r in rows:
+        assert float(r["psnr_yuv"]) == pytest.approx((6 * float(r["psnr_y"]) + float(r["psnr_u"])
+                                                      + float(r["psnr_v"])) / 8)
+    result = json.loads((out / "results.json").read_text())
+    assert result["results"]["bpp"][0] == pytest.approx(np.mean([float(r["bpp"]) for r in rows]))
+    assert result["sequences"][0]["frames"] == 4
+    # the I-frame row's PSNR-Y, from the image codec's own decode and the BT.709 conversion written here
+    from lictrain.checkpoint import load_checkpoint
+    from lictrain.evaluation import Codec
+
+    codec = Codec.from_checkpoint(load_checkpoint(iframe.run_dir / "checkpoint.pt"))
+    rec = codec.decompress(codec.compress(yuv420_to_rgb(*planes[0]))).clamp(0, 1).double().numpy()
+    y_rec = _rgb_to_yuv709_limited(rec, 8)[0]
+    psnr_y = 10 * math.log10(255**2 / np.mean((y_rec - planes[0][0].astype(np.float64)) ** 2))
+    assert float(rows[0]["psnr_y"]) == pytest.approx(psnr_y, abs=1e-6)
+    real_decode = coding.decode_sequence
+    monkeypatch.setattr(coding, "decode_sequence", lambda *a: [f + 1 / 255 for f in real_decode(*a)])
+    assert main(["eval", str(video.run_dir), "--data", str(raw), "--intra-period", "3", "--out", str(out)]) == 2
+    assert "not bit-exact" in capsys.readouterr().err
 
 
 # ---- video-prepare: sequences cut from clips ----------------------------------------------------------------------

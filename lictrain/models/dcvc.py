@@ -24,8 +24,9 @@ a final sigmoid), with CompressAI's quantile (auxiliary) parameters in addition.
 (CompressAI's rANS coder). `forward` also returns the reference warped by the decoded flow in the pixel domain
 (`warped`), which DCVC's first training stage (OpenDCVCs) minimises.
 
-Presets: paper (mv 128, N 64, M 96: 7,944,448 parameters without the quantiles, the published count), small and
-tiny (narrower; the same structure).
+Presets: paper (mv 128, N 64, M 96, motion estimation and flow refinement at their published widths: 7,944,448
+parameters without the quantiles, the published count), small and tiny (narrower, motion parts included; the same
+structure and module names).
 """
 
 from __future__ import annotations
@@ -39,9 +40,13 @@ from compressai.layers import GDN, MaskedConv2d, subpel_conv3x3
 from compressai.models.base import CompressionModel
 
 from .laplace import LaplaceConditional
-from .motion import ME_Spynet, flow_warp
+from .motion import ME_Spynet, flow_warp, scaled
 
-PRESETS = {"paper": dict(N=64, M=96, mv=128), "small": dict(N=32, M=48, mv=64), "tiny": dict(N=16, M=24, mv=32)}
+# flow: the width of motion estimation (SpyNet's levels) and of the flow refinement (mvDecoder_part2, 64 channels at
+# full resolution) relative to the published ones; at 1 they are most of a narrow preset's cost (the paper's N, M, mv
+# do not reach them)
+PRESETS = {"paper": dict(N=64, M=96, mv=128, flow=1.0), "small": dict(N=32, M=48, mv=64, flow=0.5),
+           "tiny": dict(N=16, M=24, mv=32, flow=0.25)}
 KERNEL = 5  # the autoregressive contexts' masked convolutions
 SCALE_MIN = 1e-5  # DCVC clamps its Laplace scales to [1e-5, 1e10]
 
@@ -93,20 +98,21 @@ class DCVC(CompressionModel):
     downsampling_factor = 64  # the hyper-latents sit at 1/64 of the frame
     lictrain_transforms = ("contextualEncoder", "contextualDecoder_part1")
 
-    def __init__(self, N: int = 64, M: int = 96, mv: int = 128):
+    def __init__(self, N: int = 64, M: int = 96, mv: int = 128, flow: float = 1.0):
         super().__init__()
         self.N, self.M, self.mv = N, M, mv
-        self.opticFlow = ME_Spynet()
+        self.opticFlow = ME_Spynet(width=flow)
         gdn_down = lambda a, b, k: [_down(a, b, k), GDN(b)]  # noqa: E731
         gdn_up = lambda a, b, k: [_up(a, b, k), GDN(b, inverse=True)]  # noqa: E731
         self.mvEncoder = nn.Sequential(*gdn_down(2, mv, 3), *gdn_down(mv, mv, 3), *gdn_down(mv, mv, 3),
                                        _down(mv, mv, 3))
         self.mvDecoder_part1 = nn.Sequential(*gdn_up(mv, mv, 3), *gdn_up(mv, mv, 3), *gdn_up(mv, mv, 3),
                                              _up(mv, 2, 3))
-        refine: list[nn.Module] = [nn.Conv2d(5, 64, 3, padding=1), nn.LeakyReLU(0.1)]
+        r = scaled(64, flow)
+        refine: list[nn.Module] = [nn.Conv2d(5, r, 3, padding=1), nn.LeakyReLU(0.1)]
         for _ in range(5):
-            refine += [nn.Conv2d(64, 64, 3, padding=1), nn.LeakyReLU(0.1)]
-        self.mvDecoder_part2 = nn.Sequential(*refine, nn.Conv2d(64, 2, 3, padding=1))
+            refine += [nn.Conv2d(r, r, 3, padding=1), nn.LeakyReLU(0.1)]
+        self.mvDecoder_part2 = nn.Sequential(*refine, nn.Conv2d(r, 2, 3, padding=1))
         self.mvpriorEncoder = _hyper_analysis(mv, N)
         self.mvpriorDecoder = nn.Sequential(_up(N, N, 5), nn.LeakyReLU(), _up(N, N * 3 // 2, 5), nn.LeakyReLU(),
                                             nn.ConvTranspose2d(N * 3 // 2, mv * 2, 3, padding=1))

@@ -31,13 +31,18 @@ def flow_warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
+def scaled(channels: int, width: float) -> int:
+    """A published width times `width` (at least 4 channels)."""
+    return max(4, round(channels * width))
+
+
 class MEBasic(nn.Module):
     """One pyramid level: (frame 1, frame 2 warped by the current flow, the flow) -> a flow correction; five 7x7
-    convolutions 8 -> 32 -> 64 -> 32 -> 16 -> 2 with ReLUs between."""
+    convolutions 8 -> 32 -> 64 -> 32 -> 16 -> 2 with ReLUs between (the inner widths times `width`: 1 is SpyNet's)."""
 
-    def __init__(self):
+    def __init__(self, width: float = 1.0):
         super().__init__()
-        widths = (8, 32, 64, 32, 16, 2)
+        widths = (8, *(scaled(c, width) for c in (32, 64, 32, 16)), 2)
         for k, (a, b) in enumerate(zip(widths, widths[1:]), start=1):
             setattr(self, f"conv{k}", nn.Conv2d(a, b, 7, padding=3))
 
@@ -50,12 +55,13 @@ class MEBasic(nn.Module):
 class ME_Spynet(nn.Module):  # noqa: N801 (DCVC's name, kept for its weights)
     """Coarse-to-fine flow from frame 1 to frame 2 (warping frame 2 by it approximates frame 1) over `levels`
     average-pooled scales: at each scale the flow so far is upsampled (x2 in size and value), frame 2 warped by it,
-    and that scale's MEBasic adds its correction. Inputs' sides must be multiples of 2^levels."""
+    and that scale's MEBasic adds its correction. Inputs' sides must be multiples of 2^levels. `width` scales the
+    levels' inner widths (1: as published; at 1 SpyNet costs ~320k MACs a pixel, most of a narrow DCVC's)."""
 
-    def __init__(self, levels: int = 4):
+    def __init__(self, levels: int = 4, width: float = 1.0):
         super().__init__()
         self.levels = levels
-        self.moduleBasic = nn.ModuleList(MEBasic() for _ in range(levels))  # noqa: N815
+        self.moduleBasic = nn.ModuleList(MEBasic(width) for _ in range(levels))  # noqa: N815
 
     def forward(self, im1: torch.Tensor, im2: torch.Tensor) -> torch.Tensor:
         h, w = im1.shape[-2:]

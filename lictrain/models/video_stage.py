@@ -12,6 +12,9 @@ DCVC's training stages (OpenDCVCs, which the SOAP paper's appendix A.4 follows),
   2  reconstruction: lambda * MSE(x_hat, x); the motion parts and the frame latent's entropy model frozen
   3  contextual coding: lambda * MSE(x_hat, x) + frame rate (y, z); the motion parts frozen
   4  all: lambda * MSE(x_hat, x) + every rate; everything trains
+  5  cascade: stage 4 over T - 1 successive P-frames (data.frames = T >= 3), each predicted from the previous one's
+     reconstruction with the gradient flowing through the chain, the loss over all of them (the optional cascaded
+     fine-tune after OpenDCVCs' four stages: what error propagation costs at test time is trained on)
 Stages chain with train.init_from (the previous stage's weights). Without an I-frame codec (`iframe: null`) the
 reference is the original first frame: for tests and for looking at the P-frame model alone, not for results.
 """
@@ -40,6 +43,7 @@ class Stage:
     frame_trains: bool
     rate: tuple[str, ...]  # the likelihoods whose bits count
     reconstruction: str  # the output the distortion scores
+    cascade: bool = False  # every later frame from the previous reconstruction, not only the second frame
 
     def trains(self, part: str) -> bool:
         """Whether a DCVC part trains in this stage: exactly the parts the stage's loss reaches (a part it does not
@@ -56,19 +60,25 @@ STAGES = {
     2: Stage(False, True, (), "x_hat"),  # (the frame latent's entropy model frozen: no bits count)
     3: Stage(False, True, ("y", "z"), "x_hat"),
     4: Stage(True, True, ("mv_y", "mv_z", "y", "z"), "x_hat"),
+    5: Stage(True, True, ("mv_y", "mv_z", "y", "z"), "x_hat", cascade=True),
 }
+
+
+def iframe_checkpoint_file(path: str | Path) -> Path:
+    """The I-frame codec's checkpoint: a file, or a run folder's best (else last) checkpoint."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "checkpoint_best.pt" if (p / "checkpoint_best.pt").exists() else p / "checkpoint.pt"
+    if not p.exists():
+        raise LictrainError(f"I-frame codec not found: {path} (a lictrain image checkpoint or run folder)")
+    return p
 
 
 def load_iframe_codec(path: str | Path) -> nn.Module:
     """A lictrain image checkpoint's model (its EMA weights), frozen, in eval mode, entropy tables built."""
     from ..checkpoint import load_checkpoint, model_from_checkpoint
 
-    p = Path(path)
-    if p.is_dir():
-        p = p / "checkpoint_best.pt" if (p / "checkpoint_best.pt").exists() else p / "checkpoint.pt"
-    if not p.exists():
-        raise LictrainError(f"I-frame codec not found: {path} (a lictrain image checkpoint or run folder)")
-    model = model_from_checkpoint(load_checkpoint(p))
+    model = model_from_checkpoint(load_checkpoint(iframe_checkpoint_file(path)))
     model.eval()
     model.update(force=True)
     for q in model.parameters():
@@ -82,12 +92,12 @@ class PFrameStage(nn.Module):
     downsampling_factor = 64
     lictrain_transforms = ("pframe.contextualEncoder", "pframe.contextualDecoder_part1")
 
-    def __init__(self, N: int, M: int, mv: int, stage: int = 4, iframe: str | None = None):
+    def __init__(self, N: int, M: int, mv: int, flow: float = 1.0, stage: int = 4, iframe: str | None = None):
         super().__init__()
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {sorted(STAGES)}, got {stage}")
         self.stage_number, self.stage = stage, STAGES[stage]
-        self.pframe = DCVC(N=N, M=M, mv=mv)
+        self.pframe = DCVC(N=N, M=M, mv=mv, flow=flow)
         self.iframe = load_iframe_codec(iframe) if iframe else None
         for name, module in self.pframe.named_children():
             for q in module.parameters():
@@ -109,11 +119,29 @@ class PFrameStage(nn.Module):
         if x.dim() != 5 or x.shape[1] < 2:
             raise LictrainError(f"a P-frame stage needs batches of frame sequences N x T x 3 x H x W with T >= 2 "
                                 f"(data.frames), got shape {tuple(x.shape)}")
+        if self.stage.cascade:
+            return self._cascade(x)
         target = x[:, 1]
         out = self.pframe(self.reference(x[:, 0]), target)
         return {"x_hat": out[self.stage.reconstruction], "target": target,
                 "likelihoods": {k: out["likelihoods"][k] for k in self.stage.rate}, "all_likelihoods":
                 out["likelihoods"]}
+
+    def _cascade(self, x: torch.Tensor) -> dict:
+        """Frames 1..T-1 each from the previous reconstruction; reconstructions and targets stacked frame-major
+        along the batch, every frame's likelihoods listed, so the R-D loss is the mean over P-frames of the
+        distortion plus all their bits over all their pixels."""
+        if x.shape[1] < 3:
+            raise LictrainError(f"the cascaded stage needs at least 3 frames a sequence (data.frames >= 3), got "
+                                f"{x.shape[1]}")
+        ref, recs, likelihoods = self.reference(x[:, 0]), [], {}
+        for t in range(1, x.shape[1]):
+            out = self.pframe(ref, x[:, t])
+            ref = out["x_hat"]
+            recs.append(ref)
+            likelihoods.update({f"{t}.{k}": v for k, v in out["likelihoods"].items()})
+        return {"x_hat": torch.cat(recs), "target": x[:, 1:].transpose(0, 1).reshape(-1, *x.shape[2:]),
+                "likelihoods": likelihoods, "all_likelihoods": likelihoods}
 
     def aux_loss(self) -> torch.Tensor:
         return self.pframe.aux_loss()
@@ -122,8 +150,9 @@ class PFrameStage(nn.Module):
         return self.pframe.update(scale_table, force=force, update_quantiles=update_quantiles)
 
 
-def dcvc_stage(N: int, M: int, mv: int, stage: int = 4, iframe: str | None = None) -> PFrameStage:
-    return PFrameStage(N, M, mv, stage, iframe)
+def dcvc_stage(N: int, M: int, mv: int, flow: float = 1.0, stage: int = 4, iframe: str | None = None
+               ) -> PFrameStage:
+    return PFrameStage(N, M, mv, flow, stage, iframe)
 
 
 DCVC_PRESETS = PRESETS
