@@ -98,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchor", action="append", default=[], metavar="CURVE",
                    help="also print the BD-rate against this curve: a published one on the same set (vtm, bpg, jpeg, "
                         "...: lictrain anchors --list) or a results .json (repeatable)")
-    p.add_argument("--intra-period", type=int, default=12,
-                   help="video checkpoints: an I-frame every N frames, low-delay P-frames between (default 12, DCVC's "
-                        "on UVG and MCL-JCV)")
+    p.add_argument("--intra-period", type=int, default=32,
+                   help="video checkpoints: an I-frame every N frames, low-delay P-frames between (default 32, the SOAP "
+                        "paper's video test condition)")
     p.add_argument("--frames", type=int, help="video checkpoints: code the first N frames of each sequence "
                                               "(default: all)")
     p.add_argument("--yuv-matrix", default="bt709", choices=["bt709", "bt601"],

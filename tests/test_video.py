@@ -437,6 +437,11 @@ def test_video_prepare_cuts_windows_holds_test_clips_out_and_converts_colours_as
         from lictrain.video.prepare import prepare
 
         prepare([raw], tmp_path / "x", test=("nope.mp4",))
+    # a clip too narrow for --size fails before anything is cut or written, naming itself
+    narrow = tmp_path / "narrow_16x32.yuv"
+    np.concatenate([np.concatenate([p.ravel() for p in _yuv_planes(9, h=32, w=16)])]).tofile(narrow)
+    assert main(["video-prepare", str(raw), str(narrow), "-o", str(tmp_path / "y"), "--size", "64x48"]) == 2
+    assert "narrow_16x32.yuv" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
 
 def test_video_prepare_decodes_a_container_with_pyav_to_the_same_colours(tmp_path):

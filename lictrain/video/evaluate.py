@@ -148,7 +148,7 @@ def _code_all(iframe, pframe, seqs: list[EvalSequence], intra_period: int, label
 METRICS = ("bpp", "psnr_rgb", "psnr_y", "psnr_u", "psnr_v", "psnr_yuv")
 
 
-def evaluate_video(checkpoints: list[str], data: str, out_dir: str | Path, intra_period: int = 12,
+def evaluate_video(checkpoints: list[str], data: str, out_dir: str | Path, intra_period: int = 32,
                    max_frames: int | None = None, max_sequences: int | None = None, use_ema: bool = True,
                    matrix: str = "bt709", full_range: bool = False, progress: bool = True) -> dict:
     """Code, decode and score every test sequence with every checkpoint (one R-D point each); write per_frame.csv,

@@ -87,6 +87,14 @@ def prepare(clips: list[str | Path], out: str | Path, frames: int = 7, every: in
         raise LictrainError(f"test clip(s) {', '.join(unknown)} are not among the clips given")
     out = Path(out)
     width, height = size if size else (None, None)
+    for clip in clips:  # every clip's size checked from its first frame before any is cut: fail at once, write nothing
+        first = next(iter(decode_clip(clip, matrix, full_range)), None)
+        if first is None:
+            raise LictrainError(f"{clip} has no frames")
+        try:
+            _fit(first, width, height)
+        except LictrainError as e:
+            raise LictrainError(f"{Path(clip).name}: {e} (leave it out, or choose another --size)") from None
     lists: dict[str, list[str]] = {"train": [], "test": []}
     provenance = []
     for ci, clip in enumerate(clips, start=1):
