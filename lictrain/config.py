@@ -115,6 +115,9 @@ class TrainConfig:
     # LR once progress is slower than that per validation (configs/converge.yaml)
     plateau_threshold: float = 1e-4
     min_lr: float = 0.0
+    # plateau: end the run at the first validation at which it meets the converged rule (lictrain/schedule.py) rather
+    # than at train.steps, which becomes a cap; a cut-short run counts as finished (compare evaluates it)
+    stop_when_converged: bool = setting(False, resume=True, unused_if=lambda cfg: cfg.train.schedule != "plateau")
     max_consecutive_skips: int = setting(10, resume=True)  # stop after this many non-finite steps in a row
     # GPU path (lictrain/precision.py). precision: fp32 | bf16 | fp16 (autocast for the transforms; parameters,
     # gradients, optimizer states and the entropy models stay fp32; fp16 adds a GradScaler, standard method only)

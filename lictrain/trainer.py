@@ -44,7 +44,7 @@ from .models.numerics import keep_in_fp32, prepare_entropy_models
 from .optim import build_optimizer, kernel_parameters, split_parameters, unwrap
 from .rundir import MetricsLog
 from .precision import compile_model, grad_scaler, numeric_flags, training_forward
-from .schedule import lr_factor
+from .schedule import finish_state, lr_factor
 
 log = logging.getLogger("lictrain")
 
@@ -60,6 +60,12 @@ class RunResult:
     skipped_images: int
     last_val: dict
     interrupted: int = 0  # the signal (SIGINT 2, SIGTERM 15) that stopped the run before train.steps, else 0
+    converged_stop: bool = False  # train.stop_when_converged ended it before train.steps
+
+    @property
+    def finished(self) -> bool:
+        """Ran to the end it was given: train.steps, or the converged rule with train.stop_when_converged."""
+        return not self.interrupted
 
 
 def nothing_to_resume(run_dir: Path) -> str:
@@ -351,7 +357,8 @@ class Trainer:
         dist.barrier()  # every rank has checked the run folder before rank 0 writes into it
         self._flags = contextlib.ExitStack()
         self.state = dict(step=0, images_seen=0, train_time=0.0, skipped_steps=0, consecutive_skips=0,
-                          best_val=math.inf, scale_backoffs=0, consecutive_backoffs=0)
+                          best_val=math.inf, scale_backoffs=0, consecutive_backoffs=0, converged_stop=False)
+        self.val_history: list[dict] = []  # step, loss and lr of each regular validation (the converged rule's input)
         try:  # from here on the process-global flags are set (_build): a failure puts them back
             self._build()
             if dist.is_main:  # what a process killed while writing a checkpoint left beside it
@@ -560,6 +567,9 @@ class Trainer:
         if dist.is_main:
             MetricsLog.truncate_after(self.metrics_path, self.state["step"])
             log.info("resuming %s at step %d", self.run_dir, self.state["step"])
+        self.val_history = dist.broadcast_object(
+            [{k: r[k] for k in ("step", "loss", "lr")} for r in rundir.read_records(self.metrics_path, "val")
+             if not r.get("interrupted")] if dist.is_main else None)
 
     def save(self) -> None:
         """An atomic checkpoint of everything a resumed run needs to continue bit-identically."""
@@ -600,6 +610,9 @@ class Trainer:
         if track_best and state["step"] > 0 and val["loss"] < state["best_val"]:
             state["best_val"] = val["loss"]
             self.save_best()
+        if not extra:
+            self.val_history.append({"step": state["step"], "loss": val["loss"],
+                                     "lr": self.optimizer.param_groups[0]["lr"]})
         self.metrics.write({"kind": "val", "step": state["step"], "images_seen": state["images_seen"],
                         "train_time": state["train_time"], "lr": self.optimizer.param_groups[0]["lr"], **val,
                         **(extra or {})})
@@ -784,7 +797,7 @@ class Trainer:
         tick = time.perf_counter()
         try:
             with _graceful_interrupt() as interrupt:
-                while state["step"] < total:
+                while state["step"] < total and not state["converged_stop"]:
                     result = self.train_step(next(batches).to(device, non_blocking=True))
                     pending.update(result.logs)
                     grad_norm = result.grad_norm
@@ -821,6 +834,8 @@ class Trainer:
                         else:
                             if regular_val or at_end:
                                 last_val = self.validate(step_scheduler=regular_val, track_best=True)
+                            if regular_val and self._stop_converged():
+                                at_end = state["converged_stop"] = True
                             if regular_ckpt or at_end:
                                 self.save()
                         tick = time.perf_counter()
@@ -836,17 +851,29 @@ class Trainer:
             self.close()
         return self._finish(last_val)
 
+    def _stop_converged(self) -> bool:
+        """train.stop_when_converged: the run so far meets the converged rule (every rank holds the same history)."""
+        cfg = self.cfg
+        if not (cfg.train.stop_when_converged and cfg.train.schedule == "plateau"):
+            return False
+        rule = finish_state(self.val_history, "plateau", self.state["step"], cfg.optim.lr)
+        if rule.state == "converged":
+            self.report(f"step {self.state['step']}: converged ({rule.detail}); stopping before the cap of "
+                        f"{cfg.train.steps} steps (train.stop_when_converged)")
+        return rule.state == "converged"
+
     def _finish(self, last_val: dict) -> RunResult:
         state, total = self.state, self.cfg.train.steps
-        if not self.saved_any and not (self.resume and state["step"] >= total):  # train.steps = 0: initial weights
+        done_before = self.resume and (state["step"] >= total or state["converged_stop"])
+        if not self.saved_any and not done_before:  # train.steps = 0: initial weights
             self.save()
         if not last_val and (self.run_dir / rundir.SUMMARY).exists():  # a finished run resumed: nothing new
             last_val = json.loads((self.run_dir / rundir.SUMMARY).read_text()).get("last_val", {})
         result = RunResult(self.run_dir, state["step"], state["train_time"], state["skipped_steps"],
-                           len(self.train_images.skipped), last_val, self.interrupted)
+                           len(self.train_images.skipped), last_val, self.interrupted, state["converged_stop"])
         summary = {"step": result.step, "train_time": result.train_time, "skipped_steps": result.skipped_steps,
                    "skipped_images": [str(p) for p, _ in self.train_images.skipped + self.val_set.skipped],
-                   "last_val": last_val}
+                   "last_val": last_val, "converged_stop": state["converged_stop"]}
         if self.dist.is_main:
             write_atomic(self.run_dir / rundir.SUMMARY, strict_json(summary, indent=2))
         self.dist.barrier()  # no rank leaves before rank 0 has written the run's last files

@@ -111,3 +111,36 @@ def test_the_plateau_threshold_decides_what_counts_as_progress(tmp_path):
         assert [r["lr"] for r in vals[1:]] == pytest.approx(want), threshold
         if threshold == 0.9:
             assert want[-1] <= 1e-3 * 0.5 ** 4  # the first validation is progress over inf; none after it is
+
+
+def test_stop_when_converged_ends_the_run_at_the_first_validation_meeting_the_rule(tmp_path):
+    """A plateau run that barely learns (lr 1e-6) and counts nothing as progress (threshold 0.9, patience 0): the LR
+    is cut at every validation after the first, the loss stays flat, so the rule holds at the second cut. With
+    train.stop_when_converged the run ends there (checked against converged_at of its own metrics, an independent
+    reading), counts as finished, and resuming it trains nothing; without it, the same run goes on to the cap."""
+    from lictrain.comparison.figures import read_val_records
+    from lictrain.schedule import converged_at
+
+    common = ("train.steps=12", "train.val_every=1", "train.ckpt_every=100", "train.plateau_patience=0",
+              "train.plateau_threshold=0.9", "optim.lr=1e-6", "data.val_max_images=1")
+    stopped = tmp_path / "stopped"
+    cfg = tiny_config(tmp_path, *common, "train.stop_when_converged=true", f"run_dir={stopped}")
+    result = train(cfg)
+    records = read_val_records(stopped)
+    at = converged_at(records, 1e-6)
+    assert at is not None and result.step == at["step"] == records[-1]["step"] < 12
+    assert [r["lr"] for r in records].count(1e-6) == 2  # step 0 and the first validation: no cut yet
+    assert result.converged_stop and result.finished and not result.interrupted
+    assert json.loads((stopped / "summary.json").read_text())["converged_stop"] is True
+    metrics = (stopped / "metrics.jsonl").read_text()
+    again = train(cfg, resume=True)
+    assert again.step == result.step and again.finished and (stopped / "metrics.jsonl").read_text() == metrics
+    from lictrain.comparison.compare import Run, train_or_reuse
+
+    train_or_reuse(Run("adam", cfg.loss.lmbda, cfg.seed, cfg))  # compare reuses it (no "interrupted" error)
+    assert (stopped / "metrics.jsonl").read_text() == metrics
+
+    capped = tmp_path / "capped"
+    full = train(tiny_config(tmp_path, *common, f"run_dir={capped}"))
+    assert full.step == 12 and not full.converged_stop
+    assert converged_at(read_val_records(capped), 1e-6)["step"] == result.step  # the same run, not stopped

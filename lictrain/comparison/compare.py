@@ -149,15 +149,15 @@ def plan_runs(base: RunConfig, out_dir: Path) -> list[Run]:
 def train_or_reuse(run: Run) -> None:
     ckpt = run.run_dir / rundir.CHECKPOINT
     if ckpt.exists():
-        step = load_checkpoint(ckpt)["state"]["step"]
-        if step >= run.cfg.train.steps:
-            log.info("reusing %s (finished, %d steps)", run.run_dir.name, step)
+        state = load_checkpoint(ckpt)["state"]
+        if state["step"] >= run.cfg.train.steps or state.get("converged_stop"):
+            log.info("reusing %s (finished, %d steps)", run.run_dir.name, state["step"])
             return
         result = train(run.cfg, resume=True)  # the trainer says "resuming ... at step N"
     else:
         log.info("training %s", run.run_dir.name)
         result = train(run.cfg)
-    if result.step < run.cfg.train.steps:  # stopped by Ctrl-C: do not evaluate or summarise a half-trained run
+    if not result.finished:  # stopped by Ctrl-C: do not evaluate or summarise a half-trained run
         raise LictrainError(f"interrupted in {run.run_dir.name} at step {result.step}; run the same command again "
                             "to resume")
 

@@ -24,7 +24,10 @@ from ..trainer import train
 
 def _finished(run_dir: Path, steps: int) -> bool:
     summary = run_dir / "summary.json"
-    return summary.exists() and json.loads(summary.read_text()).get("step", 0) >= steps
+    if not summary.exists():
+        return False
+    done = json.loads(summary.read_text())
+    return done.get("step", 0) >= steps or bool(done.get("converged_stop"))
 
 
 def run_stages(stages: list[str], recipes: list[str], out_dir: str | Path, overrides: tuple[str, ...] = ()) -> dict:
