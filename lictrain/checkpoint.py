@@ -17,12 +17,12 @@ from .rundir import checkpoint_file
 CHECKPOINT_FORMAT = "lictrain-checkpoint-v1"
 
 
-def _read(path: str | Path, map_location) -> tuple[Path, object]:
+def _read(path: str | Path, map_location, mmap: bool = False) -> tuple[Path, object]:
     path = checkpoint_file(path)
     if not path.is_file():
         raise LictrainError(f"checkpoint not found: {path}")
     try:
-        return path, torch.load(path, map_location=map_location, weights_only=True)
+        return path, torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         raise LictrainError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
 
@@ -65,11 +65,17 @@ def is_lictrain_checkpoint(obj) -> bool:
     return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    path, ckpt = _read(path, map_location)
+def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
+    """mmap: the tensors are mapped from the file, read only where used (a look at the config costs no weights)."""
+    path, ckpt = _read(path, map_location, mmap)
     if not is_lictrain_checkpoint(ckpt):
         raise LictrainError(f"{path} is not a lictrain checkpoint")
     return ckpt
+
+
+def read_config(path: str | Path) -> RunConfig:
+    """The config a checkpoint was trained with, without reading its weights."""
+    return checkpoint_config(load_checkpoint(path, mmap=True))
 
 
 def load_weights(path: str | Path, map_location="cpu") -> dict | tuple[str, dict]:

@@ -460,3 +460,19 @@ def test_train_says_what_it_trains_on_and_warns_about_an_image_in_both_sets(tmp_
     caplog.clear()
     train(tiny_config(tmp_path, "train.steps=1", name="apart"))
     assert not any("training images too" in r.getMessage() for r in caplog.records)
+
+
+def test_read_config_reads_the_config_without_the_weights(tmp_path):
+    """checkpoint.read_config (mapped, weights unread) gives the config a full load gives; a truncated file fails
+    with the one-line error of a full load."""
+    from lictrain.checkpoint import Checkpoint, read_config
+    from lictrain.errors import LictrainError
+
+    run = tmp_path / "run"
+    train(tiny_config(tmp_path, "train.steps=0", f"run_dir={run}", "loss.lmbda=0.02"))
+    cfg = read_config(run)
+    assert cfg.to_dict() == Checkpoint.load(run).config.to_dict() and cfg.loss.lmbda == 0.02
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes((run / "checkpoint.pt").read_bytes()[:1000])
+    with pytest.raises(LictrainError, match="cannot read checkpoint"):
+        read_config(broken)

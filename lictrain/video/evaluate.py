@@ -191,10 +191,10 @@ def evaluate_video(checkpoints: list[str], data: str, out_dir: str | Path, intra
 
 
 def is_video_checkpoint(path: str) -> bool:
-    from ..checkpoint import Checkpoint
+    from ..checkpoint import read_config
     from ..models import video_frames
 
-    return video_frames(Checkpoint.load(path).config.model.name) > 0
+    return video_frames(read_config(path).model.name) > 0
 
 
 def format_video_table(summary: dict) -> str:
