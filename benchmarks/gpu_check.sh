@@ -10,23 +10,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if [ "${1:-}" = "--dry-run" ]; then
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     PY="${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
     exec "$PY" benchmarks/gpu_check.py --dry-run --out "$OUT"
 fi
-PY="${PY:-python3}"
-
-# what the machine lacks, from .whl/: the pure-Python wheels, then CompressAI built from source (its rANS coder)
-if ! "$PY" -c "import compressai, pytorch_msssim, bjontegaard" 2>/dev/null; then
-    [ -d .whl ] || { echo "error: .whl/ is missing: run benchmarks/fetch_gpu_deps.sh where pip can download"; exit 2; }
-    SITE=/tmp/lictrain-site
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
-        && "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target "$SITE" \
-            .whl/compressai-*.tar.gz 2>&1 | tail -5
-    export PYTHONPATH="$PYTHONPATH:$SITE"
-    "$PY" -c "import compressai" || { echo "error: compressai did not install"; exit 2; }
-fi
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 "$PY" -m pytest -q -m cuda tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
 tests=${PIPESTATUS[0]}

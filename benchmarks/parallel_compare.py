@@ -7,19 +7,25 @@ summarises. Timings of runs that shared the machine are not comparable with one 
 figures (BD-rate, R-D curves, losses), and the plain sequential compare for Time-to-anchor.
 
     python benchmarks/parallel_compare.py --config configs/bench.yaml --out runs/bench-gpu --jobs 12 \
-        --set device=cuda [--recipes adam,soap --lambdas ... --seeds ...]
+        --set device=cuda [--recipes adam,soap --lambdas ... --seeds ...] [--deadline SECONDS]
+
+--deadline: after that many seconds the running jobs are asked to stop (SIGTERM: each checkpoints and exits, the
+same command resumes them), the waiting ones are not started, and the runs' progress is printed (exit 3).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from lictrain.config import load_config
+from lictrain.rundir import CONFIG, METRICS, SUMMARY, read_records
 
 
 def main() -> int:
@@ -33,6 +39,7 @@ def main() -> int:
     ap.add_argument("--seeds")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--no-summary", action="store_true", help="train and evaluate only")
+    ap.add_argument("--deadline", type=float, help="seconds after which running jobs checkpoint and stop")
     args = ap.parse_args()
 
     cfg = load_config(args.config, args.overrides)
@@ -49,7 +56,15 @@ def main() -> int:
     running: list[tuple[subprocess.Popen, str]] = []
     failed = []
     t0 = time.time()
+    stopping = False
     while jobs or running:
+        if args.deadline is not None and not stopping and time.time() - t0 > args.deadline:
+            stopping = True
+            print(f"{time.time() - t0:7.0f}s  deadline: stopping {len(running)} running jobs (they checkpoint), "
+                  f"{len(jobs)} not started", flush=True)
+            for p, _ in running:
+                p.send_signal(signal.SIGTERM)
+            jobs = []
         while jobs and len(running) < args.jobs:
             r, lm, s = jobs.pop(0)
             name = f"{r}-lmbda{lm}-seed{s}"
@@ -63,6 +78,9 @@ def main() -> int:
                 print(f"{time.time() - t0:7.0f}s  {name}: exit {p.returncode}", flush=True)
                 if p.returncode:
                     failed.append(name)
+    if stopping:
+        progress(Path(args.out))
+        return 3
     if failed:
         print("failed:", ", ".join(failed), f"(logs in {logs})")
         return 1
@@ -70,6 +88,17 @@ def main() -> int:
         return 0
     cmd = base + ["--recipes", ",".join(recipes), "--lambdas", ",".join(lambdas), "--seeds", ",".join(seeds)]
     return subprocess.call(cmd, env={**os.environ})
+
+
+def progress(out: Path) -> None:
+    """Each run folder's last validation (step, loss) and whether it finished (its steps, or stopped converged)."""
+    for run in sorted((out / "runs").glob("*")):
+        vals = [r for r in read_records(run, "val") if not r.get("interrupted")] if (run / METRICS).exists() else []
+        summary = json.loads((run / SUMMARY).read_text()) if (run / SUMMARY).exists() else {}
+        steps = load_config(run / CONFIG).train.steps if (run / CONFIG).exists() else None
+        done = summary.get("converged_stop") or (steps is not None and summary.get("step", -1) >= steps)
+        last = f"step {vals[-1]['step']}, val loss {vals[-1]['loss']:.4f}" if vals else "no validation yet"
+        print(f"  {run.name}: {last}; {'finished' if done else 'not finished'}", flush=True)
 
 
 if __name__ == "__main__":

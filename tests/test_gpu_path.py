@@ -486,3 +486,25 @@ def test_tcm_attention_in_chunks_and_its_mask_cache(monkeypatch):
     monkeypatch.setattr(tcm, "MASK_CACHE_NUMBERS", 10)
     block(torch.randn(1, 16, 16, 16))
     assert block._mask_cache is None
+
+
+def test_the_gpu_convergence_payload_stops_at_its_deadline_with_checkpoints(tmp_path):
+    """benchmarks/gpu_converge.sh --dry-run (parallel_compare with --deadline): runs that cannot finish in time are
+    told to stop, each checkpoints (so the same call resumes them), the progress of each is printed, exit 3."""
+    from pathlib import Path
+
+    from lictrain.checkpoint import load_checkpoint
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable, "SEEDS": "0", "LAMBDAS_DRY": "0.0067",
+           "DEADLINE": "25"}
+    run = subprocess.run(["bash", "benchmarks/gpu_converge.sh", "--dry-run", "--set", "train.steps=1000000"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 3, run.stdout[-3000:] + run.stderr[-3000:]
+    runs = sorted((tmp_path / "converge" / "runs").glob("*"))
+    assert [r.name.split("-")[0] for r in runs] == ["adam", "soap"]
+    for r in runs:
+        step = load_checkpoint(r / "checkpoint.pt")["state"]["step"]
+        assert 0 < step < 1000000
+        assert f"{r.name}: step " in run.stdout and "not finished" in run.stdout
+    assert "deadline: stopping 2 running jobs" in run.stdout
