@@ -14,7 +14,8 @@ seconds is left out), results in OUT/gpu_check.json and a verdict table in OUT/v
   eval      encode/decode time of a raster-scan autoregressive model (mbt2018) on CUDA against the CPU
   refresh   SOAP's basis refresh on TCM-S's factor stacks, Householder QR against CholeskyQR2
             (benchmarks/refresh_qr.py), the host synchronisations of the CholeskyQR2 path (none expected, fallback
-            included), and SOAP's whole step on ELIC with each (mean over steps holding a refresh)
+            included), and SOAP's whole step on ELIC with each (mean over steps holding a refresh), and with its
+            non-refresh step replayed as a CUDA graph (capture: true; its median against the eager one)
   step      benchmarks/gpu_step.py at the papers' workload (ELIC and TCM-S paper presets, 256^2, batch 16 and
             64): bf16, TF32, true fp32 in that order; median and slowest step, peak memory; then LALIC (paper, bf16,
             batch 8: its WKV scan), within --step-budget seconds
@@ -316,11 +317,13 @@ def check_refresh(args):
         record("refresh cholesky syncs", syncs == 0 and not bool(failed.any()),
                f"{syncs} host synchronisations in a CholeskyQR2 refresh whose every item took the fallback")
     steps = []
-    for qr in ("householder", "cholesky"):  # SOAP's whole step, the refresh after step 10 inside the timed steps
+    # SOAP's whole step, the refresh after step 10 inside the timed steps; the last with the non-refresh step
+    # replayed as a CUDA graph (SOAP(capture=True), soap_graph.py): the median is the launch overhead's measure
+    for label, options in (("householder", "refresh_qr: householder"), ("cholesky", "refresh_qr: cholesky"),
+                           ("cholesky+capture", "refresh_qr: cholesky, capture: true")):
         r = gpu_step.measure(args.device, args.step_models[0], args.step_preset, args.batches[0], args.crop, "soap",
-                             args.precisions[0], args.warmup, args.steps,
-                             extra=(f"optim.options={{refresh_qr: {qr}}}",))
-        steps.append((qr, r.mean_ms, r.max_ms))
+                             args.precisions[0], args.warmup, args.steps, extra=(f"optim.options={{{options}}}",))
+        steps.append((label, r.mean_ms, r.max_ms, r.median_ms))
     t = res["total_ms"]
     RESULTS["refresh"] = dict(model=f"{name}:{preset}", factors=res["factors"], total_ms=t,
                               per_d={str(d): v for d, v in res["per_d"].items()}, max_sign_diff=res["max_sign_diff"],
@@ -329,7 +332,7 @@ def check_refresh(args):
            f"{res['factors']} factor QRs: householder {t['householder']:.1f} ms, cholesky {t['cholesky']:.1f} ms "
            f"({t['householder'] / t['cholesky']:.2f}x), bases equal up to signs to {res['max_sign_diff']:.1e}; SOAP "
            f"step on {args.step_models[0]} b{args.batches[0]} {args.precisions[0]} (mean with the refresh, slowest): "
-           + ", ".join(f"{qr} {m:.1f}/{x:.1f} ms" for qr, m, x in steps))
+           + ", ".join(f"{qr} {m:.1f}/{x:.1f} ms (median {med:.1f})" for qr, m, x, med in steps))
 
 
 # ---- step times at the papers' workload ---------------------------------------------------------------------------

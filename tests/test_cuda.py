@@ -191,3 +191,18 @@ def test_cholesky_qr2_refresh_on_cuda_equals_householder_on_the_cpu_without_a_sy
     q = q.double().cpu()
     signs = torch.sign((q * reference).sum(-2, keepdim=True))
     torch.testing.assert_close(q * signs, reference, rtol=0, atol=1e-4)
+
+
+def test_soap_captured_in_a_cuda_graph_equals_the_eager_step():
+    """SOAP(capture=True) on CUDA replays its non-refresh step as a CUDA graph (soap_graph.py): the same weights as
+    the eager step over 30 steps with 10 refreshes and changing learning rates (the same kernels: bit-identical
+    unless cuBLAS picks other algorithms inside a capture, hence the fp32-rounding tolerance)."""
+    from tests.test_soap_graph import soap_run
+
+    for options in (dict(), dict(weight_decay=0.1, semantics="authors")):
+        eager, _ = soap_run("cuda", False, **options)
+        captured, opt = soap_run("cuda", True, **options)
+        for a, b in zip(eager, captured):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+        (graph,) = opt._graphs.values()
+        assert graph.graph is not None and graph.replays >= 25, graph.replays

@@ -445,7 +445,7 @@ def test_the_prepared_gpu_check_runs_dry_on_the_cpu(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     assert set(results["seconds"]) == {"sync", "amp", "determinism", "coding", "eval", "refresh", "step", "profile"}
-    assert results["refresh"]["max_sign_diff"] < 1e-3 and len(results["refresh"]["soap_step"]) == 2
+    assert results["refresh"]["max_sign_diff"] < 1e-3 and len(results["refresh"]["soap_step"]) == 3
     assert "tracebacks" not in results, results.get("tracebacks")
     assert results["amp"]["fp16"]["skipped"] == 0 and results["coding"]["mbt2018-mean"]["repeatable"]
     assert results["determinism"]["mbt2018-mean"] == {"repeat": True, "resume": True}

@@ -55,6 +55,8 @@ Choices (all documented because they matter for LIC):
   on NCCL, a broadcast per rank on gloo) gives every rank the updated parameters (soap_shard.py). state_dict() is then collective (every rank calls it; rank 0 gets
   the full state), and a full state loads under any number of processes. It assumes every rank holds the same
   parameters (checked once); shard=False replicates the work instead.
+- Launch overhead (`capture`, off by default): on CUDA each parameter group's non-refresh bucketed step is recorded
+  once as a CUDA graph and replayed (soap_graph.py), equal to the eager step; refresh steps run the refresh eagerly.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ from .common import (REFRESH_QR, closure_loss, eigh_descending, pack_symmetric, 
                      unpack_symmetric)
 from .soap_shard import Sharding, assign_owners, step_cost
 from .soap_buckets import Bucket, rotation_units
+from .soap_graph import StepGraph
 
 
 def merged_shape(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
@@ -189,6 +192,7 @@ class SOAP(Optimizer):
         stagger_refresh: bool = False,
         refresh_qr: str = "auto",
         shard: bool = True,
+        capture: bool = False,
     ):
         if lr <= 0 or eps < 0 or weight_decay < 0:
             raise ValueError("SOAP needs lr > 0, eps >= 0, weight_decay >= 0")
@@ -217,6 +221,8 @@ class SOAP(Optimizer):
         self.shard = shard  # share the work out over data-parallel ranks (soap_shard.py) when there are several
         self._sharding: tuple | None = None  # (the parameters' ids it was built for, soap_shard.Sharding)
         self._prune = False  # a loaded state dict holds every parameter's state: drop the other ranks' share
+        self.capture = capture  # replay the non-refresh step as a CUDA graph (soap_graph.py; batched path)
+        self._graphs: dict = {}  # per param group: its soap_graph.StepGraph
 
     # ---- shapes and state ----------------------------------------------------------------------------------------
     @staticmethod
@@ -411,13 +417,39 @@ class SOAP(Optimizer):
     def _step_buckets(self, group: dict, params: list, states: list, shampoo_beta: float, authors: bool) -> None:
         """Same-shape tensors together (soap_buckets.py): one batched product per dimension for the rotations, the
         factor updates riding on the rotation of the gradient, the elementwise Adam arithmetic over the stacks.
-        (The parts are named for torch.profiler: soap.rotate_in, soap.adam, soap.rotate_out, soap.refresh.)"""
-        b1, b2 = group["betas"]
+        (The parts are named for torch.profiler: soap.rotate_in, soap.adam, soap.rotate_out, soap.refresh; with
+        capture, soap.graph_step for the first three.)"""
         buckets = self._bucket_list(group, params, states)
+        for b in buckets:
+            b.step = self.state[b.params[0]]["step"]
+        graph = self._graph(group, buckets, shampoo_beta, authors) if self.capture else None
+        if graph is not None:
+            with record_function("soap.graph_step"):
+                graph.step(group, shampoo_beta, authors)
+        else:
+            self._eager_bucket_step(group, buckets, shampoo_beta, authors)
+        with record_function("soap.refresh"):
+            for b in buckets:
+                if b.preconditioned and self._refreshes(group, b.step, self.state[b.params[0]]):
+                    b.refresh(exact=group["basis_refresh"] == "eigh", qr=self._qr(group, b.m.device))
+
+    def _graph(self, group: dict, buckets: list[Bucket], shampoo_beta: float, authors: bool) -> StepGraph | None:
+        """The group's captured step, when it can take this one: every tensor past its first step (its factors
+        take the gradient), the same buckets and hyperparameters as when it was made (else a new one)."""
+        if not all(b.step > 1 for b in buckets) and not authors:
+            return None
+        key = (tuple(group["betas"]), group["eps"], group["weight_decay"], shampoo_beta, authors,
+               group["bias_correction"])
+        graph = self._graphs.get(id(group))
+        if graph is None or graph.buckets is not buckets or graph.key != key:
+            graph = self._graphs[id(group)] = StepGraph(buckets, key)
+        return graph
+
+    def _eager_bucket_step(self, group: dict, buckets: list[Bucket], shampoo_beta: float, authors: bool) -> None:
+        b1, b2 = group["betas"]
         g_rots = []
         with record_function("soap.rotate_in"):  # the gradients into the eigenbases, the factors updated
             for b in buckets:
-                b.step = self.state[b.params[0]]["step"]
                 g = torch.stack([p.grad.reshape(b.shape) for p in b.params]).to(b.m.dtype)
                 # (a tensor's first gradient went into its factors when they were created, except with the authors'
                 # semantics, whose first call only initialised)
@@ -437,10 +469,6 @@ class SOAP(Optimizer):
                 parts = u.unbind(0)
                 updates.extend(parts if b.plain else (x.view(p.shape).to(p.dtype) for x, p in zip(parts, b.params)))
             self._apply(group, order, updates, authors)
-        with record_function("soap.refresh"):
-            for b in buckets:
-                if b.preconditioned and self._refreshes(group, b.step, self.state[b.params[0]]):
-                    b.refresh(exact=group["basis_refresh"] == "eigh", qr=self._qr(group, b.m.device))
 
     def _bucket_list(self, group: dict, params: list, states: list) -> list[Bucket]:
         """The group's buckets, rebuilt (stacking the per-parameter state) when the parameters with a gradient,

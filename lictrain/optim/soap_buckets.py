@@ -183,6 +183,7 @@ class Bucket:
         power-iteration product is orthonormalised (common.power_step_basis: householder or cholesky)."""
         if not self.preconditioned:
             return
+        kept = self.mats  # the unit matrices keep their storage (a captured step reads them: soap_graph.py)
         old = [None if q is None else q.clone() for q in self.q]
         for i, f in enumerate(self.gg):
             if f is None:
@@ -202,7 +203,12 @@ class Bucket:
         # (rotate() applies mat as y <- mat^T y along each unit: mat = Q_old^T... so pass R^T = Q_old^T Q_new)
         self.mats = [None if a is None else torch.bmm(a.transpose(1, 2), b) for a, b in zip(old_mats, new_mats)]
         self.m.copy_(self.rotate(self.m))
-        self.mats = new_mats
+        for k, (mat, new) in enumerate(zip(kept, new_mats)):
+            if mat is None or new is None:
+                kept[k] = new
+            elif mat is not new:  # (a single dimension's matrix is its basis, updated in place above)
+                mat.copy_(new)
+        self.mats = kept
 
     def _power_qr(self, i: int, f: torch.Tensor, qr: str) -> None:
         n, d, old = self.n, self.shape[i], self.q[i]
