@@ -226,3 +226,28 @@ def test_batched_exact_refresh_equals_eigh_per_factor():
     torch.testing.assert_close(bucket.q[1][2], torch.eye(4, dtype=torch.float64), rtol=0, atol=0)
     q, ok = eigh_descending_batched(factors[0])
     assert ok.tolist() == [True, True, True, False]
+
+
+def test_first_bases_batched_equal_eigh_per_factor():
+    """soap.first_bases (one batched eigh per factor size) against common.eigh_descending on each factor: the same
+    bases (up to column signs), a zero factor gets the identity, a non-finite one no basis (as the per-tensor
+    path leaves it)."""
+    from lictrain.optim.common import eigh_descending
+    from lictrain.optim.soap import first_bases
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(4, 3, 3, 3), (4, 3, 3, 3), (6, 4), (3, 3)]
+    states = [{"GG": [pack_symmetric(_spd(d, gen).float()) for d in shape], "Q": [None] * len(shape)}
+              for shape in shapes]
+    states[2]["GG"][1].zero_()
+    states[3]["GG"][0][1] = float("nan")
+    first_bases(states)
+    for st in states:
+        for f, q in zip(st["GG"], st["Q"]):
+            want = eigh_descending(unpack_symmetric(f))
+            if want is None:
+                assert q is None
+                continue
+            torch.testing.assert_close(q.abs(), want.abs(), rtol=1e-4, atol=1e-5)
+    assert torch.equal(states[2]["Q"][1], torch.eye(4))
+    assert states[3]["Q"][0] is None and states[3]["Q"][1] is not None
