@@ -115,7 +115,8 @@ class StepGraph:
             self.warmed = True
         else:  # capture (nothing runs), then the first replay takes this step
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # thread_local: the data loader's pin-memory thread may call CUDA while this thread captures
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 body()
             self.graph.replay()
             self.replays += 1
