@@ -62,11 +62,6 @@ class RunResult:
     interrupted: int = 0  # the signal (SIGINT 2, SIGTERM 15) that stopped the run before train.steps, else 0
     converged_stop: bool = False  # train.stop_when_converged ended it before train.steps
 
-    @property
-    def finished(self) -> bool:
-        """Ran to the end it was given: train.steps, or the converged rule with train.stop_when_converged."""
-        return not self.interrupted
-
 
 def nothing_to_resume(run_dir: Path) -> str:
     """The message for --resume of a folder without a checkpoint (a run stopped before its first one)."""

@@ -157,7 +157,8 @@ def train_or_reuse(run: Run) -> None:
     else:
         log.info("training %s", run.run_dir.name)
         result = train(run.cfg)
-    if not result.finished:  # stopped by Ctrl-C: do not evaluate or summarise a half-trained run
+    # stopped by Ctrl-C (not by train.stop_when_converged): do not evaluate or summarise a half-trained run
+    if result.step < run.cfg.train.steps and not result.converged_stop:
         raise LictrainError(f"interrupted in {run.run_dir.name} at step {result.step}; run the same command again "
                             "to resume")
 
