@@ -72,7 +72,7 @@ from ..precision import full_fp32_matmul
 from .common import (REFRESH_QR, closure_loss, eigh_descending, eigh_descending_batched, pack_symmetric, packed_size,
                      power_step_basis, unpack_symmetric)
 from .soap_shard import Sharding, assign_owners, step_cost
-from .soap_buckets import Bucket, rotation_units
+from .soap_buckets import Bucket, rotation_units, updates_back
 from .soap_graph import StepGraph
 
 
@@ -484,13 +484,7 @@ class SOAP(Optimizer):
             torch._foreach_addcmul_(vs, g_rots, g_rots, value=1 - b2)
             directions = self._directions([{"step": b.step} for b in buckets], group, ms, vs)
         with record_function("soap.rotate_out"):  # the updates back, applied
-            order, updates = [], []
-            for b, d in zip(buckets, directions):
-                u = b.rotate(d, back=True) if b.preconditioned else d
-                order.extend(b.params)
-                parts = u.unbind(0)
-                updates.extend(parts if b.plain else (x.view(p.shape).to(p.dtype) for x, p in zip(parts, b.params)))
-            self._apply(group, order, updates, authors)
+            self._apply(group, *updates_back(buckets, directions), authors)
 
     def _bucket_list(self, group: dict, params: list, states: list) -> list[Bucket]:
         """The group's buckets, rebuilt (stacking the per-parameter state) when the parameters with a gradient,

@@ -237,3 +237,15 @@ class Bucket:
             shape = [n] + [1] * len(self.shape)
             shape[i + 1] = d
             self.v.copy_(torch.gather(self.v, i + 1, order.reshape(shape).expand(self.v.shape)))
+
+
+def updates_back(buckets: list[Bucket], directions: list[torch.Tensor]) -> tuple[list, list]:
+    """The buckets' Adam directions rotated back out of the eigenbases: (the parameters, their updates) in bucket
+    order, each update in its parameter's shape and dtype."""
+    order, updates = [], []
+    for b, d in zip(buckets, directions):
+        u = b.rotate(d, back=True) if b.preconditioned else d
+        order.extend(b.params)
+        parts = u.unbind(0)
+        updates.extend(parts if b.plain else (x.view(p.shape).to(p.dtype) for x, p in zip(parts, b.params)))
+    return order, updates

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .soap_buckets import Bucket
+from .soap_buckets import Bucket, updates_back
 
 
 def step_scalars(group: dict, buckets: list[Bucket], authors: bool) -> list[float]:
@@ -58,12 +58,7 @@ def step_body(group: dict, buckets: list[Bucket], grads: list[torch.Tensor], sca
     torch._foreach_add_(denom, group["eps"])
     updates = [m * cast[m.dtype][2 * k] for k, m in enumerate(ms)]
     torch._foreach_div_(updates, denom)
-    order, deltas = [], []
-    for b, d in zip(buckets, updates):
-        u = b.rotate(d, back=True) if b.preconditioned else d
-        order.extend(b.params)
-        parts = u.unbind(0)
-        deltas.extend(parts if b.plain else (x.view(p.shape).to(p.dtype) for x, p in zip(parts, b.params)))
+    order, deltas = updates_back(buckets, updates)
     if group["weight_decay"] and not authors:
         _scale(order, scalars[-1])
     torch._foreach_sub_(order, deltas)
