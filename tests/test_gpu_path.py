@@ -498,7 +498,8 @@ def test_the_gpu_convergence_payload_stops_at_its_deadline_with_checkpoints(tmp_
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable, "SEEDS": "0", "LAMBDAS_DRY": "0.0067",
            "DEADLINE": "25"}
-    run = subprocess.run(["bash", "benchmarks/gpu_converge.sh", "--dry-run", "--set", "train.steps=1000000"],
+    run = subprocess.run(["bash", "benchmarks/gpu_converge.sh", "--dry-run", "--set", "train.steps=1000000",
+                          "--set", "train.stop_when_converged=false"],  # (the tiny model may converge in seconds)
                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 3, run.stdout[-3000:] + run.stderr[-3000:]
     runs = sorted((tmp_path / "converge" / "runs").glob("*"))
