@@ -229,3 +229,24 @@ def test_every_built_in_config_loads_and_validates():
     assert {"bench", "converge", "demo"} <= set(names)
     for name in names:
         validate(load_config(name))
+
+
+def test_every_built_in_compare_plans_valid_runs(tmp_path):
+    """Each recipe of a shipped compare is the base config plus its overrides; a recipe set that names an unknown key
+    or breaks a rule (e.g. configs/converge-cmd.yaml's cosine short runs) fails here, not when the compare reaches it.
+    Configs that fine-tune from earlier runs are planned without their init_from (those runs do not exist here)."""
+    from lictrain.comparison.compare import plan_runs
+    from lictrain.config import CONFIG_DIR, load_config
+
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        cfg = load_config(path.stem)
+        if cfg.train.init_from:
+            cfg = load_config(path.stem, ["train.init_from=null"])
+        runs = plan_runs(cfg, tmp_path)
+        assert len(runs) >= len(cfg.compare.recipes), path.stem
+        if path.stem == "converge-cmd":  # the anchor is converge.yaml's run; the short runs anneal over 20k steps
+            anchor = {r.lmbda: r.cfg.run_dir for r in plan_runs(load_config("converge"), tmp_path) if r.recipe == "adam"}
+            by = {(r.recipe, r.lmbda): r.cfg for r in runs}
+            assert all(by[("adam", lmbda)].run_dir == d for lmbda, d in anchor.items()) and len(anchor) == 4
+            short = by[("cmd-lic-short", 0.0067)]
+            assert (short.train.steps, short.train.schedule, short.method.name) == (20000, "cosine", "cmd-lic")
