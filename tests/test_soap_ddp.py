@@ -34,6 +34,9 @@ def _worker(rank, world, init_file, out_dir):
     per = 8 // world
     _train(model, opt, [(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]) for x, y in _data()])
     torch.save({k: v.detach() for k, v in model.module.state_dict().items()}, f"{out_dir}/rank{rank}.pt")
+    # Both ranks past their last collective before either tears gloo down: twice in clean-clone CI (never alone) a
+    # rank aborted in teardown ("terminate called without an active exception") when its peer had already exited.
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -97,6 +100,7 @@ def _shard_worker(rank, world, init_file, out_dir, shard, start, steps, resume):
     out = {"model": {k: v.detach().clone() for k, v in net.state_dict().items()}, "state_bytes": _state_bytes(opt),
            "preview": preview, "optimizer": full}
     torch.save(out, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # as in _worker
     dist.destroy_process_group()
 
 
