@@ -9,6 +9,9 @@ figures (BD-rate, R-D curves, losses), and the plain sequential compare for Time
     python benchmarks/parallel_compare.py --config configs/bench.yaml --out runs/bench-gpu --jobs 12 \
         --set device=cuda [--recipes adam,soap --lambdas ... --seeds ...] [--deadline SECONDS]
 
+--lambdas-for RECIPE=L1,L2,... (repeatable, as in `lictrain compare`): that recipe runs at its own lambdas, e.g. a
+recipe that moves the rate (Balanced R-D) at a grid chosen so that its bpp range overlaps the anchor's.
+
 --deadline: after that many seconds the running jobs are asked to stop (SIGTERM: each checkpoints and exits, the
 same command resumes them), the waiting ones are not started, and the runs' progress is printed (exit 3).
 """
@@ -28,6 +31,16 @@ from lictrain.config import load_config
 from lictrain.rundir import CONFIG, METRICS, SUMMARY, read_records
 
 
+def plan_jobs(recipes: list[str], lambdas: list[str], seeds: list[str],
+              own: dict[str, list[str]]) -> list[tuple[str, str, str]]:
+    """(recipe, lambda, seed) of every run, a recipe named in `own` at its own lambdas; seed by seed, so that the
+    first jobs to finish give whole curves (a BD-rate needs every lambda of one seed)."""
+    grid = lambda r: [float(v) for v in own.get(r, lambdas)]  # noqa: E731
+    every = sorted({v for r in recipes for v in grid(r)})
+    text = {float(v): str(v) for r in recipes for v in own.get(r, lambdas)}
+    return [(r, text[lm], s) for s in seeds for lm in every for r in recipes if lm in grid(r)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
@@ -37,6 +50,7 @@ def main() -> int:
     ap.add_argument("--recipes")
     ap.add_argument("--lambdas")
     ap.add_argument("--seeds")
+    ap.add_argument("--lambdas-for", action="append", default=[], metavar="RECIPE=L1,L2,...")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--no-summary", action="store_true", help="train and evaluate only")
     ap.add_argument("--deadline", type=float, help="seconds after which running jobs checkpoint and stop")
@@ -46,13 +60,21 @@ def main() -> int:
     recipes = args.recipes.split(",") if args.recipes else cfg.compare.recipes
     lambdas = args.lambdas.split(",") if args.lambdas else [str(x) for x in cfg.compare.lambdas]
     seeds = args.seeds.split(",") if args.seeds else [str(x) for x in cfg.compare.seeds]
+    own = {str(k): [str(v) for v in vs] for k, vs in cfg.compare.lambdas_for.items()}
+    for item in args.lambdas_for:
+        recipe, sep, values = item.partition("=")
+        if not sep or not recipe.strip() or not values.strip():
+            ap.error(f"--lambdas-for takes RECIPE=L1,L2,..., got '{item}'")
+        own[recipe.strip()] = values.split(",")
     base = [sys.executable, "-m", "lictrain", "compare", "--config", args.config, "--out", args.out]
     for o in args.overrides:
         base += ["--set", o]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     logs = Path(args.out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    jobs = [(r, lm, s) for s in seeds for lm in lambdas for r in recipes]
+    # each job names its one lambda outright, so it needs no per-recipe grid of its own
+    base += ["--set", "compare.lambdas_for={}"]
+    jobs = plan_jobs(recipes, lambdas, seeds, own)
     running: list[tuple[subprocess.Popen, str]] = []
     failed = []
     t0 = time.time()
@@ -86,7 +108,8 @@ def main() -> int:
         return 1
     if args.no_summary:
         return 0
-    cmd = base + ["--recipes", ",".join(recipes), "--lambdas", ",".join(lambdas), "--seeds", ",".join(seeds)]
+    cmd = base[:-2] + ["--recipes", ",".join(recipes), "--lambdas", ",".join(lambdas), "--seeds", ",".join(seeds)]
+    cmd += [f"--lambdas-for={r}={','.join(vs)}" for r, vs in own.items() if r in recipes]
     return subprocess.call(cmd, env={**os.environ})
 
 

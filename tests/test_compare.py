@@ -256,6 +256,29 @@ def test_a_recipe_on_its_own_lambda_grid_is_planned_there_and_checked(tmp_path, 
     assert "--lambdas-for takes RECIPE=L1,L2,..., got 'soap:0.1'" in capsys.readouterr().err
 
 
+def test_parallel_compare_plans_the_runs_the_full_compare_plans_with_own_grids(tmp_path):
+    """benchmarks/parallel_compare.py runs each (recipe, lambda, seed) as its own compare and then summarises with the
+    full one: with a recipe on its own grid (--lambdas-for), its jobs are exactly the full compare's runs (checked
+    against plan_runs, which the summary uses), each job's run folder is the one the full compare reuses, and the jobs
+    go seed by seed (a deadline leaves whole curves)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "parallel_compare", Path(__file__).resolve().parents[1] / "benchmarks" / "parallel_compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    jobs = module.plan_jobs(["adam", "soap"], ["0.0067", "0.013"], ["0", "1"], {"soap": ["0.002", "0.03"]})
+    assert jobs[:4] == [("soap", "0.002", "0"), ("adam", "0.0067", "0"), ("adam", "0.013", "0"), ("soap", "0.03", "0")]
+    full = plan_runs(compare_config(tmp_path, "compare.lambdas_for={soap: [0.002, 0.03]}", "compare.seeds=[0, 1]"),
+                     tmp_path / "cmp")
+    by_key = {(r.recipe, r.lmbda, r.cfg.seed): r.run_dir for r in full}
+    assert sorted((r, float(lm), int(s)) for r, lm, s in jobs) == sorted(by_key)
+    for r, lm, s in jobs:  # the job's own command: one recipe, one lambda, one seed, no per-recipe grid
+        [run] = plan_runs(compare_config(tmp_path, f"compare.recipes=[{r}]", f"compare.lambdas=[{lm}]",
+                                         f"compare.seeds=[{s}]", "compare.lambdas_for={}"), tmp_path / "cmp")
+        assert run.run_dir == by_key[(r, float(lm), int(s))]
+
+
 def _fake_run(tmp_path, recipe, lmbda, seed, losses, lrs=None, seconds_per_step=1.0):
     """A finished run folder as summarize reads it: validation records every 100 steps."""
     from lictrain.comparison.compare import Run
