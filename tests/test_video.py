@@ -336,6 +336,37 @@ def test_a_group_of_pictures_decodes_bit_exactly(tmp_path):
         unpack_pframe(coded.packets[1][:-3])
 
 
+def test_real_bits_of_a_gop_are_its_estimated_bits_plus_the_coders_overhead():
+    """Each frame's estimated bits are its models' likelihoods on the reference the decoder has (recomputed here from
+    the decoded I-frame and the model's own forward pass); a P-frame's four strings spend those bits plus at most
+    the coder's flush per string (<= 96 bits; measured 32-64), and never fewer than 95% of them."""
+    from lictrain.data import pad_to_multiple
+    from lictrain.evaluation import Codec
+    from lictrain.models import build_model
+    from lictrain.models.dcvc import DCVC, PRESETS
+    from lictrain.video.coding import encode_sequence, sequence_metrics, unpack_pframe
+
+    torch.manual_seed(0)
+    iframe = Codec(build_model("mbt2018-mean", "tiny"), "mbt2018-mean", "tiny")
+    pframe = DCVC(**PRESETS["tiny"]).eval()
+    pframe.update(force=True)
+    big = _smooth(144, 232, seed=4).sigmoid()[0]
+    frames = [(big[:, 8:136, 4 + 2 * t : 196 + 2 * t] + 0.1 * torch.rand(3, 128, 192)).clamp(0, 1) for t in range(3)]
+    coded = encode_sequence(iframe, pframe, frames, intra_period=3)
+    assert coded.kinds == ["I", "P", "P"]
+    assert coded.estimated_bits[0] == pytest.approx(iframe.estimated_bpp(frames[0]) * 128 * 192)
+    with torch.no_grad():
+        out = pframe(pad_to_multiple(coded.recon[0][None], 64), pad_to_multiple(frames[1][None], 64))
+    expected = sum(float(-torch.log2(v).sum()) for v in out["likelihoods"].values())
+    assert coded.estimated_bits[1] == pytest.approx(expected, rel=1e-5)
+    for packet, estimate in zip(coded.packets[1:], coded.estimated_bits[1:]):
+        strings, _ = unpack_pframe(packet)
+        payload = sum(8 * len(s[0]) for s in strings)
+        assert 0.95 * estimate <= payload <= estimate + 4 * 96, (payload, estimate)
+    m = sequence_metrics(frames, coded)
+    assert m["bpp_estimated"] == pytest.approx(sum(coded.estimated_bits) / (128 * 192 * 3))
+
+
 def test_rgb_to_yuv_is_the_published_bt709_formula_and_inverts_the_reader():
     from lictrain.video.evaluate import rgb_to_yuv
 
@@ -390,6 +421,7 @@ def test_lictrain_eval_codes_a_video_checkpoint_with_real_bits_and_reports_yuv_p
                                                       + float(r["psnr_v"])) / 8)
     result = json.loads((out / "results.json").read_text())
     assert result["results"]["bpp"][0] == pytest.approx(np.mean([float(r["bpp"]) for r in rows]))
+    assert result["results"]["bpp_estimated"][0] == pytest.approx(np.mean([float(r["bpp_estimated"]) for r in rows]))
     assert result["sequences"][0]["frames"] == 4
     # the I-frame row's PSNR-Y, from the image codec's own decode and the BT.709 conversion written here
     from lictrain.checkpoint import load_checkpoint

@@ -55,6 +55,9 @@ class CodedSequence:
     height: int
     width: int
     recon: list[torch.Tensor] = field(default_factory=list)  # the encoder's reconstructions (3 x H x W)
+    # per frame, the bits the models' likelihoods predict for it (-sum log2 of the evaluation pass's likelihoods, on
+    # the same reference): what training optimises, beside what the coder spends
+    estimated_bits: list[float] = field(default_factory=list)
 
     def bits(self) -> list[int]:
         return [8 * len(p) for p in self.packets]
@@ -80,7 +83,10 @@ def encode_sequence(iframe, pframe, frames: list[torch.Tensor], intra_period: in
             rec = iframe.decompress(bitstream.decode(data)).cpu()
             ref = _padded(rec)
             out.kinds.append("I")
+            out.estimated_bits.append(iframe.estimated_bpp(x) * h * w)
         else:
+            out.estimated_bits.append(float(sum(-torch.log2(v).sum() for v in pframe(ref, _padded(x))["likelihoods"]
+                                                .values())))
             coded = pframe.compress(ref, _padded(x))
             data = pack_pframe(coded["strings"], coded["shape"])
             ref = coded["x_hat"]
@@ -124,4 +130,6 @@ def sequence_metrics(frames: list[torch.Tensor], coded: CodedSequence) -> dict:
     psnr = [psnr_from_mse(float(torch.mean((r.clamp(0, 1) - x) ** 2))) for r, x in zip(coded.recon, frames)]
     bits = coded.bits()
     return {"bpp": sum(bits) / (pixels * len(frames)), "psnr_rgb": sum(psnr) / len(psnr),
-            "frames": [{"kind": k, "bpp": b / pixels, "psnr_rgb": p} for k, b, p in zip(coded.kinds, bits, psnr)]}
+            "bpp_estimated": sum(coded.estimated_bits) / (pixels * len(frames)),
+            "frames": [{"kind": k, "bpp": b / pixels, "bpp_estimated": e / pixels, "psnr_rgb": p}
+                       for k, b, e, p in zip(coded.kinds, bits, coded.estimated_bits, psnr)]}

@@ -134,18 +134,20 @@ def _code_all(iframe, pframe, seqs: list[EvalSequence], intra_period: int, label
             raise LictrainError(f"{seq.name}: the decoder's frames differ from the encoder's (not bit-exact)")
         pixels = coded.height * coded.width
         frames = []
-        for t, (rec, bits, kind) in enumerate(zip(decoded, coded.bits(), coded.kinds)):
+        for t, (rec, bits, est, kind) in enumerate(zip(decoded, coded.bits(), coded.estimated_bits, coded.kinds)):
             py, pu, pv, pyuv = seq.psnr_yuv(t, rec)
             frames.append({"checkpoint": label, "sequence": seq.name, "frame": t, "kind": kind, "bpp": bits / pixels,
-                           "psnr_rgb": _psnr(rec.clamp(0, 1), seq.frames[t]), "psnr_y": py, "psnr_u": pu,
-                           "psnr_v": pv, "psnr_yuv": pyuv})
+                           "bpp_estimated": est / pixels, "psnr_rgb": _psnr(rec.clamp(0, 1), seq.frames[t]),
+                           "psnr_y": py, "psnr_u": pu, "psnr_v": pv, "psnr_yuv": pyuv})
         rows += frames
         per_seq.append({"checkpoint": label, "sequence": seq.name, "frames": len(frames), "width": coded.width,
                         "height": coded.height, **{k: float(np.mean([f[k] for f in frames])) for k in METRICS}})
     return per_seq, rows
 
 
-METRICS = ("bpp", "psnr_rgb", "psnr_y", "psnr_u", "psnr_v", "psnr_yuv")
+METRICS = ("bpp", "bpp_estimated", "psnr_rgb", "psnr_y", "psnr_u", "psnr_v", "psnr_yuv")
+# results.json keys: CompressAI's names for its metrics, the image evaluation's for the estimate
+RESULT_KEYS = {k: k if k == "bpp_estimated" else k.replace("_", "-") for k in METRICS}
 
 
 def evaluate_video(checkpoints: list[str], data: str, out_dir: str | Path, intra_period: int = 32,
@@ -182,7 +184,7 @@ def evaluate_video(checkpoints: list[str], data: str, out_dir: str | Path, intra
                        f"bit-exactly, intra period {intra_period}, low-delay P-frames; PSNR-YUV on the {source}; "
                        f"means over frames, then over sequences; {'EMA' if use_ema else 'raw'} weights",
         "results": {"checkpoint": [p[1] for p in points], "lmbda": [p[0].loss.lmbda for p in points],
-                    **{k.replace("_", "-"): [p[2][k] for p in points] for k in METRICS}},
+                    **{RESULT_KEYS[k]: [p[2][k] for p in points] for k in METRICS}},
         "intra_period": intra_period,
         "sequences": all_seq,
     }
@@ -198,14 +200,16 @@ def is_video_checkpoint(path: str) -> bool:
 
 
 def format_video_table(summary: dict) -> str:
-    """Per sequence and checkpoint, then each checkpoint's means (markdown)."""
-    lines = ["| checkpoint | sequence | frames | bpp | PSNR-RGB | PSNR-Y | PSNR-U | PSNR-V | PSNR-YUV |",
-             "|---|---|---:|" + "---:|" * 6]
+    """Per sequence and checkpoint, then each checkpoint's means (markdown). bpp is the bytes coded; est. is the
+    bits the likelihoods predict (a large gap means the coder and the trained rate disagree)."""
+    lines = ["| checkpoint | sequence | frames | bpp | bpp (est.) | PSNR-RGB | PSNR-Y | PSNR-U | PSNR-V | PSNR-YUV |",
+             "|---|---|---:|" + "---:|" * 7]
     for s in summary["sequences"]:
-        lines.append(f"| {s['checkpoint']} | {s['sequence']} | {s['frames']} | {s['bpp']:.4f} | {s['psnr_rgb']:.3f} | "
-                     f"{s['psnr_y']:.3f} | {s['psnr_u']:.3f} | {s['psnr_v']:.3f} | {s['psnr_yuv']:.3f} |")
+        lines.append(f"| {s['checkpoint']} | {s['sequence']} | {s['frames']} | {s['bpp']:.4f} | "
+                     f"{s['bpp_estimated']:.4f} | {s['psnr_rgb']:.3f} | {s['psnr_y']:.3f} | {s['psnr_u']:.3f} | "
+                     f"{s['psnr_v']:.3f} | {s['psnr_yuv']:.3f} |")
     r = summary["results"]
     for i, c in enumerate(r["checkpoint"]):
-        lines.append(f"| {c} | mean | | {r['bpp'][i]:.4f} | {r['psnr-rgb'][i]:.3f} | {r['psnr-y'][i]:.3f} | "
-                     f"{r['psnr-u'][i]:.3f} | {r['psnr-v'][i]:.3f} | {r['psnr-yuv'][i]:.3f} |")
+        lines.append(f"| {c} | mean | | {r['bpp'][i]:.4f} | {r['bpp_estimated'][i]:.4f} | {r['psnr-rgb'][i]:.3f} | "
+                     f"{r['psnr-y'][i]:.3f} | {r['psnr-u'][i]:.3f} | {r['psnr-v'][i]:.3f} | {r['psnr-yuv'][i]:.3f} |")
     return "\n".join(lines)
