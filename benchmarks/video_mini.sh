@@ -5,10 +5,14 @@
 #
 #   benchmarks/video_mini.sh [OUT]        (default runs/video-mini; reruns reuse finished runs and resume others)
 #
-# Sizes (STAGE_STEPS, IFRAME_STEPS, VAL_SEQS, LR) are environment variables; the defaults were chosen by measuring
-# the tiny preset's step time on the 2-core machine (~165 ms an Adam step in stage 1) to fit Adam and SOAP through
-# the four stages in about an hour (benchmarks/RESULTS.md, "The miniature video benchmark"). LR: one rate for both
-# optimizers and every stage, 1e-3 (OpenDCVCs' 1e-4 hardly moves the stage-1 loss in a few hundred steps).
+# Sizes (STAGE_STEPS, IFRAME_STEPS, VAL_SEQS, LR) and RECIPES (default adam,soap) are environment variables; the
+# defaults were chosen by measuring the tiny preset's step time on the 2-core machine (~165 ms an Adam step in
+# stage 1) to fit Adam and SOAP through the four stages in about an hour (benchmarks/RESULTS.md, "The miniature
+# video benchmark"). LR: one rate for both optimizers and every stage, 1e-3 (OpenDCVCs' 1e-4 hardly moves the
+# stage-1 loss in a few hundred steps).
+# An Adam learning-rate sweep reuses one folder's sequences and I-frame codec (DATA, IFRAME):
+#   RECIPES=adam LR=3e-4 DATA=runs/video-mini/data IFRAME=runs/video-mini/iframe \
+#       benchmarks/video_mini.sh runs/video-mini-adam-3e-4
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/video-mini}
@@ -18,22 +22,25 @@ STAGE_STEPS=${STAGE_STEPS:-"2000 1000 1500 1500"}
 LR=${LR:-1e-3}
 IFRAME_STEPS=${IFRAME_STEPS:-8000}
 VAL_SEQS=${VAL_SEQS:-4}
+RECIPES=${RECIPES:-adam,soap}
+DATA=${DATA:-$OUT/data}
+IFRAME=${IFRAME:-$OUT/iframe}
 TEST_CLIPS=intel_car-detection.mp4,openh264_Zhling_1280x720.264
 mkdir -p "$OUT"
 date -u +"started %Y-%m-%dT%H:%M:%SZ"
 
 # 1. training and held-out sequences (7 frames every 30, at most 25 a clip, 448x256)
-if [ ! -f "$OUT/data/sep_trainlist.txt" ]; then
-  $PY -m lictrain video-prepare "$CLIPS"/*.mp4 "$CLIPS"/*.264 -o "$OUT/data" --frames 7 --every 30 \
+if [ ! -f "$DATA/sep_trainlist.txt" ]; then
+  $PY -m lictrain video-prepare "$CLIPS"/*.mp4 "$CLIPS"/*.264 -o "$DATA" --frames 7 --every 30 \
       --max-per-clip 25 --test "$TEST_CLIPS"
 fi
 
 # 2. the I-frame codec: the image benchmark's model and data, shortened
-if [ ! -f "$OUT/iframe/summary.json" ]; then
-  if [ -f "$OUT/iframe/checkpoint.pt" ]; then
-    $PY -m lictrain train --resume "$OUT/iframe" --set train.progress=false | tail -2
+if [ ! -f "$IFRAME/summary.json" ]; then
+  if [ -f "$IFRAME/checkpoint.pt" ]; then
+    $PY -m lictrain train --resume "$IFRAME" --set train.progress=false | tail -2
   else
-    $PY -m lictrain train --config bench --set run_dir="$OUT/iframe" --set loss.lmbda=0.0067 \
+    $PY -m lictrain train --config bench --set run_dir="$IFRAME" --set loss.lmbda=0.0067 \
         --set train.steps="$IFRAME_STEPS" --set train.val_every=1000 --set train.ckpt_every=1000 \
         --set train.progress=false | tail -2
   fi
@@ -42,8 +49,8 @@ fi
 # 3. Adam, then SOAP, through the four stages (each stage from the same optimizer's previous one)
 read -r S1 S2 S3 S4 <<< "$STAGE_STEPS"
 steps=("$S1" "$S2" "$S3" "$S4")
-sets=(--set "data.train=$OUT/data[train]" --set "data.val=$OUT/data[test]" --set "data.val_max_images=$VAL_SEQS"
-      --set "model.kwargs.iframe=$OUT/iframe" --set "optim.lr=$LR")
+sets=(--set "data.train=$DATA[train]" --set "data.val=$DATA[test]" --set "data.val_max_images=$VAL_SEQS"
+      --set "model.kwargs.iframe=$IFRAME" --set "optim.lr=$LR")
 for k in 1 2 3 4; do
   $PY - "configs/dcvc-stage$k.yaml" "$OUT/stage$k.yaml" "${steps[$((k - 1))]}" <<'EOF'
 import sys, yaml
@@ -54,11 +61,11 @@ open(path, "w").write(yaml.safe_dump(cfg, sort_keys=False))
 EOF
 done
 $PY -m lictrain video-compare --stages "$OUT/stage1.yaml,$OUT/stage2.yaml,$OUT/stage3.yaml,$OUT/stage4.yaml" \
-    --recipes adam,soap --out "$OUT/compare" "${sets[@]}"
+    --recipes "$RECIPES" --out "$OUT/compare" "${sets[@]}"
 
 # 4. both final models on the held-out clips, real bit-streams (intra period 7: one I-frame a septuplet)
-for r in adam soap; do
-  $PY -m lictrain eval "$OUT/compare/$r-stage4" --data "$OUT/data[test]" --intra-period 7 --out "$OUT/eval-$r" \
+for r in ${RECIPES//,/ }; do
+  $PY -m lictrain eval "$OUT/compare/$r-stage4" --data "$DATA[test]" --intra-period 7 --out "$OUT/eval-$r" \
       | tail -3
 done
 date -u +"finished %Y-%m-%dT%H:%M:%SZ"
