@@ -27,18 +27,18 @@ import sys
 import time
 from pathlib import Path
 
+from lictrain.cli import parse_lambdas_for
 from lictrain.config import load_config
+from lictrain.errors import LictrainError
 from lictrain.rundir import CONFIG, METRICS, SUMMARY, read_records
 
 
-def plan_jobs(recipes: list[str], lambdas: list[str], seeds: list[str],
-              own: dict[str, list[str]]) -> list[tuple[str, str, str]]:
+def plan_jobs(recipes: list[str], lambdas: list, seeds: list[str], own: dict[str, list]) -> list[tuple[str, str, str]]:
     """(recipe, lambda, seed) of every run, a recipe named in `own` at its own lambdas; seed by seed, so that the
     first jobs to finish give whole curves (a BD-rate needs every lambda of one seed)."""
     grid = lambda r: [float(v) for v in own.get(r, lambdas)]  # noqa: E731
     every = sorted({v for r in recipes for v in grid(r)})
-    text = {float(v): str(v) for r in recipes for v in own.get(r, lambdas)}
-    return [(r, text[lm], s) for s in seeds for lm in every for r in recipes if lm in grid(r)]
+    return [(r, str(lm), s) for s in seeds for lm in every for r in recipes if lm in grid(r)]
 
 
 def main() -> int:
@@ -60,12 +60,10 @@ def main() -> int:
     recipes = args.recipes.split(",") if args.recipes else cfg.compare.recipes
     lambdas = args.lambdas.split(",") if args.lambdas else [str(x) for x in cfg.compare.lambdas]
     seeds = args.seeds.split(",") if args.seeds else [str(x) for x in cfg.compare.seeds]
-    own = {str(k): [str(v) for v in vs] for k, vs in cfg.compare.lambdas_for.items()}
-    for item in args.lambdas_for:
-        recipe, sep, values = item.partition("=")
-        if not sep or not recipe.strip() or not values.strip():
-            ap.error(f"--lambdas-for takes RECIPE=L1,L2,..., got '{item}'")
-        own[recipe.strip()] = values.split(",")
+    try:
+        own = {**cfg.compare.lambdas_for, **parse_lambdas_for(args.lambdas_for)}
+    except LictrainError as e:
+        ap.error(str(e))
     base = [sys.executable, "-m", "lictrain", "compare", "--config", args.config, "--out", args.out]
     for o in args.overrides:
         base += ["--set", o]
@@ -109,7 +107,7 @@ def main() -> int:
     if args.no_summary:
         return 0
     cmd = base[:-2] + ["--recipes", ",".join(recipes), "--lambdas", ",".join(lambdas), "--seeds", ",".join(seeds)]
-    cmd += [f"--lambdas-for={r}={','.join(vs)}" for r, vs in own.items() if r in recipes]
+    cmd += [f"--lambdas-for={r}={','.join(str(v) for v in vs)}" for r, vs in own.items() if r in recipes]
     return subprocess.call(cmd, env={**os.environ})
 
 

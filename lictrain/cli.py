@@ -476,6 +476,17 @@ def _csv(text: str, kind):
         raise LictrainError(f"cannot read '{text}' as a comma-separated list of {kind.__name__}") from None
 
 
+def parse_lambdas_for(items: list[str]) -> dict[str, list[float]]:
+    """--lambdas-for RECIPE=L1,L2,... (repeatable) as {recipe: [lambdas]} (also benchmarks/parallel_compare.py's)."""
+    grids = {}
+    for item in items:
+        recipe, sep, values = item.partition("=")
+        if not sep or not recipe.strip() or not values.strip():
+            raise LictrainError(f"--lambdas-for takes RECIPE=L1,L2,..., got '{item}'")
+        grids[recipe.strip()] = _csv(values, float)
+    return grids
+
+
 def cmd_compare(args) -> int:
     from .comparison.compare import compare, summary_markdown
     from .config import load_config, validate
@@ -487,11 +498,7 @@ def cmd_compare(args) -> int:
         cfg.compare.lambdas = _csv(args.lambdas, float)
     if args.seeds:
         cfg.compare.seeds = _csv(args.seeds, int)
-    for item in args.lambdas_for:
-        recipe, sep, values = item.partition("=")
-        if not sep or not recipe.strip():
-            raise LictrainError(f"--lambdas-for takes RECIPE=L1,L2,..., got '{item}'")
-        cfg.compare.lambdas_for = {**cfg.compare.lambdas_for, recipe.strip(): _csv(values, float)}
+    cfg.compare.lambdas_for = {**cfg.compare.lambdas_for, **parse_lambdas_for(args.lambdas_for)}
     if args.eval_data:
         cfg.compare.eval_data = list(args.eval_data)
     if args.codecs:
