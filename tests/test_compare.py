@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -196,19 +197,36 @@ def test_a_run_timed_on_a_busy_machine_is_flagged():
     assert len(flagged) == 1 and "soap λ 0.0067 seed 0 (3.0x)" in flagged[0] and "adam" not in flagged[0].split(":")[1]
 
 
-def test_noise_floor_is_the_anchor_against_itself_across_seeds():
-    """BD-rate of the anchor's seed 1 against its seed 0: a curve whose every rate is 0.9x the other's at the same
-    PSNR is -10% by definition; an identical curve is 0."""
-    from lictrain.comparison.compare import noise_floor
+def test_noise_floor_is_each_recipe_against_itself_over_every_pair_of_seeds():
+    """BD-rate between the seeds of one recipe: a curve whose every rate is 0.9x the other's at the same PSNR is -10%
+    by definition, the reverse 1/0.9 - 1 = +11.1%, an identical curve 0; rms and sigma = rms / sqrt(2) by hand, and
+    the standard error of a 3-seed mean difference sqrt((sigma_a^2 + sigma_b^2) / 3) in the summary's text."""
+    from lictrain.comparison.compare import noise_floor, summary_markdown
 
     bpp, psnr = [0.2, 0.35, 0.6, 1.0], [26.0, 27.5, 29.0, 30.5]
     seed0 = [(i, b, p) for i, (b, p) in enumerate(zip(bpp, psnr))]
-    points = {("adam", 0, "k"): seed0, ("adam", 1, "k"): [(i, 0.9 * b, p) for i, b, p in seed0],
-              ("adam", 2, "k"): list(seed0)}
-    floor = noise_floor(points, "adam", [0, 1, 2], ["k"], "akima")
-    assert floor["k"][1] == pytest.approx(-10.0, abs=1e-6)
-    assert floor["k"][2] == pytest.approx(0.0, abs=1e-9)
-    assert noise_floor(points, "adam", [0], ["k"], "akima") == {"k": {}}
+    scaled = [(i, 0.9 * b, p) for i, b, p in seed0]
+    points = {("adam", 0, "k"): seed0, ("adam", 1, "k"): scaled, ("adam", 2, "k"): list(seed0),
+              ("soap", 0, "k"): seed0, ("soap", 1, "k"): list(seed0), ("soap", 2, "k"): list(seed0)}
+    floor = noise_floor(points, ["adam", "soap"], [0, 1, 2], ["k"], "akima")
+    adam = floor["k"]["adam"]
+    assert adam["pairs"]["1 vs 0"] == pytest.approx(-10.0, abs=1e-6)
+    assert adam["pairs"]["2 vs 0"] == pytest.approx(0.0, abs=1e-9)
+    assert adam["pairs"]["2 vs 1"] == pytest.approx(100 / 9, abs=1e-6)
+    rms = math.sqrt((10.0 ** 2 + (100 / 9) ** 2) / 3)
+    assert adam["rms"] == pytest.approx(rms, rel=1e-6) and adam["sigma"] == pytest.approx(rms / math.sqrt(2), rel=1e-6)
+    assert floor["k"]["soap"]["sigma"] == pytest.approx(0.0, abs=1e-9)
+    assert noise_floor(points, ["adam"], [0], ["k"], "akima") == {"k": {}}
+
+    rows = [{"recipe": r, "points": [], "steps_to_anchor": None, "steps_to_anchor_reached": "0/0",
+             "time_to_anchor": None, "time_to_anchor_reached": "0/0", "bd_rate": {"k": bd}, "bd_rate_average": bd}
+            for r, bd in (("adam", 0.0), ("soap", -9.0))]
+    md = summary_markdown({"anchor": "adam", "lambdas": [], "seeds": [0, 1, 2], "bd_method": "akima",
+                           "eval_sets": ["k"], "rows": rows, "noise_floor": floor})
+    se = math.sqrt((rms ** 2 / 2 + 0.0) / 3)
+    line = next(ln for ln in md.splitlines() if ln.startswith("- soap against adam"))
+    assert f"≈ {se:.2f}%" in line and f"({9.0 / se:.1f} standard errors)" in line
+    assert "- adam: 1 vs 0 -10.00%, 2 vs 0 +0.00%, 2 vs 1 +11.11%" in md
 
 
 def test_init_source_fills_lambda_and_seed_and_needs_exactly_one_match(tmp_path):

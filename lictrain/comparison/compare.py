@@ -320,7 +320,7 @@ def summarize(runs: list[Run], points: dict, recipes: list[str], eval_sets: list
                  for lmbda, bpp, quality in points[(name, seed, spec)]]
     return {"anchor": anchor, "eval_sets": eval_sets, "bd_method": method, "rows": rows,
             "lambdas": sorted({r.lmbda for r in runs}), "seeds": seeds, "rd_points": rd_points,
-            "noise_floor": noise_floor(points, anchor, seeds, eval_sets, method)}
+            "noise_floor": noise_floor(points, recipes, seeds, eval_sets, method)}
 
 
 def _converge_ratios(rows: list[dict]) -> None:
@@ -368,21 +368,55 @@ def rd_table(summary: dict) -> list[str]:
     return lines
 
 
-def noise_floor(points: dict, anchor: str, seeds: list[int], eval_sets: list[str], method: str) -> dict:
-    """BD-rate of the anchor's other seeds against its first seed, per evaluation set: the same recipe, so any
-    number here is seed noise, and a BD-rate between recipes must exceed it to mean something."""
+def noise_floor(points: dict, recipes: list[str], seeds: list[int], eval_sets: list[str], method: str) -> dict:
+    """Per evaluation set and recipe, the BD-rate of each seed's curve against each earlier seed's: the same recipe,
+    so any number here is seed noise, and a BD-rate between recipes must exceed it to mean something. With the
+    pairs, their rms and sigma = rms / sqrt(2), the seed-to-seed spread of one curve's BD-rate if seeds are
+    independent (a difference of two curves has twice one curve's variance)."""
     out = {}
     for spec in eval_sets:
-        ref = points[(anchor, seeds[0], spec)]
-        values = {}
-        for seed in seeds[1:]:
-            t = points[(anchor, seed, spec)]
-            try:
-                values[seed] = _bd_rate(ref, t, method)
-            except BDRateUnavailable as why:
-                values[seed] = f"unavailable ({why})"
-        out[spec] = values
+        per_recipe = {}
+        for name in recipes:
+            pairs, values = {}, []
+            for j, b in enumerate(seeds):
+                for a in seeds[:j]:
+                    try:
+                        v = _bd_rate(points[(name, a, spec)], points[(name, b, spec)], method)
+                        pairs[f"{b} vs {a}"] = v
+                        values.append(v)
+                    except BDRateUnavailable as why:
+                        pairs[f"{b} vs {a}"] = f"unavailable ({why})"
+            if pairs:
+                rms = float(np.sqrt(np.mean(np.square(values)))) if values else None
+                sigma = rms / float(np.sqrt(2)) if rms is not None else None
+                per_recipe[name] = {"pairs": pairs, "rms": rms, "sigma": sigma}
+        out[spec] = per_recipe
     return out
+
+
+def floor_lines(summary: dict) -> list[str]:
+    """The noise floor per recipe, and for each recipe's mean BD-rate against the anchor the standard error the
+    floors imply, sqrt((sigma_anchor^2 + sigma_recipe^2) / seeds)."""
+    lines = []
+    n = len(summary["seeds"])
+    for spec, per_recipe in (summary.get("noise_floor") or {}).items():
+        if not per_recipe:
+            continue
+        lines += ["", f"Noise floor ({set_name(spec)}): BD-rate between seeds of the same recipe (seed b vs seed a):"]
+        for name, f in per_recipe.items():
+            cells = ", ".join(f"{k} " + (f"{v:+.2f}%" if isinstance(v, float) else v) for k, v in f["pairs"].items())
+            spread = f" (rms {f['rms']:.2f}%, one curve's σ ≈ {f['sigma']:.2f}%)" if f["sigma"] is not None else ""
+            lines.append(f"- {name}: {cells}{spread}")
+        anchor = per_recipe.get(summary["anchor"], {}).get("sigma")
+        for row in summary["rows"]:
+            own = per_recipe.get(row["recipe"], {}).get("sigma")
+            bd = row["bd_rate"].get(spec)
+            if row["recipe"] == summary["anchor"] or anchor is None or own is None or bd is None:
+                continue
+            se = float(np.sqrt((anchor ** 2 + own ** 2) / n))
+            lines.append(f"- {row['recipe']} against {summary['anchor']}: {bd:+.2f}% over {n} seeds, standard error "
+                         f"from the floors ≈ {se:.2f}% ({abs(bd) / se:.1f} standard errors)")
+    return lines
 
 
 def _cell_ratio(row: dict, key: str) -> str:
@@ -425,11 +459,7 @@ def summary_markdown(summary: dict) -> str:
     lines += converge_lines(summary)
     lines += rd_table(summary)
     lines += field_markdown(summary.get("field") or {})
-    for spec, values in (summary.get("noise_floor") or {}).items():
-        if values:
-            cells = ", ".join(f"seed {k}: " + (f"{v:+.2f}%" if isinstance(v, float) else v) for k, v in values.items())
-            lines += ["", f"Noise floor ({set_name(spec)}): BD-rate of {summary['anchor']}'s other seeds against its "
-                          f"seed {summary['seeds'][0]}: {cells}."]
+    lines += floor_lines(summary)
     data = summary.get("data")
     if data:
         shared = [f"{k.replace('&', ' and ')}: {v}" for k, v in data["shared_images"].items() if v]
