@@ -5,7 +5,8 @@
 #
 #   benchmarks/video_mini.sh [OUT]        (default runs/video-mini; reruns reuse finished runs and resume others)
 #
-# Sizes (STAGE_STEPS, IFRAME_STEPS, VAL_SEQS, LR) and RECIPES (default adam,soap) are environment variables; the
+# Sizes (STAGE_STEPS, IFRAME_STEPS, VAL_SEQS, LR), SEED (default 0: the models' initial weights and the data order)
+# and RECIPES (default adam,soap) are environment variables; the
 # defaults were chosen by measuring the tiny preset's step time on the 2-core machine (~165 ms an Adam step in
 # stage 1) to fit Adam and SOAP through the four stages in about an hour (benchmarks/RESULTS.md, "The miniature
 # video benchmark"). LR: one rate for both optimizers and every stage, 1e-3 (OpenDCVCs' 1e-4 hardly moves the
@@ -13,6 +14,7 @@
 # An Adam learning-rate sweep reuses one folder's sequences and I-frame codec (DATA, IFRAME):
 #   RECIPES=adam LR=3e-4 DATA=runs/video-mini/data IFRAME=runs/video-mini/iframe \
 #       benchmarks/video_mini.sh runs/video-mini-adam-3e-4
+# and so does another seed:  SEED=1 DATA=... IFRAME=... benchmarks/video_mini.sh runs/video-mini-seed1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/video-mini}
@@ -23,6 +25,7 @@ LR=${LR:-1e-3}
 IFRAME_STEPS=${IFRAME_STEPS:-8000}
 VAL_SEQS=${VAL_SEQS:-4}
 RECIPES=${RECIPES:-adam,soap}
+SEED=${SEED:-0}
 DATA=${DATA:-$OUT/data}
 IFRAME=${IFRAME:-$OUT/iframe}
 TEST_CLIPS=intel_car-detection.mp4,openh264_Zhling_1280x720.264
@@ -50,7 +53,7 @@ fi
 read -r S1 S2 S3 S4 <<< "$STAGE_STEPS"
 steps=("$S1" "$S2" "$S3" "$S4")
 sets=(--set "data.train=$DATA[train]" --set "data.val=$DATA[test]" --set "data.val_max_images=$VAL_SEQS"
-      --set "model.kwargs.iframe=$IFRAME" --set "optim.lr=$LR")
+      --set "model.kwargs.iframe=$IFRAME" --set "optim.lr=$LR" --set "seed=$SEED")
 for k in 1 2 3 4; do
   $PY - "configs/dcvc-stage$k.yaml" "$OUT/stage$k.yaml" "${steps[$((k - 1))]}" <<'EOF'
 import sys, yaml
