@@ -5,8 +5,9 @@
 #
 #   benchmarks/video_mini.sh [OUT]        (default runs/video-mini; reruns reuse finished runs and resume others)
 #
-# Sizes (STAGE_STEPS, IFRAME_STEPS, VAL_SEQS, LR), SEED (default 0: the models' initial weights and the data order)
-# and RECIPES (default adam,soap) are environment variables; the
+# Sizes (STAGE_STEPS, IFRAME_STEPS, VAL_SEQS, LR), SEED (default 0: the models' initial weights and the data order),
+# RECIPES (default adam,soap) and EVAL (default 1; 0 skips step 4, the held-out bit-streams, ~15 min a model) are
+# environment variables; the
 # defaults were chosen by measuring the tiny preset's step time on the 2-core machine (~165 ms an Adam step in
 # stage 1) to fit Adam and SOAP through the four stages in about an hour (benchmarks/RESULTS.md, "The miniature
 # video benchmark"). LR: one rate for both optimizers and every stage, 1e-3 (OpenDCVCs' 1e-4 hardly moves the
@@ -67,7 +68,9 @@ $PY -m lictrain video-compare --stages "$OUT/stage1.yaml,$OUT/stage2.yaml,$OUT/s
     --recipes "$RECIPES" --out "$OUT/compare" "${sets[@]}"
 
 # 4. both final models on the held-out clips, real bit-streams (intra period 7: one I-frame a septuplet)
+EVAL=${EVAL:-1}
 for r in ${RECIPES//,/ }; do
+  [ "$EVAL" = 0 ] && break
   $PY -m lictrain eval "$OUT/compare/$r-stage4" --data "$DATA[test]" --intra-period 7 --out "$OUT/eval-$r" \
       | tail -3
 done
