@@ -357,3 +357,20 @@ def test_steps_and_time_to_convergence_are_relative_to_the_anchor(tmp_path):
     md = summary_markdown(summary)
     assert "- soap: steps 0.50 ± 0.00, time 1.00 ± 0.00 (1 pairs; its runs converged: 1/1)" in md
     assert "; met at step 800 |" in md
+
+
+def test_to_anchor_has_no_ratio_when_the_anchor_starts_at_its_target():
+    """A chained stage (video-compare) that the anchor does not improve on: its step-0 loss is at or below its own
+    target, so there is no ratio to report; the summary says so instead of failing on the missing gap."""
+    from lictrain.comparison.figures import CurvePoint, to_anchor
+
+    anchor = [CurvePoint(0, 0.0, 0.9805), CurvePoint(250, 40.0, 0.9880), CurvePoint(500, 80.0, 0.9864)]
+    recipe = [CurvePoint(0, 0.0, 0.9824), CurvePoint(250, 41.0, 0.30), CurvePoint(500, 82.0, 0.21)]
+    ratio = to_anchor(recipe, anchor)
+    assert ratio.steps is None and ratio.time is None
+    assert ratio.describe("steps") == "undefined (the anchor starts at its target)"
+    # a recipe that reaches a target the anchor reached after training: first reach over the anchor's (hand-read)
+    anchor = [CurvePoint(0, 0.0, 2.0), CurvePoint(250, 40.0, 1.0), CurvePoint(500, 80.0, 0.9)]
+    ratio = to_anchor(recipe, anchor)
+    assert ratio.steps == pytest.approx(250 / 500) and ratio.time == pytest.approx(41.0 / 80.0)
+    assert ratio.describe("steps") == "0.50"

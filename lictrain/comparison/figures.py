@@ -90,13 +90,16 @@ def first_reach(curve: list[CurvePoint], target: float) -> Reach:
 
 @dataclass(frozen=True)
 class ToAnchor:
-    steps: float | None  # None: not reached
+    steps: float | None  # None: not reached, or no ratio (`undefined` says why)
     time: float | None
     final_gap: float | None = None
+    undefined: str | None = None
 
     def describe(self, key: str) -> str:
         value = getattr(self, key)
-        return f"{value:.2f}" if value is not None else f"not reached (gap {self.final_gap:+.4f})"
+        if value is not None:
+            return f"{value:.2f}"
+        return f"undefined ({self.undefined})" if self.undefined else f"not reached (gap {self.final_gap:+.4f})"
 
 
 def to_anchor(recipe_curve: list[CurvePoint], anchor_curve: list[CurvePoint]) -> ToAnchor:
@@ -104,8 +107,9 @@ def to_anchor(recipe_curve: list[CurvePoint], anchor_curve: list[CurvePoint]) ->
     a, r = first_reach(anchor_curve, target), first_reach(recipe_curve, target)
     if not r.reached:
         return ToAnchor(None, None, r.final_gap)
-    if not a.step or not a.train_time:  # the anchor "reached" its target untrained: no meaningful ratio
-        return ToAnchor(None, None, r.final_gap)
+    if not a.step or not a.train_time:  # the anchor "reached" its target at its start: no meaningful ratio (a chained
+        # stage the anchor does not improve on starts at its best)
+        return ToAnchor(None, None, r.final_gap, undefined="the anchor starts at its target")
     return ToAnchor(r.step / a.step, r.train_time / a.train_time)
 
 
