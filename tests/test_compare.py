@@ -369,7 +369,14 @@ def test_to_anchor_has_no_ratio_when_the_anchor_starts_at_its_target():
     ratio = to_anchor(recipe, anchor)
     assert ratio.steps is None and ratio.time is None
     assert ratio.describe("steps") == "undefined (the anchor starts at its target)"
-    # a recipe that reaches a target the anchor reached after training: first reach over the anchor's (hand-read)
+    # compare's summary says "undefined" there too, not "not reached"
+    from lictrain.comparison.compare import _cell_ratio
+
+    row = {"steps_to_anchor": None, "steps_to_anchor_reached": "0/1",
+           "points": [{"final_gap": ratio.final_gap, "target": 0.9864, "lmbda": 0.0067, "undefined": ratio.undefined}]}
+    assert _cell_ratio(row, "steps_to_anchor") == "undefined (the anchor starts at its target)"
+    # an anchor that reaches its target (0.95, the median-smoothed best) after training: the recipe's first step at
+    # or below it (250) over the anchor's (500), and the same for time
     anchor = [CurvePoint(0, 0.0, 2.0), CurvePoint(250, 40.0, 1.0), CurvePoint(500, 80.0, 0.9)]
     ratio = to_anchor(recipe, anchor)
     assert ratio.steps == pytest.approx(250 / 500) and ratio.time == pytest.approx(41.0 / 80.0)

@@ -286,7 +286,7 @@ def summarize(runs: list[Run], points: dict, recipes: list[str], eval_sets: list
             if anchor_curve is not None:  # a recipe on its own lambda grid has no anchor loss to reach elsewhere
                 ta = to_anchor(curves[(name, r.lmbda, r.seed)], anchor_curve)
                 point.update(steps_to_anchor=ta.steps, time_to_anchor=ta.time, final_gap=ta.final_gap,
-                             target=converged_loss(anchor_curve))
+                             undefined=ta.undefined, target=converged_loss(anchor_curve))
             per_point.append(point)
         row = {"recipe": name, "points": per_point,
                "own_lambdas": not any(p["target"] is not None for p in per_point) and name != anchor}
@@ -426,7 +426,8 @@ def _cell_ratio(row: dict, key: str) -> str:
     if v is None:  # the largest final gap to the target, relative to it, and where
         gaps = [(p["final_gap"] / p["target"], p["lmbda"]) for p in row["points"] if p["final_gap"] is not None]
         if not gaps:
-            return "n/a"
+            undefined = next((p["undefined"] for p in row["points"] if p.get("undefined")), None)
+            return f"undefined ({undefined})" if undefined else "n/a"
         rel, lmbda = max(gaps)
         return f"not reached ({row[key + '_reached']}; largest gap {100 * rel:+.1f}% at λ {lmbda:g})"
     return f"{v['mean']:.2f}" + (f" ± {v['std']:.2f}" if v["std"] else "")
@@ -476,7 +477,8 @@ def summary_markdown(summary: dict) -> str:
               "|---|---:|---:|---:|---:|---:|---:|---|"]
     for row in summary["rows"]:
         for p in row["points"]:
-            fmt = lambda v: f"{v:.2f}" if v is not None else ("not reached" if p["target"] is not None else "-")  # noqa: E731
+            fmt = lambda v: f"{v:.2f}" if v is not None else ("undefined" if p.get("undefined") else  # noqa: E731
+                                                               "not reached" if p["target"] is not None else "-")
             target = f"{p['target']:.4f}" if p["target"] is not None else "-"
             at = p.get("converged_at")
             finish = p.get("finish", "") + (f"; met at step {at['step']}" if at else "")
